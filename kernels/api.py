@@ -1,0 +1,292 @@
+"""Python entry points of the C kernels: quantize, dequantize, quant_error.
+
+Inputs are float32, float16 or bfloat16 tensors (numpy arrays, torch tensors, or ml_dtypes bfloat16
+arrays), 2-D (rows x cols) or 3-D stacked experts (experts x rows x cols); rows (the last axis) are
+the ggml rows that blocks run along. Nothing is copied when the input is C-contiguous; bfloat16 and
+float16 rows are widened to float32 one row at a time inside the C code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import formats as _formats
+from .formats import Format
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - only when the package was not built
+    raise ImportError(
+        "moeplan's C kernels (kernels._C) are not built: install the package with `pip install -e .` "
+        "(or run `python setup.py build_ext --inplace` in the source tree)"
+    ) from exc
+
+_SRC_F32, _SRC_F16, _SRC_BF16 = 0, 1, 2
+
+
+def _check_c_table() -> dict[int, tuple[str, int, int, int]]:
+    """The C side's (name, block size, sizeof(block), needs importance) per type id, checked against the registry."""
+    table = {}
+    for type_id, name, block_size, type_size, needs_imp in _C.format_table():
+        f = _formats.get(int(type_id))
+        if (f.name, f.block_size, f.type_size) != (name, block_size, type_size):
+            raise ImportError(
+                f"C kernel table disagrees with kernels/formats.py for {f.name}: "
+                f"C has ({name}, {block_size}, {type_size}), registry ({f.name}, {f.block_size}, {f.type_size})"
+            )
+        if bool(needs_imp) != f.needs_importance:
+            raise ImportError(f"C kernel table disagrees with kernels/formats.py on needs_importance for {f.name}")
+        table[int(type_id)] = (name, block_size, type_size, needs_imp)
+    return table
+
+
+_C_TABLE = _check_c_table()
+
+
+def available_formats() -> list[str]:
+    """Names of the formats that have a C kernel in this build, in registry order."""
+    return [f.name for f in _formats.FORMATS.values() if int(f.type_id) in _C_TABLE]
+
+
+def openmp_info() -> tuple[bool, int]:
+    """(built with OpenMP, default thread count)."""
+    return _C.openmp()
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        env = os.environ.get("MOEPLAN_THREADS")
+        return int(env) if env else 0  # 0: OpenMP's default (all cores)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads
+
+
+def _kernel_format(fmt: str | Format | int) -> Format:
+    f = _formats.get(fmt)
+    if int(f.type_id) not in _C_TABLE:
+        raise NotImplementedError(
+            f"format {f.name} has no C kernel in this build; available: {', '.join(available_formats())}"
+        )
+    return f
+
+
+@dataclass
+class _Src:
+    buf: np.ndarray  # C-contiguous, viewed as float32 or uint16
+    code: int
+    shape: tuple[int, ...]
+    keepalive: Any = None
+
+
+def _as_source(x: Any, what: str = "x") -> _Src:
+    """A C-contiguous view of x as float32 / uint16 (float16 or bfloat16 bits), without widening."""
+    keep = None
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{what} is on {x.device}; move it to the CPU first (tensor.cpu())")
+        if x.requires_grad:
+            x = x.detach()
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{what} has dtype {x.dtype}; expected torch.float32, torch.float16 or torch.bfloat16")
+        if not x.is_contiguous():
+            raise ValueError(
+                f"{what} is not contiguous (strides {tuple(x.stride())} for shape {tuple(x.shape)}); "
+                "call .contiguous() first (quantizing a view would need a full copy)"
+            )
+        code = {torch.float32: _SRC_F32, torch.float16: _SRC_F16, torch.bfloat16: _SRC_BF16}[x.dtype]
+        keep = x
+        arr = x.view(torch.int16).numpy().view(np.uint16) if code != _SRC_F32 else x.numpy()
+        return _Src(arr, code, tuple(arr.shape), keep)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array or a torch tensor, not {type(x).__name__}")
+    if x.dtype == np.float32:
+        code = _SRC_F32
+    elif x.dtype == np.float16:
+        code = _SRC_F16
+    elif x.dtype.name == "bfloat16":  # ml_dtypes / jax bfloat16
+        code = _SRC_BF16
+    else:
+        raise TypeError(
+            f"{what} has dtype {x.dtype}; expected float32, float16 or bfloat16 "
+            "(pass bfloat16 as a torch tensor or an ml_dtypes array)"
+        )
+    if not x.flags.c_contiguous:
+        raise ValueError(
+            f"{what} is not C-contiguous (strides {x.strides} for shape {x.shape}); "
+            "use np.ascontiguousarray first (quantizing a view would need a full copy)"
+        )
+    arr = x.view(np.uint16) if code != _SRC_F32 else x
+    return _Src(arr, code, tuple(x.shape), x)
+
+
+def _check_rank(shape: tuple[int, ...], what: str = "x") -> tuple[int, int, int]:
+    """(groups, rows per group, cols) for a 2-D or 3-D tensor."""
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if len(shape) == 3:
+        return shape[0], shape[1], shape[2]
+    raise ValueError(f"{what} must be 2-D (rows, cols) or 3-D (experts, rows, cols); got shape {shape}")
+
+
+def _check_cols(f: Format, ncols: int) -> None:
+    if not f.fits(ncols):
+        chain = _formats.fallback_chain(f, ncols)
+        hint = f"; llama.cpp falls back to {' then '.join(chain)}" if chain else ""
+        fits = [g.name for g in _formats.FORMATS.values() if g.fits(ncols) and int(g.type_id) in _C_TABLE]
+        raise ValueError(
+            f"{f.name} needs rows that are a multiple of {f.block_size}, but the tensor's rows have {ncols} "
+            f"values{hint} (formats that fit: {', '.join(fits)})"
+        )
+
+
+def _as_importance(importance: Any, groups: int, ncols: int, three_d: bool) -> np.ndarray | None:
+    if importance is None:
+        return None
+    try:
+        import torch
+
+        if isinstance(importance, torch.Tensor):
+            importance = importance.detach().cpu().float().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    w = np.asarray(importance, dtype=np.float32)
+    if w.shape == (ncols,):
+        w = np.broadcast_to(w, (groups, ncols))
+    elif not (three_d and w.shape == (groups, ncols)):
+        want = f"({ncols},) or ({groups}, {ncols}) per expert" if three_d else f"({ncols},)"
+        raise ValueError(f"importance has shape {w.shape}; expected {want}, one weight per input column")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("importance must be finite and non-negative")
+    return np.ascontiguousarray(w)
+
+
+def _raise_bad_row(bad_row: int, shape: tuple[int, ...], what: str = "x") -> None:
+    if bad_row >= 0:
+        if len(shape) == 3:
+            e, r = divmod(bad_row, shape[1])
+            where = f"expert {e}, row {r}"
+        else:
+            where = f"row {bad_row}"
+        raise ValueError(f"{what} holds NaN or Inf (first at {where}); quantization needs finite values")
+
+
+def quantize(x: Any, fmt: str | Format | int, importance: Any = None, *, threads: int | None = None) -> np.ndarray:
+    """Quantize a 2-D or 3-D tensor to GGUF blocks.
+
+    Returns uint8 of shape (*x.shape[:-1], row_bytes), the byte layout GGUF stores (the `gguf`
+    package's `quant_shape_to_byte_shape`). `importance`: per input column weights (cols,), or
+    (experts, cols) for 3-D input; quantizers then minimize the importance-weighted squared error.
+    """
+    f = _kernel_format(fmt)
+    src = _as_source(x)
+    groups, rows, ncols = _check_rank(src.shape)
+    _check_cols(f, ncols)
+    w = _as_importance(importance, groups, ncols, len(src.shape) == 3)
+    if f.needs_importance and w is None:
+        raise ValueError(
+            f"{f.name} needs importance weights (a per-input-column mean of x^2 from calibration data, "
+            "as llama.cpp's imatrix); pass importance=..., e.g. np.ones(cols) if none is at hand"
+        )
+    nrows = groups * rows
+    out = np.empty((*src.shape[:-1], f.row_bytes(ncols)), dtype=np.uint8)
+    if nrows:
+        bad = _C.quantize(int(f.type_id), src.buf, src.code, nrows, ncols, out, w, max(rows, 1), _threads(threads))
+        _raise_bad_row(bad, src.shape)
+    return out
+
+
+def dequantize(data: Any, fmt: str | Format | int, shape: Sequence[int] | None = None, *,
+               threads: int | None = None) -> np.ndarray:
+    """Decode GGUF blocks to float32. `shape` is the logical shape (rows last); without it, it is
+    inferred from a byte array shaped as `quantize` returns."""
+    f = _kernel_format(fmt)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(data, dtype=np.uint8)
+    if not isinstance(data, np.ndarray):
+        raise TypeError(f"data must be a numpy uint8 array or bytes, not {type(data).__name__}")
+    if data.dtype != np.uint8:
+        data = data.view(np.uint8) if data.flags.c_contiguous else data
+        if data.dtype != np.uint8:
+            raise TypeError("data must be a C-contiguous byte buffer")
+    if not data.flags.c_contiguous:
+        raise ValueError("data is not C-contiguous; use np.ascontiguousarray first")
+    if shape is None:
+        if data.ndim < 2 or data.shape[-1] % f.type_size != 0:
+            raise ValueError(
+                f"cannot infer the shape: give shape=... (data has shape {data.shape}; "
+                f"{f.name} rows are a multiple of {f.type_size} bytes)"
+            )
+        shape = (*data.shape[:-1], data.shape[-1] // f.type_size * f.block_size)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1:
+        raise ValueError("shape must have at least one dimension")
+    ncols = shape[-1]
+    _check_cols(f, ncols)
+    nrows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    expected = nrows * f.row_bytes(ncols)
+    if data.size != expected:
+        raise ValueError(
+            f"{f.name} data for shape {shape} must be {expected} bytes; got {data.size} "
+            f"({nrows} rows x {f.row_bytes(ncols)} bytes per row)"
+        )
+    out = np.empty(shape, dtype=np.float32)
+    if nrows:
+        _C.dequantize(int(f.type_id), data, nrows, ncols, out, _threads(threads))
+    return out
+
+
+@dataclass(frozen=True)
+class QuantError:
+    """Squared error of one tensor under several formats.
+
+    err[i, g]: sum over group g's elements of w_j (x - dequant(quant(x)))^2 for formats[i];
+    norm[g]: sum of w_j x^2 over group g (groups: experts of a 3-D tensor, one group for 2-D).
+    """
+
+    formats: tuple[str, ...]
+    err: np.ndarray  # (n_formats, n_groups) float64
+    norm: np.ndarray  # (n_groups,) float64
+    numel: int  # elements per group
+
+    def relative(self) -> np.ndarray:
+        """err / norm per format and group (0 where the group is all zero)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.norm > 0, self.err / self.norm, 0.0)
+
+    def rmse(self) -> np.ndarray:
+        """sqrt(mean weighted squared error) per format, over the whole tensor."""
+        return np.sqrt(self.err.sum(axis=1) / (self.numel * self.err.shape[1]))
+
+
+def quant_error(x: Any, formats: Sequence[str | Format | int], importance: Any = None, *,
+                threads: int | None = None) -> QuantError:
+    """Importance-weighted squared error of x under every format in `formats`, in one pass over x,
+    without writing a dequantized tensor. Formats whose block size does not divide the rows are an
+    error: resolve them first with kernels.formats.resolve."""
+    fmts = [_kernel_format(f) for f in formats]
+    if not fmts:
+        raise ValueError("formats is empty")
+    src = _as_source(x)
+    groups, rows, ncols = _check_rank(src.shape)
+    for f in fmts:
+        _check_cols(f, ncols)
+    w = _as_importance(importance, groups, ncols, len(src.shape) == 3)
+    for f in fmts:
+        if f.needs_importance and w is None:
+            raise ValueError(f"{f.name} needs importance weights; pass importance=...")
+    err = np.zeros((len(fmts), groups), dtype=np.float64)
+    norm = np.zeros(groups, dtype=np.float64)
+    if groups * rows:
+        bad = _C.quant_error([int(f.type_id) for f in fmts], src.buf, src.code, groups * rows, ncols, w,
+                             max(rows, 1), err, norm, _threads(threads))
+        _raise_bad_row(bad, src.shape)
+    return QuantError(tuple(f.name for f in fmts), err, norm, rows * ncols)
