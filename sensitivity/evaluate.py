@@ -1,0 +1,111 @@
+"""Evaluation of a (compressed) causal LM against the original model on held-out text.
+
+Metrics, over every predicted token of the evaluation text:
+- perplexity of the evaluated model;
+- KL divergence KL(P_original || P_model) of the next-token distributions, mean and 99th percentile
+  (nats/token);
+- top-1 agreement: the fraction of positions where both models put their maximum on the same token.
+
+The original model's log-probabilities can be computed once (`ReferenceLogits`) and reused for every
+plan of a sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    kld_mean: float
+    kld_p99: float
+    top1_agreement: float
+    n_tokens: int
+    reference_perplexity: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def chunk_tokens(token_ids: Sequence[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping (n, seq_len) windows of the token stream (the tail shorter than seq_len is dropped)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, windows.shape[0], batch_size):
+        yield windows[i : i + batch_size]
+
+
+@torch.inference_mode()
+def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=batch)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts tokens 1..T-1
+
+
+class ReferenceLogits:
+    """The original model's next-token log-probabilities on fixed windows, kept in float16
+    (computed once; every evaluated plan is compared against them)."""
+
+    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                 progress: Callable[[int], None] | None = None):
+        self.windows = windows
+        self.batch_size = batch_size
+        chunks = []
+        top1 = []  # argmax from the float32 log-probs (float16 storage could create ties)
+        nll = 0.0
+        n = 0
+        for batch in _batches(windows, batch_size):
+            lp = _log_probs(model, batch)
+            tgt = batch[:, 1:]
+            nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+            n += tgt.numel()
+            chunks.append(lp.to(torch.float16))
+            top1.append(lp.argmax(-1))
+            if progress:
+                progress(batch.shape[0])
+        self.log_probs = chunks
+        self.top1 = top1
+        self.perplexity = float(np.exp(nll / n))
+        self.n_tokens = n
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, reference: ReferenceLogits) -> EvalResult:
+    """Perplexity, KL to the reference and top-1 agreement of `model` on the reference's windows."""
+    kls = []
+    agree = 0
+    nll = 0.0
+    n = 0
+    for batch, ref_lp, ref_top1 in zip(_batches(reference.windows, reference.batch_size), reference.log_probs,
+                                       reference.top1):
+        lp = _log_probs(model, batch)
+        ref = ref_lp.float()
+        # KL(P_ref || P) per position; clamp tiny negative values from float16 rounding of ref
+        kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0.0)
+        kls.append(kl.flatten())
+        agree += (lp.argmax(-1) == ref_top1).sum().item()
+        tgt = batch[:, 1:]
+        nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+        n += tgt.numel()
+    kl_all = torch.cat(kls).double()
+    return EvalResult(
+        perplexity=float(np.exp(nll / n)),
+        kld_mean=float(kl_all.mean()),
+        kld_p99=float(torch.quantile(kl_all, 0.99)),
+        top1_agreement=agree / n,
+        n_tokens=n,
+        reference_perplexity=reference.perplexity,
+    )

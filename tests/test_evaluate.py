@@ -1,0 +1,47 @@
+"""evaluate(): KL 0 and top-1 agreement 1 for an unmodified model; KL > 0 once weights change."""
+
+import copy
+
+import pytest
+import torch
+
+from sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_unmodified_model_has_zero_kl(tiny_moe):
+    windows = chunk_tokens(torch.randint(0, 128, (4 * 33,), generator=torch.Generator().manual_seed(1)), 33)
+    ref = ReferenceLogits(tiny_moe, windows, batch_size=3)
+    r = evaluate(tiny_moe, ref)
+    assert r.n_tokens == 4 * 32
+    assert r.top1_agreement == 1.0
+    assert r.kld_mean < 1e-6 and r.kld_p99 < 1e-5  # float16 storage of the reference only
+    assert r.perplexity == pytest.approx(ref.perplexity, rel=1e-5)
+
+
+def test_perturbed_model_has_positive_kl(tiny_moe):
+    windows = chunk_tokens(torch.randint(0, 128, (4 * 33,), generator=torch.Generator().manual_seed(1)), 33)
+    ref = ReferenceLogits(tiny_moe, windows)
+    other = copy.deepcopy(tiny_moe)
+    with torch.no_grad():
+        w = other.model.layers[1].self_attn.o_proj.weight
+        w.add_(torch.randn_like(w) * w.std() * 2)
+    r = evaluate(other, ref)
+    assert r.kld_mean > 1e-4
+    assert r.kld_p99 >= r.kld_mean
+    assert r.top1_agreement < 1.0
+
+
+def test_too_short_text_errors():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        chunk_tokens([1, 2, 3], 16)
