@@ -1,0 +1,315 @@
+"""Measure a model's profile on calibration text (see profile.py for what a profile holds).
+
+Method
+------
+Quantization damage. For a linear weight W (out x in) quantized to Q with error D = W - Q, the
+output error on an input x is D x; over calibration tokens, with the diagonal approximation
+E[x_i x_j] ~ 0 for i != j, its expected energy is sum_ij D_ij^2 E[x_j^2] -- the importance-weighted
+squared error that the kernels' error kernel computes in one pass for every format (importance =
+the per-column mean of x^2, over the tokens routed to the expert for expert tensors). An expert's
+error is further scaled by its share of the tokens. A second-order expansion of the KL divergence
+makes KL proportional to that energy for small errors, with an unknown gain per tensor; the gain is
+calibrated once per tensor group (each non-expert tensor; each (layer, gate/up/down) of the routed
+experts) by really quantizing the group to a calibration format and measuring the KL.
+
+Expert removal and top-k: measured directly, one forward pass each (remove one expert; set one
+layer's top-k to k), as KL against the original model on the calibration windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import kernels
+from kernels import formats as fmts
+
+from .adapters import MoEAdapter, TensorRole, adapter_for
+from .evaluate import ReferenceLogits, chunk_tokens, evaluate
+from .inventory import build_inventory, resolve_model
+from .profile import ExpertStats, Profile
+
+DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
+CALIBRATION_FORMAT = "Q3_K"
+QUANTIZABLE = {TensorRole.ATTENTION, TensorRole.DENSE_MLP, TensorRole.ROUTED_EXPERT, TensorRole.SHARED_EXPERT,
+               TensorRole.EMBEDDING, TensorRole.HEAD}
+
+
+@dataclass
+class _ExpertAccum:
+    count: np.ndarray  # (E,) routed (token, slot) assignments
+    weight_sum: np.ndarray  # (E,) sum of routing weights when selected
+    reap_sum: np.ndarray  # (E,) sum of weight * ||expert output||
+    sq_in: np.ndarray  # (E, H) sum of x^2 of routed tokens
+    sq_mid: np.ndarray  # (E, I) sum of act(gate x) * up x squared
+    tokens: int = 0
+
+
+def _menu(formats: Sequence[str] | None) -> list[str]:
+    avail = set(kernels.available_formats())
+    menu = [fmts.get(f).name for f in (formats or DEFAULT_FORMATS)]
+    missing = [f for f in menu if f not in avail]
+    if missing and formats is not None:
+        raise ValueError(f"formats {missing} have no kernel in this build; available: {sorted(avail)}")
+    return [f for f in menu if f in avail]
+
+
+class Profiler:
+    def __init__(self, model: torch.nn.Module, calib_ids: Sequence[int] | torch.Tensor, *, seq_len: int = 128,
+                 max_tokens: int = 4096, batch_size: int = 8, formats: Sequence[str] | None = None,
+                 progress: bool = True):
+        self.model = model.eval()
+        self.adapter: MoEAdapter = adapter_for(model)
+        self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
+        self.batch_size = batch_size
+        self.formats = _menu(formats)
+        self.progress = progress
+        self.reference: ReferenceLogits | None = None
+        self.timings: dict[str, float] = {}
+
+    # ---- helpers ----
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    def _kl(self, model: torch.nn.Module | None = None) -> float:
+        return evaluate(model if model is not None else self.model, self.reference).kld_mean
+
+    # ---- 1. statistics of one forward pass over the calibration windows ----
+    def _collect(self) -> tuple[dict[int, _ExpertAccum], dict[str, np.ndarray]]:
+        ad = self.adapter
+        accum: dict[int, _ExpertAccum] = {}
+        linear_sq: dict[str, torch.Tensor] = {}
+        linear_n: dict[str, int] = {}
+        handles = []
+
+        def expert_hook(mod, args, kwargs, layer):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+            hidden, index, weights = vals
+            x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+            index = index.reshape(x.shape[0], -1)
+            weights = weights.reshape(x.shape[0], -1).float()
+            acc = accum[layer]
+            acc.tokens += x.shape[0]
+            for e in torch.unique(index).tolist():
+                tok, slot = torch.nonzero(index == e, as_tuple=True)
+                xe = x[tok]
+                w = ad.expert_weights(layer, e)
+                g = xe @ w["gate"].float().T
+                u = xe @ w["up"].float().T
+                mid = mod.act_fn(g) * u
+                out = mid @ w["down"].float().T
+                we = weights[tok, slot]
+                acc.count[e] += tok.numel()
+                acc.weight_sum[e] += we.sum().item()
+                acc.reap_sum[e] += (we * out.norm(dim=-1)).sum().item()
+                acc.sq_in[e] += (xe * xe).sum(0).double().numpy()
+                acc.sq_mid[e] += (mid * mid).sum(0).double().numpy()
+
+        for layer in ad.moe_layers():
+            ex = ad.experts_module(layer)
+            e0 = ad.expert_weights(layer, 0)
+            n = ad.n_experts(layer)
+            accum[layer] = _ExpertAccum(np.zeros(n), np.zeros(n), np.zeros(n),
+                                        np.zeros((n, e0["gate"].shape[1])), np.zeros((n, e0["down"].shape[1])))
+            handles.append(ex.register_forward_pre_hook(lambda m, a, k, layer=layer: expert_hook(m, a, k, layer),
+                                                        with_kwargs=True))
+        # per-column mean of x^2 for every plain Linear (attention, dense MLP, shared experts, head)
+        for mname, mod in self.model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                key = f"{mname}.weight"
+
+                def lin_hook(m, args, key=key):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    linear_sq[key] = linear_sq.get(key, 0) + (x * x).sum(0)
+                    linear_n[key] = linear_n.get(key, 0) + x.shape[0]
+
+                handles.append(mod.register_forward_pre_hook(lin_hook))
+        try:
+            self.reference = ReferenceLogits(self.model, self.windows, self.batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        importance = {k: (v / linear_n[k]).numpy().astype(np.float32) for k, v in linear_sq.items()}
+        return accum, importance
+
+    # ---- the whole profile ----
+    def run(self, fingerprint: str) -> tuple[Profile, dict[str, np.ndarray]]:
+        t0 = time.perf_counter()
+        ad = self.adapter
+        accum, lin_imp = self._collect()
+        self.timings["statistics"] = time.perf_counter() - t0
+
+        # importance vector and token share of every quantizable tensor
+        refs = [r for r in ad.linear_tensors() if r.role in QUANTIZABLE]
+        importance: dict[str, np.ndarray] = {}
+        share: dict[str, float] = {}
+        for r in refs:
+            if r.role is TensorRole.ROUTED_EXPERT:
+                acc = accum[r.layer]
+                cnt = max(acc.count[r.expert], 1.0)
+                sq = acc.sq_mid[r.expert] if r.kind.value == "down" else acc.sq_in[r.expert]
+                importance[r.name] = (sq / cnt).astype(np.float32)
+                share[r.name] = acc.count[r.expert] / max(acc.tokens, 1)
+            else:
+                imp = lin_imp.get(r.name)
+                if imp is None or imp.shape[0] != r.shape[-1]:
+                    imp = np.ones(r.shape[-1], dtype=np.float32)  # embeddings: a lookup, not a matmul input
+                importance[r.name] = imp
+                share[r.name] = 1.0
+
+        # importance-weighted error of every tensor x format (the error kernel, one pass per tensor)
+        t1 = time.perf_counter()
+        err: dict[str, dict[str, float]] = {}
+        with self._bar(len(refs), "error kernel") as bar:
+            for r in refs:
+                w = r.get().detach().float().contiguous()
+                ncols = w.shape[-1]
+                stored = {f: fmts.resolve(f, ncols).name for f in {*self.formats, CALIBRATION_FORMAT}}
+                uniq = sorted(set(stored.values()))
+                qe = kernels.quant_error(w, uniq, importance[r.name])
+                by_stored = dict(zip(uniq, qe.err[:, 0]))
+                err[r.name] = {f: float(by_stored[s]) * share[r.name] for f, s in stored.items()}
+                bar.update()
+        self.timings["error_kernel"] = time.perf_counter() - t1
+
+        # gain per group, calibrated by a real quantization of the group
+        t2 = time.perf_counter()
+        groups: dict[tuple, list] = {}
+        for r in refs:
+            key = (r.layer, "experts", r.kind.value) if r.role is TensorRole.ROUTED_EXPERT else (r.name,)
+            groups.setdefault(key, []).append(r)
+        gain: dict[tuple, float] = {}
+        with self._bar(len(groups), "gain calibration") as bar:
+            for key, members in groups.items():
+                saved = [r.get().detach().clone() for r in members]
+                predicted = 0.0
+                for r in members:
+                    w = r.get().detach().float().contiguous()
+                    f = fmts.resolve(CALIBRATION_FORMAT, w.shape[-1]).name
+                    q = kernels.quantize(w, f, importance[r.name])
+                    r.set(torch.from_numpy(kernels.dequantize(q, f, w.shape)))
+                    predicted += err[r.name][CALIBRATION_FORMAT]
+                kl = self._kl()
+                for r, s in zip(members, saved):
+                    r.set(s)
+                gain[key] = kl / predicted if predicted > 0 else 0.0
+                bar.update()
+        self.timings["gain_calibration"] = time.perf_counter() - t2
+        damage = {}
+        for key, members in groups.items():
+            for r in members:
+                damage[r.name] = {f: gain[key] * err[r.name][f] for f in self.formats}
+
+        # expert statistics and measured removal cost
+        t3 = time.perf_counter()
+        experts: dict[int, ExpertStats] = {}
+        n_total = sum(ad.n_experts(l) for l in ad.moe_layers())
+        with self._bar(n_total, "expert removal") as bar:
+            for layer in ad.moe_layers():
+                acc = accum[layer]
+                n = ad.n_experts(layer)
+                slots = max(acc.count.sum(), 1.0)
+                freq = acc.count / slots * ad.top_k(layer)  # sums to top_k: per-token probability of use
+                mean_score = np.where(acc.count > 0, acc.weight_sum / np.maximum(acc.count, 1), 0.0)
+                reap = np.where(acc.count > 0, acc.reap_sum / np.maximum(acc.count, 1), 0.0)
+                removal = []
+                for e in range(n):
+                    removal.append(self._removal_kl(layer, e))
+                    bar.update()
+                experts[layer] = ExpertStats(
+                    freq=freq.tolist(), mean_score=mean_score.tolist(),
+                    paper_importance=(0.5 * freq + 0.5 * mean_score).tolist(),
+                    reap=reap.tolist(), removal_kl=removal)
+        self.timings["expert_removal"] = time.perf_counter() - t3
+
+        # top-k cost per layer
+        t4 = time.perf_counter()
+        topk: dict[int, dict[int, float]] = {}
+        with self._bar(sum(ad.top_k(l) for l in ad.moe_layers()), "top-k") as bar:
+            for layer in ad.moe_layers():
+                k0 = ad.top_k(layer)
+                topk[layer] = {k0: 0.0}
+                for k in range(1, k0):
+                    ad.set_top_k(layer, k)
+                    try:
+                        topk[layer][k] = self._kl()
+                    finally:
+                        ad.set_top_k(layer, k0)
+                    bar.update()
+                bar.update()
+        self.timings["top_k"] = time.perf_counter() - t4
+        self.timings["total"] = time.perf_counter() - t0
+
+        meta = {
+            "method": "importance-weighted error kernel x per-group gain calibrated by "
+                      f"{CALIBRATION_FORMAT} quantization; measured expert removal and top-k KL",
+            "calibration_tokens": int(self.reference.n_tokens),
+            "seq_len": int(self.windows.shape[1]),
+            "reference_perplexity": self.reference.perplexity,
+            "seconds": {k: round(v, 2) for k, v in self.timings.items()},
+            "gains": {"/".join(map(str, k)): g for k, g in gain.items()},
+        }
+        return Profile(fingerprint, list(self.formats), damage, experts, topk, False, meta), importance
+
+    def _removal_kl(self, layer: int, expert: int) -> float:
+        m = copy.deepcopy(self.model)
+        ad = adapter_for(m)
+        ad.remove_experts(layer, [e for e in range(ad.n_experts(layer)) if e != expert])
+        return self._kl(m)
+
+
+def save_importance(importance: dict[str, np.ndarray], path: str | Path) -> None:
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in importance.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_importance(path: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def importance_path(profile_path: str | Path) -> Path:
+    p = Path(profile_path)
+    return p.with_name(p.name.removesuffix(".json") + ".importance.safetensors")
+
+
+def profile_model(model: str, calib_text: str | None = None, *, out: str | Path | None = None,
+                  formats: Sequence[str] | None = None, max_tokens: int = 4096, seq_len: int = 128,
+                  progress: bool = True) -> Profile:
+    """Profile a checkpoint directory or a shipped reference model on calibration text
+    (default: the model's shipped calibration split). Writes PROFILE (json) and its importance
+    vectors (PROFILE.importance.safetensors) when `out` is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model)
+    if not path.is_dir():
+        raise ValueError(f"profiling needs weights: {path} is not a checkpoint directory")
+    if calib_text is None:
+        cpath = path / "calib.txt"
+        if not cpath.exists():
+            raise FileNotFoundError(f"{path} ships no calib.txt; pass --calib FILE")
+        calib_text = cpath.read_text()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ids = tok(calib_text, add_special_tokens=False)["input_ids"]
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    fingerprint = build_inventory(path).fingerprint
+    prof, importance = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
+                                progress=progress).run(fingerprint)
+    if out is not None:
+        prof.save(out)
+        save_importance(importance, importance_path(out))
+    return prof
