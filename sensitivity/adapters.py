@@ -124,11 +124,15 @@ class TensorRef:
         _copy_checked(self._get(), value, self.name)
 
 
-def _copy_checked(dst: torch.Tensor, value: torch.Tensor, what: str) -> None:
+def _check_replacement(dst: torch.Tensor, value: torch.Tensor, what: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(dst.shape):
         raise ValueError(f"{what}: shape {tuple(value.shape)} does not match the stored {tuple(dst.shape)}")
+
+
+def _copy_checked(dst: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    _check_replacement(dst, value, what)
     with torch.no_grad():
         dst.copy_(value)
 
@@ -236,12 +240,17 @@ class MoEAdapter:
     def set_expert_weights(self, layer: int, expert: int, weights: Mapping[str | ExpertKind, torch.Tensor]) -> None:
         """Copy new values (e.g. dequantized weights) into expert ``expert``; keys: gate / up / down."""
         views = self.expert_weights(layer, expert)
-        for key, value in weights.items():
+        writes = []
+        for key, value in weights.items():  # check everything before the first write
             try:
                 kind = ExpertKind(key)
             except ValueError:
                 raise KeyError(f"unknown expert weight {key!r}; use one of {[k.value for k in ExpertKind]}") from None
-            _copy_checked(views[kind], value, f"layer {layer} expert {expert} {kind.value}")
+            _check_replacement(views[kind], value, f"layer {layer} expert {expert} {kind.value}")
+            writes.append((views[kind], value))
+        with torch.no_grad():
+            for view, value in writes:
+                view.copy_(value)
 
     # ---- every tensor under its checkpoint name ----------------------------------------------
 
@@ -257,7 +266,6 @@ class MoEAdapter:
         for mod_name, module in self.model.named_modules():
             if id(module) in experts_modules:
                 yield from self._expert_refs(self._layer_of(mod_name))
-                seen.update(id(p) for p in module.parameters(recurse=False))
                 continue
             for local, tensor in _own_tensors(module):
                 if id(tensor) in seen:
@@ -496,13 +504,13 @@ def _find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _is_experts_module(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) and isinstance(
-        getattr(module, "down_proj", None), torch.Tensor
-    ) and getattr(module, "gate_up_proj").dim() == 3
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
 
 
 def _is_moe_block(mlp: nn.Module | None) -> bool:
-    return mlp is not None and _is_experts_module(getattr(mlp, "experts", None) or nn.Module()) and hasattr(mlp, "gate")
+    experts = getattr(mlp, "experts", None)
+    return isinstance(experts, nn.Module) and _is_experts_module(experts) and hasattr(mlp, "gate")
 
 
 def _check_expert_layout(experts: nn.Module, name: str) -> None:

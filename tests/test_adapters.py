@@ -201,8 +201,10 @@ def test_expert_weights_are_views_in_linear_orientation(family):
     a.set_expert_weights(layer, e, {ExpertKind.UP: torch.zeros(inter, 64, dtype=torch.float64)})  # cast on copy
     assert torch.all(experts.gate_up_proj[e, inter:] == 0.0)
 
+    before = experts.gate_up_proj[e].clone()
     with pytest.raises(ValueError, match="shape"):
-        a.set_expert_weights(layer, e, {"gate": torch.zeros(64, inter)})
+        a.set_expert_weights(layer, e, {"up": torch.full((inter, 64), 5.0), "gate": torch.zeros(64, inter)})
+    assert torch.equal(experts.gate_up_proj[e], before)  # nothing written when one value is bad
     with pytest.raises(KeyError, match="w1"):
         a.set_expert_weights(layer, e, {"w1": torch.zeros(inter, 64)})
 
@@ -613,3 +615,24 @@ def test_remove_experts_rejects_bad_keep_lists(family):
     with pytest.raises(ValueError, match="no routed experts"):
         a.remove_experts(a.n_layers(), [0, 1])
     assert a.n_experts(layer) == 8
+
+
+@pytest.mark.slow
+def test_full_deepseek_v3_on_meta_device():
+    """The real DeepSeek-V3 configuration, built without memory: checkpoint names, shapes, size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v3"))
+    a = adapter_for(model)
+    assert a.moe_layers() == list(range(3, 61))
+    spec = a.routing_spec(3)
+    assert (spec.n_experts, spec.top_k, spec.n_group, spec.topk_group) == (256, 8, 8, 4)
+    refs = {r.name: r for r in a.tensors()}
+    gate = refs["model.layers.3.mlp.experts.17.gate_proj.weight"]
+    assert (gate.shape, gate.role, gate.expert, gate.kind) == ((2048, 7168), TensorRole.ROUTED_EXPERT, 17, ExpertKind.GATE)
+    assert refs["model.layers.60.mlp.experts.255.down_proj.weight"].shape == (7168, 2048)
+    assert refs["model.layers.3.mlp.gate.e_score_correction_bias"].shape == (256,)
+    assert sum(r.role is TensorRole.ROUTED_EXPERT for r in refs.values()) == 58 * 256 * 3
+    n_params = sum(int(np.prod(r.shape)) for r in refs.values())
+    assert 670e9 < n_params < 672e9  # the 671B of the main model (the MTP layer 61 is not built)
