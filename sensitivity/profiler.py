@@ -261,6 +261,18 @@ class Profiler:
         return Profile(fingerprint, list(self.formats), damage, experts, topk, False, meta), importance
 
     def _removal_kl(self, layer: int, expert: int) -> float:
+        spec = self.adapter.routing_spec(layer)
+        if spec.n_group > 1 and spec.has_correction_bias:
+            # Group-limited routing cannot lose one expert physically (groups must stay equal);
+            # the choice uses score + bias, so a bias of -1e9 excludes the expert exactly as a
+            # removed one would be, while the kept experts' weights stay the unbiased scores.
+            bias = self.adapter.e_score_correction_bias(layer)
+            saved = bias[expert].item()
+            bias[expert] = -1e9
+            try:
+                return self._kl()
+            finally:
+                bias[expert] = saved
         m = copy.deepcopy(self.model)
         ad = adapter_for(m)
         ad.remove_experts(layer, [e for e in range(ad.n_experts(layer)) if e != expert])

@@ -1,0 +1,115 @@
+"""Apply a compression decision to an in-memory transformers model.
+
+Weights are replaced by their dequantized values from moeplan's kernels (so the model computes what a
+runtime reading the quantized file computes), pruned experts are physically removed, and per-layer
+top-k is set. For the `gguf` target, DeepSeek's kv_b_proj is quantized the way llama.cpp stores it
+(split into k_b, transposed, and v_b, with their own row lengths and fallbacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+import kernels
+from kernels import formats as fmts
+
+from .adapters import TensorRole, adapter_for
+from .inventory import Target
+
+_NO_OP = {"BF16", "F32"}  # the reference checkpoints are BF16: storing BF16 (or F32) changes nothing
+
+
+@dataclass
+class Decision:
+    """What to do to a model: the plan's decisions without its bookkeeping."""
+
+    formats: dict[str, str] = field(default_factory=dict)  # checkpoint tensor name -> requested format
+    kept_experts: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> experts to keep
+    top_k: dict[int, int] = field(default_factory=dict)  # MoE layer -> experts per token
+    target: Target = Target.FREE
+
+
+def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None = None) -> torch.Tensor:
+    """w after a round trip through `fmt` (llama.cpp's fallback applied for its row length)."""
+    f = fmts.resolve(fmt, w.shape[-1])
+    if f.name in _NO_OP and w.dtype in (torch.bfloat16, torch.float32):
+        return w.float() if f.name == "F32" else w.to(torch.bfloat16).float()
+    x = w.detach().float().contiguous()
+    imp = importance
+    if f.needs_importance and imp is None:
+        imp = np.ones(x.shape[-1], dtype=np.float32)
+    if imp is not None and imp.shape[-1] != x.shape[-1]:
+        imp = None  # importance of another layout (e.g. kv_b before the gguf split)
+        if f.needs_importance:
+            imp = np.ones(x.shape[-1], dtype=np.float32)
+    q = kernels.quantize(x, f.name, imp)
+    return torch.from_numpy(kernels.dequantize(q, f.name, x.shape))
+
+
+def _kv_b_gguf(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None) -> torch.Tensor:
+    """kv_b_proj (H*(nope+v), r) through llama.cpp's storage: k_b (H, r, nope) and v_b (H, v, r)."""
+    h = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    nope, v = int(config["qk_nope_head_dim"]), int(config["v_head_dim"])
+    r = w.shape[1]
+    kv = w.float().view(h, nope + v, r)
+    k_b = kv[:, :nope, :].transpose(1, 2).contiguous()  # (H, r, nope): rows of nope values
+    v_b = kv[:, nope:, :].contiguous()  # (H, v, r)
+    k_q = quantize_dequantize(k_b.reshape(h * r, nope), fmt).view(h, r, nope).transpose(1, 2)
+    v_q = quantize_dequantize(v_b.reshape(h * v, r), fmt, importance).view(h, v, r)
+    return torch.cat([k_q, v_q], dim=1).reshape(h * (nope + v), r)
+
+
+@torch.no_grad()
+def apply_decision(model: torch.nn.Module, decision: Decision,
+                   importance: Mapping[str, np.ndarray] | None = None) -> torch.nn.Module:
+    """Quantize-dequantize, prune and set top-k, in place. Returns the model."""
+    ad = adapter_for(model)
+    config = model.config.to_dict()
+    refs = {r.name: r for r in ad.linear_tensors()}
+    unknown = sorted(set(decision.formats) - set(refs))
+    if unknown:
+        raise KeyError(f"{len(unknown)} tensors of the decision are not in the model, e.g. {unknown[:3]}")
+    for name, fmt in decision.formats.items():
+        r = refs[name]
+        imp = None if importance is None else importance.get(name)
+        w = r.get()
+        if Target(decision.target) is Target.GGUF and name.endswith("kv_b_proj.weight") and config.get("kv_lora_rank"):
+            r.set(_kv_b_gguf(w, fmt, config, imp))
+        else:
+            r.set(quantize_dequantize(w, fmt, imp))
+    for layer, keep in decision.kept_experts.items():
+        if len(keep) != ad.n_experts(layer):
+            ad.remove_experts(layer, list(keep))
+    for layer, k in decision.top_k.items():
+        if k != ad.top_k(layer):
+            ad.set_top_k(layer, k)
+    return model
+
+
+def predicted_damage(profile, decision: Decision) -> float:
+    """The profile's prediction for a decision: the objective of the integer program."""
+    total = 0.0
+    removed: dict[int, set[int]] = {}
+    for layer, keep in decision.kept_experts.items():
+        n = profile.experts[layer].n_experts
+        removed[layer] = set(range(n)) - set(keep)
+        total += sum(profile.experts[layer].removal_kl[e] for e in removed[layer])
+    for name, fmt in decision.formats.items():
+        exp = _expert_of(name)
+        if exp is not None and exp[1] in removed.get(exp[0], ()):
+            continue  # a pruned expert carries no quantization damage
+        total += profile.damage(name, fmt)
+    for layer, k in decision.top_k.items():
+        total += profile.topk_cost[layer][k]
+    return total
+
+
+def _expert_of(name: str) -> tuple[int, int] | None:
+    from .inventory import _EXPERT_RE
+
+    m = _EXPERT_RE.search(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
