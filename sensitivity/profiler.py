@@ -63,12 +63,13 @@ def _menu(formats: Sequence[str] | None) -> list[str]:
 class Profiler:
     def __init__(self, model: torch.nn.Module, calib_ids: Sequence[int] | torch.Tensor, *, seq_len: int = 128,
                  max_tokens: int = 4096, batch_size: int = 8, formats: Sequence[str] | None = None,
-                 progress: bool = True):
+                 calibration_format: str = CALIBRATION_FORMAT, progress: bool = True):
         self.model = model.eval()
         self.adapter: MoEAdapter = adapter_for(model)
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
         self.batch_size = batch_size
         self.formats = _menu(formats)
+        self.calibration_format = _menu([calibration_format])[0]
         self.progress = progress
         self.reference: ReferenceLogits | None = None
         self.timings: dict[str, float] = {}
@@ -173,7 +174,7 @@ class Profiler:
             for r in refs:
                 w = r.get().detach().float().contiguous()
                 ncols = w.shape[-1]
-                stored = {f: fmts.resolve(f, ncols).name for f in {*self.formats, CALIBRATION_FORMAT}}
+                stored = {f: fmts.resolve(f, ncols).name for f in {*self.formats, self.calibration_format}}
                 uniq = sorted(set(stored.values()))
                 qe = kernels.quant_error(w, uniq, importance[r.name])
                 by_stored = dict(zip(uniq, qe.err[:, 0]))
@@ -194,10 +195,10 @@ class Profiler:
                 predicted = 0.0
                 for r in members:
                     w = r.get().detach().float().contiguous()
-                    f = fmts.resolve(CALIBRATION_FORMAT, w.shape[-1]).name
+                    f = fmts.resolve(self.calibration_format, w.shape[-1]).name
                     q = kernels.quantize(w, f, importance[r.name])
                     r.set(torch.from_numpy(kernels.dequantize(q, f, w.shape)))
-                    predicted += err[r.name][CALIBRATION_FORMAT]
+                    predicted += err[r.name][self.calibration_format]
                 kl = self._kl()
                 for r, s in zip(members, saved):
                     r.set(s)
@@ -251,7 +252,7 @@ class Profiler:
 
         meta = {
             "method": "importance-weighted error kernel x per-group gain calibrated by "
-                      f"{CALIBRATION_FORMAT} quantization; measured expert removal and top-k KL",
+                      f"{self.calibration_format} quantization; measured expert removal and top-k KL",
             "calibration_tokens": int(self.reference.n_tokens),
             "seq_len": int(self.windows.shape[1]),
             "reference_perplexity": self.reference.perplexity,
