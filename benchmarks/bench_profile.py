@@ -1,0 +1,206 @@
+"""Profiling time and predictor fidelity on the shipped reference models.
+
+For each model: profile it on its calibration split (timed), then draw random feasible compression
+plans (per-tensor formats, expert pruning respecting DeepSeek's groups, per-layer top-k), predict each
+plan's KL from the profile, measure it on the held-out validation split, and report the Spearman
+correlation between predicted and measured KL (goal >= 0.95).
+
+    python benchmarks/bench_profile.py [--models NAME ...] [--plans 40] [--quick]
+
+Writes results/profile-<model>.csv (one row per plan), results/profile-<model>.png (scatter) and
+results/profile.md (summary), and the profile itself next to the model
+(sensitivity/models/<model>/profile.json + profile.importance.safetensors) unless --no-ship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sensitivity.adapters import adapter_for  # noqa: E402
+from sensitivity.compress import Decision, apply_decision, predicted_damage  # noqa: E402
+from sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate  # noqa: E402
+from sensitivity.inventory import MODELS_DIR, build_inventory  # noqa: E402
+from sensitivity.profiler import Profiler, importance_path, save_importance  # noqa: E402
+
+RESULTS = ROOT / "results"
+
+
+def random_decision(profile, model, rng: np.random.Generator) -> Decision:
+    """A random feasible plan: formats drawn around a random mean bit width, some experts pruned
+    (equal numbers per DeepSeek group), some layers with a smaller top-k."""
+    ad = adapter_for(model)
+    menu = [f for f in profile.formats]
+    # order the menu by bits and draw each tensor's format around a random centre
+    from kernels import formats as fmts
+
+    menu.sort(key=lambda f: fmts.get(f).bits_per_weight)
+    centre = rng.uniform(0, len(menu) - 1)
+    spread = rng.uniform(0.3, 2.0)
+    formats = {}
+    for name in profile.tensor_damage:
+        idx = int(np.clip(np.round(rng.normal(centre, spread)), 0, len(menu) - 1))
+        formats[name] = menu[idx]
+    kept, topk = {}, {}
+    prune_frac = rng.choice([0.0, 0.0, 0.125, 0.25])
+    for layer in ad.moe_layers():
+        n = ad.n_experts(layer)
+        spec = ad.routing_spec(layer)
+        groups = spec.n_group
+        per_group = n // groups
+        drop_per_group = int(round(prune_frac * per_group))
+        keep = []
+        for g in range(groups):
+            members = list(range(g * per_group, (g + 1) * per_group))
+            drop = set(rng.choice(members, size=drop_per_group, replace=False).tolist()) if drop_per_group else set()
+            keep += [e for e in members if e not in drop]
+        kept[layer] = keep
+        k0 = ad.top_k(layer)
+        if rng.random() < 0.3:
+            topk[layer] = int(rng.integers(max(1, k0 - 2), k0))
+    return Decision(formats=formats, kept_experts=kept, top_k=topk)
+
+
+def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: bool, seed: int = 0) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = MODELS_DIR / name
+    tok = AutoTokenizer.from_pretrained(str(path))
+    calib = tok((path / "calib.txt").read_text(), add_special_tokens=False)["input_ids"]
+    valid = tok((path / "valid.txt").read_text(), add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    inv = build_inventory(path)
+
+    t0 = time.perf_counter()
+    profiler = Profiler(model, calib, seq_len=128, max_tokens=max_tokens, progress=True)
+    profile, importance = profiler.run(inv.fingerprint)
+    profile_s = time.perf_counter() - t0
+    if ship:
+        profile.save(path / "profile.json")
+        save_importance(importance, importance_path(path / "profile.json"))
+
+    ref = ReferenceLogits(model, chunk_tokens(valid, 128, val_tokens))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_plans):
+        d = random_decision(profile, model, rng)
+        t = time.perf_counter()
+        m = apply_decision(copy.deepcopy(model), d, importance)
+        r = evaluate(m, ref)
+        rows.append({
+            "plan": i,
+            "predicted_kld": predicted_damage(profile, d),
+            "measured_kld": r.kld_mean,
+            "measured_kld_p99": r.kld_p99,
+            "top1_agreement": r.top1_agreement,
+            "perplexity": r.perplexity,
+            "pruned_experts": sum(adapter_for(model).n_experts(l) - len(k) for l, k in d.kept_experts.items()),
+            "topk_changed_layers": len(d.top_k),
+            "seconds": time.perf_counter() - t,
+        })
+        print(f"  plan {i:2d}: predicted {rows[-1]['predicted_kld']:.4f}  measured {r.kld_mean:.4f}", flush=True)
+    df = pd.DataFrame(rows)
+    from scipy.stats import pearsonr, spearmanr
+
+    rho = float(spearmanr(df.predicted_kld, df.measured_kld).statistic)
+    pr = float(pearsonr(df.predicted_kld, df.measured_kld).statistic)
+    ratio = float(np.median(df.predicted_kld / df.measured_kld.clip(lower=1e-12)))
+    _atomic_csv(df, RESULTS / f"profile-{name}.csv")
+    _scatter(df, name, rho, RESULTS / f"profile-{name}.png")
+    return {"model": name, "profile_seconds": profile_s, "profile_breakdown": profile.meta["seconds"],
+            "calibration_tokens": profile.meta["calibration_tokens"], "validation_tokens": ref.n_tokens,
+            "plans": n_plans, "spearman": rho, "pearson": pr, "median_pred_over_meas": ratio,
+            "reference_ppl_valid": ref.perplexity}
+
+
+def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _scatter(df: pd.DataFrame, name: str, rho: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.scatter(df.predicted_kld, df.measured_kld, s=18)
+    lim = [0, max(df.predicted_kld.max(), df.measured_kld.max()) * 1.05]
+    ax.plot(lim, lim, "k:", lw=0.8, label="y = x")
+    ax.set_xlabel("predicted KL (nats/token)")
+    ax.set_ylabel("measured KL on validation text (nats/token)")
+    ax.set_title(f"{name}: Spearman {rho:.3f} over {len(df)} random plans")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=None, help="reference model names (default: all shipped)")
+    ap.add_argument("--plans", type=int, default=40)
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--valid-tokens", type=int, default=8192)
+    ap.add_argument("--quick", action="store_true", help="8 plans, 1024 calibration and validation tokens")
+    ap.add_argument("--no-ship", action="store_true", help="do not write the profile next to the model")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.plans, args.calib_tokens, args.valid_tokens = 8, 1024, 1024
+    names = args.models or sorted(d.name for d in MODELS_DIR.iterdir() if (d / "config.json").exists())
+    if not names:
+        sys.exit("no shipped reference models under sensitivity/models/")
+    torch.manual_seed(0)
+    summaries = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        summaries.append(run_model(name, args.plans, args.calib_tokens, args.valid_tokens, not args.no_ship))
+    cmd = "python benchmarks/bench_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "# Profiling time and predictor fidelity",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads.",
+        "",
+        "Predicted KL: the profile's additive prediction (sum of tensor damages, expert removal costs and "
+        "top-k costs). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
+        "evaluated against the original on the held-out validation split.",
+        "",
+        "| model | profile time (s) | calib tokens | valid tokens | plans | Spearman | Pearson | median predicted/measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(f"| {s['model']} | {s['profile_seconds']:.0f} | {s['calibration_tokens']} | {s['validation_tokens']} | "
+                     f"{s['plans']} | {s['spearman']:.3f} | {s['pearson']:.3f} | {s['median_pred_over_meas']:.2f} |")
+    lines += ["", "Profile time breakdown (s):", ""]
+    for s in summaries:
+        lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
+    lines += ["", "Goals: Spearman >= 0.95, profiling under 3 minutes on 2 cores.",
+              "Per-plan rows: results/profile-<model>.csv; scatter: results/profile-<model>.png.", ""]
+    out = RESULTS / "profile.md"
+    tmp = out.with_name(".profile.md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
