@@ -136,20 +136,46 @@ static inline mp_half scale_to_fp16(float d) {
 
 /* ---- IQ4_NL ---- */
 
+/* signed value of largest magnitude (the first one on ties) */
+static inline float signed_max(const float *x, int n) {
+    float amax = -1.0f, max = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float a = fabsf(x[j]);
+        if (a > amax) { amax = a; max = x[j]; }
+    }
+    return max;
+}
+
+/* nearest grid indices of x for the fp16 scale dh, and their weighted squared error (decoded as the
+ * dequantizer does) */
+static float nl_assign(const float *x, const float *w, int n, mp_half dh, uint8_t *idx) {
+    const float d = MP_FP16_TO_FP32(dh);
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float e = 0.0f;
+    for (int j = 0; j < n; j++) {
+        idx[j] = (uint8_t)iq4_nearest(id * x[j]);
+        const float r = x[j] - d * iq4_gridf[idx[j]];
+        e += w[j] * r * r;
+    }
+    return e;
+}
+
 static void quantize_row_iq4_nl(const float *x, void *vy, int64_t n, const float *imp) {
     block_iq4_nl *y = (block_iq4_nl *)vy;
     float w[QK4_NL];
+    uint8_t idx[QK4_NL], idx_simple[QK4_NL];
     for (int64_t b = 0; b < n / QK4_NL; b++, x += QK4_NL) {
         block_weights(imp ? imp + b * QK4_NL : NULL, QK4_NL, w);
         float gain;
-        const float d = iq4_search(x, w, QK4_NL, &gain);
-        y[b].d = scale_to_fp16(d);
-        const float dh = MP_FP16_TO_FP32(y[b].d);
-        const float id = dh != 0.0f ? 1.0f / dh : 0.0f;
-        for (int j = 0; j < QK4_NL / 2; j++) {
-            const int q0 = iq4_nearest(id * x[j]), q1 = iq4_nearest(id * x[j + QK4_NL / 2]);
-            y[b].qs[j] = (uint8_t)(q0 | (q1 << 4));
-        }
+        const mp_half ds = scale_to_fp16(iq4_search(x, w, QK4_NL, &gain));
+        /* the searched scale, rounded, against the simple rule max/-127: the smaller error wins, so no
+         * block is worse than the simple rule */
+        const mp_half dr = scale_to_fp16(signed_max(x, QK4_NL) / -127.0f);
+        const float es = nl_assign(x, w, QK4_NL, ds, idx);
+        const float er = nl_assign(x, w, QK4_NL, dr, idx_simple);
+        const uint8_t *q = es <= er ? idx : idx_simple;
+        y[b].d = es <= er ? ds : dr;
+        for (int j = 0; j < QK4_NL / 2; j++) y[b].qs[j] = (uint8_t)(q[j] | (q[j + QK4_NL / 2] << 4));
     }
 }
 
@@ -175,15 +201,17 @@ static inline float sub_error(const float *x, const float *w, float swx2, float 
 
 static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float *imp) {
     block_iq4_xs *y = (block_iq4_xs *)vy;
-    float w[QK_K], s[QK_K / 32], swx2[QK_K / 32];
+    float w[QK_K], s[QK_K / 32], s_simple[QK_K / 32], swx2[QK_K / 32];
     int l_best[QK_K / 32], l_try[QK_K / 32];
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
         const float *ib = imp ? imp + b * QK_K : NULL;
         for (int k = 0; k < QK_K / 32; k++) block_weights(ib ? ib + 32 * k : NULL, 32, w + 32 * k);
-        float smax = 0.0f, samax = 0.0f;
+        float smax = 0.0f, samax = 0.0f, rmax = 0.0f, ramax = -1.0f;
         for (int k = 0; k < QK_K / 32; k++) {
             float gain;
             s[k] = iq4_search(x + 32 * k, w + 32 * k, 32, &gain);
+            s_simple[k] = signed_max(x + 32 * k, 32) / -127.0f;
+            if (fabsf(s_simple[k]) > ramax) { ramax = fabsf(s_simple[k]); rmax = s_simple[k]; }
             float e = 0.0f;
             for (int j = 0; j < 32; j++) e += w[32 * k + j] * x[32 * k + j] * x[32 * k + j];
             swx2[k] = e;
@@ -192,12 +220,16 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
         float best_total = INFINITY, best_d = 0.0f;
         for (int k = 0; k < QK_K / 32; k++) l_best[k] = 0;
         if (samax > 0.0f) {
-            /* candidate super-scales put the largest sub-block scale on -32 + c/2 (c = 0..C-1), and one
-             * refit: the least-squares d for the best candidate's integer scales and grid values */
+            /* candidate super-scales: c = -1 the simple rule (sub-block scales max/-127, the largest of
+             * them on -32), so no super-block is worse than it; c = 0..C-1 put the largest searched
+             * sub-block scale on -32 + c/2; c = C one refit, the least-squares d for the best
+             * candidate's integer scales and grid values */
             const int ncand = IQ4_XS_CAND;
-            for (int c = 0; c <= ncand; c++) {
+            for (int c = -1; c <= ncand; c++) {
                 float d;
-                if (c < ncand) d = smax / (-32.0f + 0.5f * (float)c);
+                const float *src = c < 0 ? s_simple : s;
+                if (c < 0) d = rmax / -32.0f;
+                else if (c < ncand) d = smax / (-32.0f + 0.5f * (float)c);
                 else {
                     if (best_d == 0.0f) break;
                     float num = 0.0f, den = 0.0f;
@@ -216,7 +248,10 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
                 if (dh == 0.0f) continue;
                 float total = 0.0f;
                 for (int k = 0; k < QK_K / 32; k++) {
-                    int l0 = mp_nearest_int(s[k] / dh);
+                    float r = src[k] / dh;
+                    r = r > -33.0f ? r : -33.0f;
+                    r = r < 32.0f ? r : 32.0f;
+                    int l0 = mp_nearest_int(r);
                     l0 = l0 < -32 ? -32 : (l0 > 31 ? 31 : l0);
                     float sqx, sq2;
                     float eb = sub_error(x + 32 * k, w + 32 * k, swx2[k], dh * (float)l0, &sqx, &sq2);
