@@ -220,12 +220,38 @@ static mp_half plain_symmetric(const float *x, int n, int nmax, uint8_t *L) {
     return MP_FP32_TO_FP16(d);
 }
 
+/* weighted squared error of the decoded block, in the dequantizer's arithmetic */
+static float sse_symmetric(const float *x, const float *w, int n, int nmax, mp_half dh, const uint8_t *L) {
+    const float d = MP_FP16_TO_FP32(dh);
+    float e = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float y = (float)((int)L[j] - nmax) * d;
+        const float r = x[j] - y;
+        e += w[j] * r * r;
+    }
+    return e;
+}
+
+/* the plain rule without importance; with importance, the weighted search unless the plain rule's
+ * weighted error is lower (so a weighted block is never worse than the plain one) */
+static mp_half quantize_symmetric(const float *x, const float *w, int n, int nmax, uint8_t *L) {
+    const mp_half dp = plain_symmetric(x, n, nmax, L);
+    if (!w) return dp;
+    uint8_t Ls[32];
+    const mp_half ds = search_symmetric(x, w, n, nmax, Ls);
+    if (sse_symmetric(x, w, n, nmax, ds, Ls) < sse_symmetric(x, w, n, nmax, dp, L)) {
+        memcpy(L, Ls, (size_t)n);
+        return ds;
+    }
+    return dp;
+}
+
 static void quantize_row_q4_0(const float *x, void *vy, int64_t n, const float *imp) {
     block_q4_0 *y = (block_q4_0 *)vy;
     uint8_t L[QK4_0];
     for (int64_t b = 0; b < n / QK4_0; b++, x += QK4_0) {
         const float *w = block_weights(imp ? imp + b * QK4_0 : NULL, QK4_0);
-        y[b].d = w ? search_symmetric(x, w, QK4_0, 8, L) : plain_symmetric(x, QK4_0, 8, L);
+        y[b].d = quantize_symmetric(x, w, QK4_0, 8, L);
         for (int j = 0; j < QK4_0 / 2; j++) y[b].qs[j] = (uint8_t)(L[j] | (L[j + QK4_0 / 2] << 4));
     }
 }
@@ -257,7 +283,7 @@ static void quantize_row_q5_0(const float *x, void *vy, int64_t n, const float *
     uint8_t L[QK5_0];
     for (int64_t b = 0; b < n / QK5_0; b++, x += QK5_0) {
         const float *w = block_weights(imp ? imp + b * QK5_0 : NULL, QK5_0);
-        y[b].d = w ? search_symmetric(x, w, QK5_0, 16, L) : plain_symmetric(x, QK5_0, 16, L);
+        y[b].d = quantize_symmetric(x, w, QK5_0, 16, L);
         pack_q5(L, y[b].qs, y[b].qh);
     }
 }
@@ -301,13 +327,38 @@ static void plain_affine(const float *x, int n, int nmax, mp_half *dh, mp_half *
     *mh = MP_FP32_TO_FP16(min);
 }
 
+static float sse_affine(const float *x, const float *w, int n, mp_half dh, mp_half mh, const uint8_t *L) {
+    const float d = MP_FP16_TO_FP32(dh), m = MP_FP16_TO_FP32(mh);
+    float e = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float t = (float)L[j] * d;
+        const float y = t + m;
+        const float r = x[j] - y;
+        e += w[j] * r * r;
+    }
+    return e;
+}
+
+/* as quantize_symmetric: plain rule, or with importance the better of search and plain rule */
+static void quantize_affine(const float *x, const float *w, int n, int nmax, mp_half *dh, mp_half *mh, uint8_t *L) {
+    plain_affine(x, n, nmax, dh, mh, L);
+    if (!w) return;
+    uint8_t Ls[32];
+    mp_half ds, ms;
+    search_affine(x, w, n, nmax, &ds, &ms, Ls);
+    if (sse_affine(x, w, n, ds, ms, Ls) < sse_affine(x, w, n, *dh, *mh, L)) {
+        memcpy(L, Ls, (size_t)n);
+        *dh = ds;
+        *mh = ms;
+    }
+}
+
 static void quantize_row_q4_1(const float *x, void *vy, int64_t n, const float *imp) {
     block_q4_1 *y = (block_q4_1 *)vy;
     uint8_t L[QK4_1];
     for (int64_t b = 0; b < n / QK4_1; b++, x += QK4_1) {
         const float *w = block_weights(imp ? imp + b * QK4_1 : NULL, QK4_1);
-        if (w) search_affine(x, w, QK4_1, 15, &y[b].d, &y[b].m, L);
-        else plain_affine(x, QK4_1, 15, &y[b].d, &y[b].m, L);
+        quantize_affine(x, w, QK4_1, 15, &y[b].d, &y[b].m, L);
         for (int j = 0; j < QK4_1 / 2; j++) y[b].qs[j] = (uint8_t)(L[j] | (L[j + QK4_1 / 2] << 4));
     }
 }
@@ -330,8 +381,7 @@ static void quantize_row_q5_1(const float *x, void *vy, int64_t n, const float *
     uint8_t L[QK5_1];
     for (int64_t b = 0; b < n / QK5_1; b++, x += QK5_1) {
         const float *w = block_weights(imp ? imp + b * QK5_1 : NULL, QK5_1);
-        if (w) search_affine(x, w, QK5_1, 31, &y[b].d, &y[b].m, L);
-        else plain_affine(x, QK5_1, 31, &y[b].d, &y[b].m, L);
+        quantize_affine(x, w, QK5_1, 31, &y[b].d, &y[b].m, L);
         pack_q5(L, y[b].qs, y[b].qh);
     }
 }
