@@ -66,10 +66,17 @@ MP_ALWAYS_INLINE float clampf(float v, float lo, float hi) {
 #define MP_TINY 1e-20f
 #define MP_FP16_MAX 65504.f
 
-static inline mp_half fp16_clamped(float v) {
+/* fp16 of a positive super-block scale v, raised to at least `need` (the scale at which the
+ * largest integer sub-block scale still reaches the block's extreme: fp16 subnormals are coarse
+ * and rounding to nearest could lose up to half of it) and to at least the smallest subnormal
+ * 2^-24 (a scale that underflows to 0 would lose the whole block; the integer sub-block scales
+ * absorb the excess, so e.g. Q6_K keeps weights of 1e-6 to about 1-5%); at most 65504. */
+static mp_half fp16_scale(float v, float need) {
     v = v > MP_FP16_MAX ? MP_FP16_MAX : v;
-    v = v < -MP_FP16_MAX ? -MP_FP16_MAX : v;
-    return MP_FP32_TO_FP16(v);
+    mp_half h = MP_FP32_TO_FP16(v);
+    if (h == 0) h = 1;
+    while (h < 0x7bff && MP_FP16_TO_FP32(h) < need) h++; /* positive fp16 bits order like values */
+    return h;
 }
 
 /* Normalized importance of one super-block: w = imp / max(imp) + 1e-6, so that a column with zero
@@ -155,9 +162,8 @@ MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float 
         Mmax = M[j] > Mmax ? M[j] : Mmax;
     }
     if (!(Mmax >= MP_TINY)) return 0;
-    *pd = fp16_clamped(p.dfac * Mmax / (N * S));
+    *pd = fp16_scale(p.dfac * Mmax / (N * S), Mmax / (N * S));
     const float d = MP_FP16_TO_FP32(*pd);
-    if (!(d > 0.f)) return 0; /* d underflows fp16: the block decodes to zero */
     const float inv = 1.f / (N * d);
     for (int j = 0; j < 16; j++) {
         const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f;
@@ -387,10 +393,10 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
                                          0.f,  0.f,  1.f,  1.f,  1.f,  1.f,  2.f,  2.f,  2.f, 2.f};
     static const float dm_[AFF_NCAND] = {-2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -1.f,
                                          0.f,  1.f,  -2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f};
-    *pd = fp16_clamped(d);
-    *pdmin = fp16_clamped(dm);
+    /* d > 0 even when every sub-block is constant (all a = 0, the mins carry the values) */
+    *pd = fp16_scale(d > 0.f ? d : 0.f, max_a / smax);
+    *pdmin = max_m > 0.f ? fp16_scale(dm, max_m / smax) : 0;
     const float dd = MP_FP16_TO_FP32(*pd), ddm = MP_FP16_TO_FP32(*pdmin);
-    if (!(dd > 0.f)) return 0; /* every scale underflows: the block decodes to zero */
     const float idd = 1.f / dd, iddm = ddm > 0.f ? 1.f / ddm : 0.f;
     for (int j = 0; j < nsub; j++) {
         const float *xj = x + sub * j;
