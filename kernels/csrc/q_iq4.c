@@ -192,11 +192,20 @@ static void dequantize_row_iq4_nl(const void *vx, float *y, int64_t n) {
 
 /* ---- IQ4_XS ---- */
 
-/* weighted error of sub-block x (32) at scale dl with nearest grid values; sums for the refit */
-static inline float sub_error(const float *x, const float *w, float swx2, float dl, float *sqx, float *sq2) {
-    if (dl == 0.0f) { *sqx = 0.0f; *sq2 = 0.0f; return swx2; }
-    grid_sums(x, w, 32, 1.0f / dl, sqx, sq2);
-    return swx2 - 2.0f * dl * *sqx + dl * dl * *sq2;
+/* weighted squared error of sub-block x (32) decoded at scale dl with the nearest grid values,
+ * summed from the residuals (not from expanded sums, which would cancel) */
+static inline float sub_error(const float *x, const float *w, float swx2, float dl) {
+    if (dl == 0.0f) return swx2;
+    const float s2 = 2.0f / dl;
+    float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < 32; j += 4) {
+        for (int u = 0; u < 4; u++) {
+            const float g = grid_value(s2, x[j + u]);
+            const float r = x[j + u] - dl * g;
+            e[u] += w[j + u] * r * r;
+        }
+    }
+    return (e[0] + e[1]) + (e[2] + e[3]);
 }
 
 static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float *imp) {
@@ -237,7 +246,7 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
                         if (l_best[k] == 0) continue;
                         float sqx, sq2;
                         const float dl = best_d * (float)l_best[k];
-                        sub_error(x + 32 * k, w + 32 * k, swx2[k], dl, &sqx, &sq2);
+                        grid_sums(x + 32 * k, w + 32 * k, 32, 1.0f / dl, &sqx, &sq2);
                         num += (float)l_best[k] * sqx;
                         den += (float)(l_best[k] * l_best[k]) * sq2;
                     }
@@ -253,13 +262,12 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
                     r = r < 32.0f ? r : 32.0f;
                     int l0 = mp_nearest_int(r);
                     l0 = l0 < -32 ? -32 : (l0 > 31 ? 31 : l0);
-                    float sqx, sq2;
-                    float eb = sub_error(x + 32 * k, w + 32 * k, swx2[k], dh * (float)l0, &sqx, &sq2);
+                    float eb = sub_error(x + 32 * k, w + 32 * k, swx2[k], dh * (float)l0);
                     int lb = l0;
                     for (int dl = -1; dl <= 1; dl += 2) {
                         const int l = l0 + dl;
                         if (l < -32 || l > 31) continue;
-                        const float e = sub_error(x + 32 * k, w + 32 * k, swx2[k], dh * (float)l, &sqx, &sq2);
+                        const float e = sub_error(x + 32 * k, w + 32 * k, swx2[k], dh * (float)l);
                         if (e < eb) { eb = e; lb = l; }
                     }
                     l_try[k] = lb;
