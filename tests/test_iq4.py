@@ -183,7 +183,11 @@ def test_never_worse_than_the_simple_rule(fmt):
     rng = np.random.default_rng(43)
     for i in range(14):
         x = sample(rng, (4, 512), KINDS[i % len(KINDS)])
-        imp = None if i % 2 == 0 else np.exp(2 * rng.standard_normal(512)).astype(np.float32)
+        imp = None
+        if i % 2 == 1:
+            imp = np.exp(2 * rng.standard_normal(512)).astype(np.float32)
+            imp[rng.random(512) < 0.1] = 0.0  # columns without weight,
+            imp[32:64] = 0.0  # a whole block / sub-block without weight
         y = kernels.dequantize(kernels.quantize(x, fmt, imp), fmt)
         y_simple, bound = simple_rule(x, fmt)
         e = super_sums(block_sse(x, y, imp), fmt)
