@@ -138,6 +138,8 @@ def _check_rank(shape: tuple[int, ...], what: str = "x") -> tuple[int, int, int]
 
 
 def _check_cols(f: Format, ncols: int) -> None:
+    if ncols <= 0:
+        raise ValueError(f"the tensor's rows are empty (last dimension {ncols}); there is nothing to store in {f.name}")
     if not f.fits(ncols):
         chain = _formats.fallback_chain(f, ncols)
         hint = f"; llama.cpp falls back to {' then '.join(chain)}" if chain else ""
@@ -158,15 +160,26 @@ def _as_importance(importance: Any, groups: int, ncols: int, three_d: bool) -> n
             importance = importance.detach().cpu().float().numpy()
     except ImportError:  # pragma: no cover
         pass
-    w = np.asarray(importance, dtype=np.float32)
-    if w.shape == (ncols,):
-        w = np.broadcast_to(w, (groups, ncols))
-    elif not (three_d and w.shape == (groups, ncols)):
+    try:
+        with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes inf, reported below
+            w = np.asarray(importance, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"importance must be an array of non-negative numbers, not {type(importance).__name__}"
+        ) from None
+    per_expert = three_d and w.shape == (groups, ncols)
+    if w.shape != (ncols,) and not per_expert:
         want = f"({ncols},) or ({groups}, {ncols}) per expert" if three_d else f"({ncols},)"
         raise ValueError(f"importance has shape {w.shape}; expected {want}, one weight per input column")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ValueError("importance must be finite and non-negative")
-    return np.ascontiguousarray(w)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        pos = np.unravel_index(int(np.argmax(bad)), w.shape)
+        where = f"expert {pos[0]}, column {pos[1]}" if per_expert else f"column {pos[0]}"
+        raise ValueError(
+            f"importance must be finite and non-negative; {where} holds {float(w[pos])} "
+            "(importance is the per-column mean of x^2 of the layer's input)"
+        )
+    return np.ascontiguousarray(np.broadcast_to(w, (groups, ncols)))
 
 
 def _raise_bad_row(bad_row: int, shape: tuple[int, ...], what: str = "x") -> None:
@@ -229,6 +242,8 @@ def dequantize(data: Any, fmt: str | Format | int, shape: Sequence[int] | None =
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
         raise ValueError("shape must have at least one dimension")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape {shape} has a negative dimension")
     ncols = shape[-1]
     _check_cols(f, ncols)
     nrows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1

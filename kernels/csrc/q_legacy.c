@@ -13,8 +13,10 @@
  * fuses x*id + 8.5 into an FMA (which would change ties).
  *
  * With importance, Q4_0/Q4_1/Q5_0/Q5_1 search the scale (and min) that minimizes
- * sum_j w_j (x_j - deq_j)^2 over the block (w = importance); Q8_0 ignores importance: at 8 bits the
- * amax scale is within a few percent of the weighted optimum and the format's bytes stay gguf's.
+ * sum_j w_j (x_j - deq_j)^2 over the block (w = importance), and keep the plain rule's block wherever
+ * the search does not beat its weighted error (so no block gets worse; a block whose importance is all
+ * zero takes the plain rule). Q8_0 ignores importance: at 8 bits the amax scale is within a few percent
+ * of the weighted optimum, and its bytes stay gguf's.
  */
 #pragma STDC FP_CONTRACT OFF
 #include "moeplan.h"
