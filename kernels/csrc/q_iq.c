@@ -1,7 +1,678 @@
-/* IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: not yet implemented in this build (the table is empty, so the Python layer
- * reports these formats as having no kernel). */
+/* IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: the lattice-codebook formats.
+ *
+ * Each group of 8 (IQ2, IQ1) or 4 (IQ3) weights is one point of a fixed codebook ("grid") times a
+ * per-sub-block scale; IQ2/IQ3 points are magnitudes with separate signs, IQ1 points are ternary
+ * vectors shifted by +-1/8. The grids are not compiled in: kernels/iq_grids.py reads them from the
+ * `gguf` package and hands them over with mp_iq_set_grid(); a format whose grid was never set is
+ * refused by module.c (mp_iq_ready).
+ *
+ * Quantization (per 256-weight super-block), following the method published with llama.cpp's IQ
+ * formats: per-weight error weights w = importance * sqrt(mean(x^2) + x^2); for each sub-block a scan
+ * over candidate scales, where each group goes to the nearest codebook point at that scale (the
+ * point of per-coordinate nearest levels when it is on the grid, else the best of a precomputed
+ * list of grid neighbours) and the scale is refitted by weighted least squares. Then the fp16
+ * super-scale d and the 3/4-bit sub-block scale indices are chosen together to minimise the
+ * weighted error of the fitted points, and every group is projected again at its final quantized
+ * scale (this also re-chooses which weight takes the wrong sign in formats whose signs must have
+ * even parity).
+ */
+#include <float.h>
+#include <stdlib.h>
+
 #include "moeplan.h"
 
+/* ------------------------------------------------------------------------------------------ */
+/* grids                                                                                        */
+
+typedef struct {
+    int ready;
+    int n;             /* grid points */
+    int dim;           /* coordinates per point: 8 or 4 */
+    int nlev;          /* distinct coordinate values */
+    int bits;          /* bits per coordinate in a key */
+    float lev[8];      /* coordinate values, ascending */
+    float mid[8];      /* midpoints between consecutive levels */
+    float *val;        /* n * dim coordinate values */
+    float *val2;       /* n * dim squared values */
+    uint8_t *idx;      /* n * dim level indices */
+    int32_t *map;      /* key -> grid index, or -(1 + offset of the neighbour list in nbr) */
+    uint16_t *nbr;     /* neighbour lists: count, then grid indices */
+} iq_grid;
+
+enum { G_IQ2_XXS, G_IQ2_XS, G_IQ2_S, G_IQ3_XXS, G_IQ3_S, G_IQ1_S, G_IQ1_M, G_COUNT };
+
+static iq_grid grids[G_COUNT];
+
+static int grid_slot(int type) {
+    switch (type) {
+    case MP_IQ2_XXS: return G_IQ2_XXS;
+    case MP_IQ2_XS: return G_IQ2_XS;
+    case MP_IQ2_S: return G_IQ2_S;
+    case MP_IQ3_XXS: return G_IQ3_XXS;
+    case MP_IQ3_S: return G_IQ3_S;
+    case MP_IQ1_S: return G_IQ1_S;
+    case MP_IQ1_M: return G_IQ1_M;
+    default: return -1;
+    }
+}
+
+/* expected (points, dim) per type: the layouts below depend on them */
+static void grid_shape(int type, int *n, int *dim) {
+    switch (type) {
+    case MP_IQ2_XXS: *n = 256; *dim = 8; break;
+    case MP_IQ2_XS: *n = 512; *dim = 8; break;
+    case MP_IQ2_S: *n = 1024; *dim = 8; break;
+    case MP_IQ3_XXS: *n = 256; *dim = 4; break;
+    case MP_IQ3_S: *n = 512; *dim = 4; break;
+    case MP_IQ1_S: case MP_IQ1_M: *n = 2048; *dim = 8; break;
+    default: *n = 0; *dim = 0;
+    }
+}
+
+/* Neighbour lists reach the nearest `nwant` distinct (level-index) distances from an off-grid key. */
+static int grid_nwant(int type) {
+    switch (type) {
+    case MP_IQ2_S: return 1;
+    case MP_IQ1_S: case MP_IQ1_M: return 3;
+    default: return 2;
+    }
+}
+
+int mp_iq_ready(int type) {
+    const int s = grid_slot(type);
+    return s < 0 ? 1 : grids[s].ready;
+}
+
+static void grid_free(iq_grid *g) {
+    free(g->val); free(g->val2); free(g->idx); free(g->map); free(g->nbr);
+    memset(g, 0, sizeof(*g));
+}
+
+/* Install the codebook of `type` from n*dim float32 coordinates (in the units the format decodes
+ * with). Returns 0 on success, 1 when the shape is wrong, 2 when the values are not a small level
+ * set, 3 when out of memory. Idempotent for identical input; not safe while the same type quantizes. */
+int mp_iq_set_grid(int type, const float *values, int64_t count) {
+    const int s = grid_slot(type);
+    int n, dim;
+    grid_shape(type, &n, &dim);
+    if (s < 0 || count != (int64_t)n * dim) return 1;
+    iq_grid *g = &grids[s];
+    if (g->ready) {
+        for (int64_t i = 0; i < count; i++)
+            if (g->val[i] != values[i]) { grid_free(g); break; }
+        if (g->ready) return 0;
+    }
+    iq_grid t;
+    memset(&t, 0, sizeof(t));
+    t.n = n; t.dim = dim;
+    /* distinct levels, ascending */
+    for (int64_t i = 0; i < count; i++) {
+        const float v = values[i];
+        if (!isfinite(v)) return 2;
+        int k = 0;
+        while (k < t.nlev && t.lev[k] < v) k++;
+        if (k < t.nlev && t.lev[k] == v) continue;
+        if (t.nlev == 8) return 2;
+        memmove(t.lev + k + 1, t.lev + k, sizeof(float) * (size_t)(t.nlev - k));
+        t.lev[k] = v;
+        t.nlev++;
+    }
+    if (t.nlev < 2) return 2;
+    t.bits = t.nlev <= 2 ? 1 : t.nlev <= 4 ? 2 : 3;
+    for (int k = 0; k + 1 < t.nlev; k++) t.mid[k] = 0.5f * (t.lev[k] + t.lev[k + 1]);
+    const int nkeys = 1 << (t.bits * dim);
+    t.val = malloc(sizeof(float) * (size_t)count);
+    t.val2 = malloc(sizeof(float) * (size_t)count);
+    t.idx = malloc((size_t)count);
+    t.map = malloc(sizeof(int32_t) * (size_t)nkeys);
+    int *dist = malloc(sizeof(int) * (size_t)n);
+    if (!t.val || !t.val2 || !t.idx || !t.map || !dist) { free(dist); grid_free(&t); return 3; }
+    for (int k = 0; k < nkeys; k++) t.map[k] = INT32_MIN;
+    for (int p = 0; p < n; p++) {
+        int key = 0;
+        for (int i = 0; i < dim; i++) {
+            const float v = values[p * dim + i];
+            int l = 0;
+            while (t.lev[l] != v) l++;
+            t.val[p * dim + i] = v;
+            t.val2[p * dim + i] = v * v;
+            t.idx[p * dim + i] = (uint8_t)l;
+            key |= l << (t.bits * i);
+        }
+        if (t.map[key] != INT32_MIN) { free(dist); grid_free(&t); return 2; } /* duplicate point */
+        t.map[key] = p;
+    }
+    /* neighbour lists of every off-grid key whose coordinates are valid level indices */
+    const int nwant = grid_nwant(type);
+    const int maxd = dim * (t.nlev - 1) * (t.nlev - 1);
+    int *hist = calloc((size_t)maxd + 1, sizeof(int));
+    size_t cap = 1 << 16, used = 0;
+    t.nbr = malloc(sizeof(uint16_t) * cap);
+    if (!hist || !t.nbr) { free(dist); free(hist); grid_free(&t); return 3; }
+    for (int key = 0; key < nkeys; key++) {
+        if (t.map[key] != INT32_MIN) continue;
+        int lv[8], valid = 1;
+        for (int i = 0; i < dim; i++) {
+            lv[i] = (key >> (t.bits * i)) & ((1 << t.bits) - 1);
+            if (lv[i] >= t.nlev) valid = 0;
+        }
+        if (!valid) continue;
+        memset(hist, 0, sizeof(int) * (size_t)(maxd + 1));
+        for (int p = 0; p < n; p++) {
+            int d2 = 0;
+            for (int i = 0; i < dim; i++) {
+                const int dl = (int)t.idx[p * dim + i] - lv[i];
+                d2 += dl * dl;
+            }
+            dist[p] = d2;
+            hist[d2]++;
+        }
+        int limit = 0, seen = 0, count_in = 0;
+        for (int d2 = 0; d2 <= maxd && seen < nwant; d2++) {
+            if (hist[d2]) { seen++; limit = d2; count_in += hist[d2]; }
+        }
+        if (used + (size_t)count_in + 1 > cap) {
+            while (used + (size_t)count_in + 1 > cap) cap *= 2;
+            uint16_t *nb = realloc(t.nbr, sizeof(uint16_t) * cap);
+            if (!nb) { free(dist); free(hist); grid_free(&t); return 3; }
+            t.nbr = nb;
+        }
+        t.map[key] = -(int32_t)(used + 1);
+        t.nbr[used++] = (uint16_t)count_in;
+        for (int p = 0; p < n; p++)
+            if (dist[p] <= limit) t.nbr[used++] = (uint16_t)p;
+    }
+    free(dist);
+    free(hist);
+    t.ready = 1;
+    *g = t;
+    return 0;
+}
+
+/* The grid point minimising sum_i w_i (x_i - s v_i)^2 (s > 0): the point of per-coordinate nearest
+ * levels when it is on the grid, else the best of that key's neighbour list. */
+static inline int grid_project(const iq_grid *g, const float *x, const float *w, float s) {
+    const int dim = g->dim, nl1 = g->nlev - 1, bits = g->bits;
+    float th[8];
+    for (int k = 0; k < nl1; k++) th[k] = s * g->mid[k];
+    int key = 0;
+    for (int i = 0; i < dim; i++) {
+        int l = 0;
+        for (int k = 0; k < nl1; k++) l += x[i] > th[k];
+        key |= l << (bits * i);
+    }
+    const int32_t m = g->map[key];
+    if (m >= 0) return m;
+    const uint16_t *list = g->nbr + (-m - 1);
+    const int cnt = list[0];
+    int best = list[1];
+    float best_err = FLT_MAX;
+    for (int j = 1; j <= cnt; j++) {
+        const float *v = g->val + (size_t)list[j] * dim;
+        float e = 0.f;
+        for (int i = 0; i < dim; i++) {
+            const float dlt = x[i] - s * v[i];
+            e += w[i] * dlt * dlt;
+        }
+        if (e < best_err) { best_err = e; best = list[j]; }
+    }
+    return best;
+}
+
+/* sum w x v and sum w v^2 of one group at grid point p */
+static inline void group_sums(const iq_grid *g, int p, const float *x, const float *w, float *sqx, float *sq2) {
+    const float *v = g->val + (size_t)p * g->dim;
+    const float *v2 = g->val2 + (size_t)p * g->dim;
+    float a = 0.f, b = 0.f;
+    for (int i = 0; i < g->dim; i++) { a += w[i] * x[i] * v[i]; b += w[i] * v2[i]; }
+    *sqx += a;
+    *sq2 += b;
+}
+
+static inline float group_err(const iq_grid *g, int p, const float *x, const float *w, float s) {
+    const float *v = g->val + (size_t)p * g->dim;
+    float e = 0.f;
+    for (int i = 0; i < g->dim; i++) {
+        const float dlt = x[i] - s * v[i];
+        e += w[i] * dlt * dlt;
+    }
+    return e;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* shared pieces                                                                                */
+
+/* Error weights of one 256 super-block; all-zero importance falls back to unit importance. */
+static void superblock_weights(const float *x, const float *imp, float *w) {
+    float sumx2 = 0.f;
+    for (int i = 0; i < QK_K; i++) sumx2 += x[i] * x[i];
+    const float sigma2 = sumx2 / QK_K;
+    float wsum = 0.f;
+    for (int i = 0; i < QK_K; i++) {
+        w[i] = imp[i] * sqrtf(sigma2 + x[i] * x[i]);
+        wsum += w[i];
+    }
+    if (!(wsum > 0.f))
+        for (int i = 0; i < QK_K; i++) w[i] = sqrtf(sigma2 + x[i] * x[i]);
+    if (!(sigma2 > 0.f))
+        for (int i = 0; i < QK_K; i++) w[i] = imp[i] > 0.f ? imp[i] : 0.f;
+}
+
+/* Choose the fp16 super-scale d and per-sub-block indices l (scale_b = d * a * (2 l_b + 1), 0 <= l_b <=
+ * lmax) minimising sum_b (-2 scale_b sqx_b + scale_b^2 sq2_b): the weighted error of the fitted points.
+ * fit[b] is sub-block b's own least-squares scale (0 when it holds nothing). Returns the decoded d. */
+static float choose_superscale(int nsub, const float *fit, const float *sqx, const float *sq2, float a, int lmax,
+                               mp_half *d16, uint8_t *l) {
+    float fmax = 0.f;
+    for (int b = 0; b < nsub; b++) fmax = fit[b] > fmax ? fit[b] : fmax;
+    if (!(fmax > 0.f)) {
+        *d16 = MP_FP32_TO_FP16(0.f);
+        memset(l, 0, (size_t)nsub);
+        return 0.f;
+    }
+    const float d0 = fmax / (a * (2 * lmax + 1));
+    float best = FLT_MAX, best_d = 0.f;
+    mp_half best_h = 0;
+    for (int k = -4; k <= 24; k++) {
+        const float cand = d0 * (1.0f - 0.0125f * k);
+        const mp_half h = MP_FP32_TO_FP16(cand);
+        const float d = MP_FP16_TO_FP32(h);
+        if (!(d > 0.f) || !isfinite(d)) continue;
+        const float step = d * a;
+        float e = 0.f;
+        for (int b = 0; b < nsub; b++) {
+            if (!(sq2[b] > 0.f)) continue;
+            int lb = mp_nearest_int(0.5f * (fit[b] / step - 1.f));
+            lb = lb < 0 ? 0 : lb > lmax ? lmax : lb;
+            const float sc = step * (2 * lb + 1);
+            e += sc * (sc * sq2[b] - 2.f * sqx[b]);
+        }
+        if (e < best) { best = e; best_d = d; best_h = h; }
+    }
+    if (!(best_d > 0.f)) {
+        *d16 = MP_FP32_TO_FP16(0.f);
+        memset(l, 0, (size_t)nsub);
+        return 0.f;
+    }
+    *d16 = best_h;
+    const float step = best_d * a;
+    for (int b = 0; b < nsub; b++) {
+        int lb = mp_nearest_int(0.5f * (fit[b] / step - 1.f));
+        l[b] = (uint8_t)(lb < 0 ? 0 : lb > lmax ? lmax : lb);
+    }
+    return best_d;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: codebook magnitudes with signs                     */
+
+typedef struct {
+    int type;
+    int sub;       /* weights per sub-block scale */
+    int parity;    /* 1: the signs of each 8 weights have even parity (7 stored bits) */
+    float a;       /* scale_b = d * a * (2 l + 1) */
+    int ncand;     /* candidate scales per sub-block */
+    float lo, hi;  /* candidate max/scale ratios, as fractions of the top level */
+} signed_spec;
+
+/* Sub-block state of one super-block, shared by the search and the packers. */
+typedef struct {
+    float ax[QK_K];        /* |x| */
+    float w[QK_K];
+    uint8_t neg[QK_K];     /* sign bits as stored (1 = negative) */
+    uint16_t pt[QK_K / 4]; /* grid point per group */
+    uint8_t l[QK_K / 16];
+    mp_half d;
+} signed_state;
+
+/* Targets of one parity group of 8 with weight `flip` taking the wrong sign (-1: none). */
+static inline void parity_targets(const float *ax, int flip, float *t) {
+    for (int i = 0; i < 8; i++) t[i] = ax[i];
+    if (flip >= 0) t[flip] = -ax[flip];
+}
+
+/* Project the groups of `n` weights (targets t) at scale s; returns the weighted error, fills pts. */
+static inline float project_run(const iq_grid *g, const float *t, const float *w, int n, float s, uint16_t *pts) {
+    float e = 0.f;
+    for (int k = 0; k < n; k += g->dim) {
+        const int p = grid_project(g, t + k, w + k, s);
+        pts[k / g->dim] = (uint16_t)p;
+        e += group_err(g, p, t + k, w + k, s);
+    }
+    return e;
+}
+
+static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, const float *x, const float *imp,
+                                       signed_state *st) {
+    const int dim = g->dim, sub = sp->sub, nsub = QK_K / sub;
+    float t[QK_K];
+    int flip[QK_K / 8];
+    superblock_weights(x, imp, st->w);
+    for (int i = 0; i < QK_K; i++) {
+        st->ax[i] = fabsf(x[i]);
+        st->neg[i] = x[i] < 0.f;
+        t[i] = st->ax[i];
+    }
+    /* first choice of the wrong-signed weight per parity group: the cheapest w |x| */
+    for (int k = 0; k < QK_K / 8; k++) {
+        flip[k] = -1;
+        if (!sp->parity) continue;
+        int odd = 0;
+        for (int i = 0; i < 8; i++) odd ^= st->neg[8 * k + i];
+        if (!odd) continue;
+        int m = 0;
+        float mv = st->w[8 * k] * st->ax[8 * k];
+        for (int i = 1; i < 8; i++) {
+            const float v = st->w[8 * k + i] * st->ax[8 * k + i];
+            if (v < mv) { mv = v; m = i; }
+        }
+        flip[k] = m;
+        t[8 * k + m] = -st->ax[8 * k + m];
+    }
+    const float top = g->lev[g->nlev - 1];
+    float fit[QK_K / 16], sqx[QK_K / 16], sq2[QK_K / 16];
+    uint16_t pts[32], best_pts[32];
+    for (int b = 0; b < nsub; b++) {
+        const float *tb = t + b * sub, *wb = st->w + b * sub;
+        float mx = 0.f, wsum = 0.f;
+        for (int i = 0; i < sub; i++) { mx = tb[i] > mx ? tb[i] : mx; wsum += wb[i]; }
+        fit[b] = sqx[b] = sq2[b] = 0.f;
+        if (!(mx > 0.f) || !(wsum > 0.f)) continue;
+        float best = 0.f;
+        int have = 0;
+        for (int c = 0; c < sp->ncand; c++) {
+            const float r = sp->lo + (sp->hi - sp->lo) * (float)c / (float)(sp->ncand - 1);
+            const float s = mx / (r * top);
+            float a = 0.f, q = 0.f;
+            for (int k = 0; k < sub; k += dim) {
+                const int p = grid_project(g, tb + k, wb + k, s);
+                pts[k / dim] = (uint16_t)p;
+                group_sums(g, p, tb + k, wb + k, &a, &q);
+            }
+            if (q > 0.f && a > 0.f && (!have || a * a > best * q)) {
+                have = 1;
+                best = a * a / q;
+                fit[b] = a / q; sqx[b] = a; sq2[b] = q;
+                memcpy(best_pts, pts, sizeof(uint16_t) * (size_t)(sub / dim));
+            }
+        }
+        if (!have) continue;
+        /* one more projection at the fitted scale, kept when it fits better */
+        {
+            float a = 0.f, q = 0.f;
+            for (int k = 0; k < sub; k += dim) {
+                const int p = grid_project(g, tb + k, wb + k, fit[b]);
+                group_sums(g, p, tb + k, wb + k, &a, &q);
+            }
+            if (q > 0.f && a > 0.f && a * a > best * q) { fit[b] = a / q; sqx[b] = a; sq2[b] = q; }
+        }
+    }
+    const float d = choose_superscale(nsub, fit, sqx, sq2, sp->a, 15, &st->d, st->l);
+    if (!(d > 0.f)) {
+        memset(st->pt, 0, sizeof(st->pt));
+        memset(st->l, 0, sizeof(st->l));
+        memset(st->neg, 0, sizeof(st->neg));
+        st->d = MP_FP32_TO_FP16(0.f);
+        return;
+    }
+    /* final: each sub-block at its quantized scale (and the neighbouring indices); parity groups
+     * also re-choose their wrong-signed weight among the few cheapest */
+    float wone[32];
+    for (int i = 0; i < 32; i++) wone[i] = 1.f;
+    for (int b = 0; b < nsub; b++) {
+        const float *wb = st->w + b * sub;
+        float wsum = 0.f;
+        for (int i = 0; i < sub; i++) wsum += wb[i];
+        if (!(wsum > 0.f)) wb = wone;
+        float best_e = FLT_MAX;
+        int best_l = st->l[b];
+        uint16_t cur[32];
+        int best_flip[4], cur_flip[4];
+        const int l0 = st->l[b] > 0 ? st->l[b] - 1 : 0, l1 = st->l[b] < 15 ? st->l[b] + 1 : 15;
+        for (int lb = l0; lb <= l1; lb++) {
+            const float s = d * sp->a * (2 * lb + 1);
+            float e = 0.f;
+            for (int k8 = 0; k8 < sub; k8 += 8) {
+                const int pk = (b * sub + k8) / 8;
+                const float *ax = st->ax + b * sub + k8, *w8 = wb + k8;
+                float t8[8];
+                uint16_t p8[2];
+                if (flip[pk] < 0) {
+                    parity_targets(ax, -1, t8);
+                    e += project_run(g, t8, w8, 8, s, cur + k8 / dim);
+                    cur_flip[k8 / 8] = -1;
+                    continue;
+                }
+                /* odd parity: try every weight as the wrong-signed one, cheapest |x| first */
+                float be = FLT_MAX;
+                int bf = flip[pk];
+                for (int f = 0; f < 8; f++) {
+                    if (ax[f] > 2.f * ax[flip[pk]] + s * g->lev[0] && f != flip[pk]) continue;
+                    parity_targets(ax, f, t8);
+                    const float ef = project_run(g, t8, w8, 8, s, p8);
+                    if (ef < be) {
+                        be = ef; bf = f;
+                        memcpy(cur + k8 / dim, p8, sizeof(uint16_t) * (size_t)(8 / dim));
+                    }
+                }
+                e += be;
+                cur_flip[k8 / 8] = bf;
+            }
+            if (e < best_e) {
+                best_e = e; best_l = lb;
+                memcpy(st->pt + b * sub / dim, cur, sizeof(uint16_t) * (size_t)(sub / dim));
+                memcpy(best_flip, cur_flip, sizeof(int) * (size_t)(sub / 8));
+            }
+        }
+        st->l[b] = (uint8_t)best_l;
+        if (sp->parity)
+            for (int k8 = 0; k8 < sub / 8; k8++) {
+                const int pk = b * sub / 8 + k8;
+                if (flip[pk] >= 0) st->neg[8 * pk + best_flip[k8]] ^= 1;
+            }
+    }
+}
+
+/* sign bits of 8 weights as a byte (bit i = weight i negative) */
+static inline uint8_t sign_byte(const uint8_t *neg) {
+    uint8_t s = 0;
+    for (int i = 0; i < 8; i++) s |= (uint8_t)(neg[i] << i);
+    return s;
+}
+
+static const signed_spec spec_iq2_xxs = {MP_IQ2_XXS, 32, 1, 1.f / 8.f, 19, 0.78f, 1.12f};
+static const signed_spec spec_iq2_xs = {MP_IQ2_XS, 16, 1, 1.f / 8.f, 19, 0.78f, 1.12f};
+static const signed_spec spec_iq2_s = {MP_IQ2_S, 16, 0, 1.f / 8.f, 19, 0.78f, 1.12f};
+static const signed_spec spec_iq3_xxs = {MP_IQ3_XXS, 32, 1, 1.f / 4.f, 31, 0.75f, 1.15f};
+static const signed_spec spec_iq3_s = {MP_IQ3_S, 32, 0, 1.f, 19, 0.8f, 1.12f};
+
+static void quantize_row_iq2_xxs(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq2_xxs *y = (block_iq2_xxs *)vy;
+    const iq_grid *g = &grids[G_IQ2_XXS];
+    signed_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_signed_superblock(&spec_iq2_xxs, g, x + ib * QK_K, imp + ib * QK_K, &st);
+        y[ib].d = st.d;
+        for (int b = 0; b < QK_K / 32; b++) {
+            uint32_t a0 = 0, a1 = 0;
+            for (int k = 0; k < 4; k++) {
+                a0 |= (uint32_t)st.pt[4 * b + k] << (8 * k);
+                a1 |= (uint32_t)(sign_byte(st.neg + 32 * b + 8 * k) & 127) << (7 * k);
+            }
+            a1 |= (uint32_t)st.l[b] << 28;
+            memcpy(y[ib].qs + 4 * b, &a0, 4);
+            memcpy(y[ib].qs + 4 * b + 2, &a1, 4);
+        }
+    }
+}
+
+static void quantize_row_iq2_xs(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq2_xs *y = (block_iq2_xs *)vy;
+    const iq_grid *g = &grids[G_IQ2_XS];
+    signed_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_signed_superblock(&spec_iq2_xs, g, x + ib * QK_K, imp + ib * QK_K, &st);
+        y[ib].d = st.d;
+        for (int k = 0; k < QK_K / 8; k++)
+            y[ib].qs[k] = (uint16_t)(st.pt[k] | (uint16_t)(sign_byte(st.neg + 8 * k) & 127) << 9);
+        for (int b = 0; b < QK_K / 32; b++) y[ib].scales[b] = (uint8_t)(st.l[2 * b] | st.l[2 * b + 1] << 4);
+    }
+}
+
+static void quantize_row_iq2_s(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq2_s *y = (block_iq2_s *)vy;
+    const iq_grid *g = &grids[G_IQ2_S];
+    signed_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_signed_superblock(&spec_iq2_s, g, x + ib * QK_K, imp + ib * QK_K, &st);
+        y[ib].d = st.d;
+        memset(y[ib].qh, 0, sizeof(y[ib].qh));
+        for (int k = 0; k < QK_K / 8; k++) {
+            y[ib].qs[k] = (uint8_t)(st.pt[k] & 255);
+            y[ib].qs[QK_K / 8 + k] = sign_byte(st.neg + 8 * k);
+            y[ib].qh[k / 4] |= (uint8_t)((st.pt[k] >> 8) << (2 * (k % 4)));
+        }
+        for (int b = 0; b < QK_K / 32; b++) y[ib].scales[b] = (uint8_t)(st.l[2 * b] | st.l[2 * b + 1] << 4);
+    }
+}
+
+static void quantize_row_iq3_xxs(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq3_xxs *y = (block_iq3_xxs *)vy;
+    const iq_grid *g = &grids[G_IQ3_XXS];
+    signed_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_signed_superblock(&spec_iq3_xxs, g, x + ib * QK_K, imp + ib * QK_K, &st);
+        y[ib].d = st.d;
+        for (int k = 0; k < QK_K / 4; k++) y[ib].qs[k] = (uint8_t)st.pt[k];
+        for (int b = 0; b < QK_K / 32; b++) {
+            uint32_t a1 = 0;
+            for (int k = 0; k < 4; k++) a1 |= (uint32_t)(sign_byte(st.neg + 32 * b + 8 * k) & 127) << (7 * k);
+            a1 |= (uint32_t)st.l[b] << 28;
+            memcpy(y[ib].qs + QK_K / 4 + 4 * b, &a1, 4);
+        }
+    }
+}
+
+static void quantize_row_iq3_s(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq3_s *y = (block_iq3_s *)vy;
+    const iq_grid *g = &grids[G_IQ3_S];
+    signed_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_signed_superblock(&spec_iq3_s, g, x + ib * QK_K, imp + ib * QK_K, &st);
+        y[ib].d = st.d;
+        memset(y[ib].qh, 0, sizeof(y[ib].qh));
+        for (int k = 0; k < QK_K / 4; k++) {
+            y[ib].qs[k] = (uint8_t)(st.pt[k] & 255);
+            y[ib].qh[k / 8] |= (uint8_t)((st.pt[k] >> 8) << (k % 8));
+        }
+        for (int k = 0; k < QK_K / 8; k++) y[ib].signs[k] = sign_byte(st.neg + 8 * k);
+        for (int b = 0; b < 4; b++) y[ib].scales[b] = (uint8_t)(st.l[2 * b] | st.l[2 * b + 1] << 4);
+    }
+}
+
+/* ---- decoding of the signed formats ---- */
+
+static inline void decode_group(const iq_grid *g, int p, float db, uint8_t signs, float *y) {
+    const float *v = g->val + (size_t)p * g->dim;
+    for (int i = 0; i < g->dim; i++) {
+        const float q = db * v[i];
+        y[i] = (signs >> i) & 1 ? -q : q;
+    }
+}
+
+/* the 8 sign bits of a 7-bit index with even parity */
+static inline uint8_t parity_signs(uint32_t s7) {
+    uint32_t p = s7 ^ (s7 >> 4);
+    p ^= p >> 2;
+    p ^= p >> 1;
+    return (uint8_t)(s7 | (p & 1) << 7);
+}
+
+static void dequantize_row_iq2_xxs(const void *vx, float *y, int64_t n) {
+    const block_iq2_xxs *x = (const block_iq2_xxs *)vx;
+    const iq_grid *g = &grids[G_IQ2_XXS];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        const float d = MP_FP16_TO_FP32(x[ib].d);
+        for (int b = 0; b < QK_K / 32; b++) {
+            uint32_t a0, a1;
+            memcpy(&a0, x[ib].qs + 4 * b, 4);
+            memcpy(&a1, x[ib].qs + 4 * b + 2, 4);
+            const float db = d * (0.5f + (float)(a1 >> 28)) * 0.25f;
+            for (int k = 0; k < 4; k++)
+                decode_group(g, (a0 >> (8 * k)) & 255, db, parity_signs((a1 >> (7 * k)) & 127), y + 32 * b + 8 * k);
+        }
+    }
+}
+
+static void dequantize_row_iq2_xs(const void *vx, float *y, int64_t n) {
+    const block_iq2_xs *x = (const block_iq2_xs *)vx;
+    const iq_grid *g = &grids[G_IQ2_XS];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        const float d = MP_FP16_TO_FP32(x[ib].d);
+        for (int k = 0; k < QK_K / 8; k++) {
+            const int l = (x[ib].scales[k / 4] >> (4 * ((k / 2) & 1))) & 15;
+            const float db = d * (0.5f + (float)l) * 0.25f;
+            decode_group(g, x[ib].qs[k] & 511, db, parity_signs(x[ib].qs[k] >> 9), y + 8 * k);
+        }
+    }
+}
+
+static void dequantize_row_iq2_s(const void *vx, float *y, int64_t n) {
+    const block_iq2_s *x = (const block_iq2_s *)vx;
+    const iq_grid *g = &grids[G_IQ2_S];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        const float d = MP_FP16_TO_FP32(x[ib].d);
+        for (int k = 0; k < QK_K / 8; k++) {
+            const int l = (x[ib].scales[k / 4] >> (4 * ((k / 2) & 1))) & 15;
+            const float db = d * (0.5f + (float)l) * 0.25f;
+            const int p = x[ib].qs[k] | ((x[ib].qh[k / 4] >> (2 * (k % 4))) & 3) << 8;
+            decode_group(g, p, db, x[ib].qs[QK_K / 8 + k], y + 8 * k);
+        }
+    }
+}
+
+static void dequantize_row_iq3_xxs(const void *vx, float *y, int64_t n) {
+    const block_iq3_xxs *x = (const block_iq3_xxs *)vx;
+    const iq_grid *g = &grids[G_IQ3_XXS];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        const float d = MP_FP16_TO_FP32(x[ib].d);
+        for (int b = 0; b < QK_K / 32; b++) {
+            uint32_t a1;
+            memcpy(&a1, x[ib].qs + QK_K / 4 + 4 * b, 4);
+            const float db = d * (0.5f + (float)(a1 >> 28)) * 0.5f;
+            for (int k = 0; k < 4; k++) {
+                const uint8_t s8 = parity_signs((a1 >> (7 * k)) & 127);
+                decode_group(g, x[ib].qs[8 * b + 2 * k], db, s8, y + 32 * b + 8 * k);
+                decode_group(g, x[ib].qs[8 * b + 2 * k + 1], db, (uint8_t)(s8 >> 4), y + 32 * b + 8 * k + 4);
+            }
+        }
+    }
+}
+
+static void dequantize_row_iq3_s(const void *vx, float *y, int64_t n) {
+    const block_iq3_s *x = (const block_iq3_s *)vx;
+    const iq_grid *g = &grids[G_IQ3_S];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        const float d = MP_FP16_TO_FP32(x[ib].d);
+        for (int b = 0; b < QK_K / 32; b++) {
+            const int l = (x[ib].scales[b / 2] >> (4 * (b & 1))) & 15;
+            const float db = d * (float)(1 + 2 * l);
+            for (int k = 0; k < 8; k++) {
+                const int gi = 8 * b + k;
+                const int p = x[ib].qs[gi] | ((x[ib].qh[b] >> k) & 1) << 8;
+                decode_group(g, p, db, (uint8_t)(x[ib].signs[gi / 2] >> (4 * (gi & 1))), y + 4 * gi);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
 const mp_format mp_formats_iq[] = {
+    {MP_IQ2_XXS, "IQ2_XXS", QK_K, sizeof(block_iq2_xxs), 1, quantize_row_iq2_xxs, dequantize_row_iq2_xxs},
+    {MP_IQ2_XS, "IQ2_XS", QK_K, sizeof(block_iq2_xs), 1, quantize_row_iq2_xs, dequantize_row_iq2_xs},
+    {MP_IQ2_S, "IQ2_S", QK_K, sizeof(block_iq2_s), 1, quantize_row_iq2_s, dequantize_row_iq2_s},
+    {MP_IQ3_XXS, "IQ3_XXS", QK_K, sizeof(block_iq3_xxs), 1, quantize_row_iq3_xxs, dequantize_row_iq3_xxs},
+    {MP_IQ3_S, "IQ3_S", QK_K, sizeof(block_iq3_s), 1, quantize_row_iq3_s, dequantize_row_iq3_s},
     MP_FORMAT_END,
 };
