@@ -35,6 +35,7 @@ typedef struct {
     float *val;        /* n * dim coordinate values */
     float *val2;       /* n * dim squared values */
     uint8_t *idx;      /* n * dim level indices */
+    uint8_t *half;     /* dim 8, 2-bit levels: per point the keys of coordinates 0-3 and 4-7 */
     int32_t *map;      /* key -> grid index, or -(1 + offset of the neighbour list in nbr) */
     uint16_t *nbr;     /* neighbour lists: count, then grid indices */
 } iq_grid;
@@ -84,7 +85,7 @@ int mp_iq_ready(int type) {
 }
 
 static void grid_free(iq_grid *g) {
-    free(g->val); free(g->val2); free(g->idx); free(g->map); free(g->nbr);
+    free(g->val); free(g->val2); free(g->idx); free(g->half); free(g->map); free(g->nbr);
     memset(g, 0, sizeof(*g));
 }
 
@@ -141,6 +142,19 @@ int mp_iq_set_grid(int type, const float *values, int64_t count) {
         }
         if (t.map[key] != INT32_MIN) { free(dist); grid_free(&t); return 2; } /* duplicate point */
         t.map[key] = p;
+    }
+    if (dim == 8 && t.bits == 2) {
+        t.half = malloc(2 * (size_t)n);
+        if (!t.half) { free(dist); grid_free(&t); return 3; }
+        for (int p = 0; p < n; p++) {
+            int lo = 0, hi = 0;
+            for (int i = 0; i < 4; i++) {
+                lo |= t.idx[p * 8 + i] << (2 * i);
+                hi |= t.idx[p * 8 + 4 + i] << (2 * i);
+            }
+            t.half[2 * p] = (uint8_t)lo;
+            t.half[2 * p + 1] = (uint8_t)hi;
+        }
     }
     /* neighbour lists of every off-grid key whose coordinates are valid level indices */
     const int nwant = grid_nwant(type);
@@ -207,6 +221,33 @@ static inline int grid_project(const iq_grid *g, const float *x, const float *w,
     const int cnt = list[0];
     int best = list[1];
     float best_err = FLT_MAX;
+    if (g->half && cnt > 12) {
+        /* long list: error of each half of the point from tables over the 81 level combinations
+         * of 4 coordinates, so that each candidate costs two loads and one add */
+        float e[8][3], pair[4][16], tab[2][256];
+        for (int i = 0; i < 8; i++)
+            for (int l = 0; l < 3; l++) {
+                const float dlt = x[i] - s * g->lev[l];
+                e[i][l] = w[i] * dlt * dlt;
+            }
+        for (int h = 0; h < 4; h++)
+            for (int a = 0; a < 3; a++)
+                for (int b = 0; b < 3; b++) pair[h][a | b << 2] = e[2 * h][a] + e[2 * h + 1][b];
+        for (int h = 0; h < 2; h++)
+            for (int a = 0; a < 11; a++) {
+                if ((a & 3) == 3) continue;
+                for (int b = 0; b < 11; b++) {
+                    if ((b & 3) == 3) continue;
+                    tab[h][a | b << 4] = pair[2 * h][a] + pair[2 * h + 1][b];
+                }
+            }
+        for (int j = 1; j <= cnt; j++) {
+            const uint8_t *hk = g->half + 2 * (size_t)list[j];
+            const float err = tab[0][hk[0]] + tab[1][hk[1]];
+            if (err < best_err) { best_err = err; best = list[j]; }
+        }
+        return best;
+    }
     for (int j = 1; j <= cnt; j++) {
         const float *v = g->val + (size_t)list[j] * dim;
         float e = 0.f;
@@ -428,7 +469,11 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
         int best_l = st->l[b];
         uint16_t cur[32];
         int best_flip[4], cur_flip[4];
-        const int l0 = st->l[b] > 0 ? st->l[b] - 1 : 0, l1 = st->l[b] < 15 ? st->l[b] + 1 : 15;
+        /* the chosen index and its neighbour on the side of the sub-block's own fitted scale */
+        const float lfit = 0.5f * (fit[b] / (d * sp->a) - 1.f);
+        int l0 = st->l[b], l1 = st->l[b];
+        if (lfit > (float)st->l[b]) l1 = l1 < 15 ? l1 + 1 : 15;
+        else l0 = l0 > 0 ? l0 - 1 : 0;
         for (int lb = l0; lb <= l1; lb++) {
             const float s = d * sp->a * (2 * lb + 1);
             float e = 0.f;
@@ -447,7 +492,7 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
                 float be = FLT_MAX;
                 int bf = flip[pk];
                 for (int f = 0; f < 8; f++) {
-                    if (ax[f] > 2.f * ax[flip[pk]] + s * g->lev[0] && f != flip[pk]) continue;
+                    if (f != flip[pk]) continue;
                     parity_targets(ax, f, t8);
                     const float ef = project_run(g, t8, w8, 8, s, p8);
                     if (ef < be) {
@@ -480,8 +525,8 @@ static inline uint8_t sign_byte(const uint8_t *neg) {
     return s;
 }
 
-static const signed_spec spec_iq2_xxs = {MP_IQ2_XXS, 32, 1, 1.f / 8.f, 19, 0.78f, 1.12f};
-static const signed_spec spec_iq2_xs = {MP_IQ2_XS, 16, 1, 1.f / 8.f, 19, 0.78f, 1.12f};
+static const signed_spec spec_iq2_xxs = {MP_IQ2_XXS, 32, 1, 1.f / 8.f, 7, 0.8f, 1.1f};
+static const signed_spec spec_iq2_xs = {MP_IQ2_XS, 16, 1, 1.f / 8.f, 11, 0.78f, 1.12f};
 static const signed_spec spec_iq2_s = {MP_IQ2_S, 16, 0, 1.f / 8.f, 19, 0.78f, 1.12f};
 static const signed_spec spec_iq3_xxs = {MP_IQ3_XXS, 32, 1, 1.f / 4.f, 31, 0.75f, 1.15f};
 static const signed_spec spec_iq3_s = {MP_IQ3_S, 32, 0, 1.f, 19, 0.8f, 1.12f};
