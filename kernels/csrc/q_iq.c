@@ -712,6 +712,233 @@ static void dequantize_row_iq3_s(const void *vx, float *y, int64_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* IQ1_S, IQ1_M: ternary codebook points shifted by +-1/8                                       */
+
+#define IQ1_DELTA 0.125f
+
+/* The exact best scale for levels {-1, 0, 1} + dl[i] (dl = +-1/8 per weight) when the grid is
+ * ignored: over the sorted weights, every split into a -1, a 0 and a +1 run, each with its least-
+ * squares scale. Returns the scale (0 when none is positive) and its score sumqx^2 / sumq2. */
+static float ternary_fit(const float *x, const float *w, const float *dl, int n, float *score) {
+    int order[32];
+    for (int i = 0; i < n; i++) {
+        int j = i;
+        while (j > 0 && x[order[j - 1]] > x[i]) { order[j] = order[j - 1]; j--; }
+        order[j] = i;
+    }
+    float W[33], WX[33], WD[33], dx = 0.f;
+    W[0] = WX[0] = WD[0] = 0.f;
+    for (int k = 0; k < n; k++) {
+        const int i = order[k];
+        W[k + 1] = W[k] + w[i];
+        WX[k + 1] = WX[k] + w[i] * x[i];
+        WD[k + 1] = WD[k] + w[i] * dl[i];
+        dx += w[i] * x[i] * dl[i];
+    }
+    const float wd2 = W[n] * (IQ1_DELTA * IQ1_DELTA);
+    float best = 0.f, scale = 0.f;
+    for (int i1 = 0; i1 <= n; i1++) {
+        const float qx_a = dx - WX[i1], q2_a = wd2 + W[i1] - 2.f * WD[i1];
+        for (int i2 = i1; i2 <= n; i2++) {
+            const float qx = qx_a + (WX[n] - WX[i2]);
+            const float q2 = q2_a + (W[n] - W[i2]) + 2.f * (WD[n] - WD[i2]);
+            if (qx > 0.f && q2 > 0.f && qx * qx > best * q2) { best = qx * qx / q2; scale = qx / q2; }
+        }
+    }
+    *score = best;
+    return scale;
+}
+
+typedef struct {
+    uint16_t pt[QK_K / 8];  /* grid point per group of 8 */
+    uint8_t dneg[QK_K / 8]; /* 1: the group's shift is -1/8 */
+    uint8_t l[QK_K / 16];
+    mp_half d;
+} ternary_state;
+
+/* project one group of 8 at scale s with shift dlt: returns the point and adds its error */
+static inline int ternary_group(const iq_grid *g, const float *x, const float *w, float s, float dlt, float *err) {
+    float t[8];
+    for (int i = 0; i < 8; i++) t[i] = x[i] - s * dlt;
+    const int p = grid_project(g, t, w, s);
+    *err += group_err(g, p, t, w, s);
+    return p;
+}
+
+/* sub: weights per scale (32 for IQ1_S, 16 for IQ1_M); group_shift: 1 when each group of 8 has its
+ * own shift sign (IQ1_M), 0 when the sub-block shares one (IQ1_S). */
+static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shift, const float *x, const float *imp,
+                                        ternary_state *st) {
+    const int nsub = QK_K / sub, ng = sub / 8;
+    float w[QK_K];
+    superblock_weights(x, imp, w);
+    float fit[QK_K / 16], sqx[QK_K / 16], sq2[QK_K / 16];
+    for (int b = 0; b < nsub; b++) {
+        const float *xb = x + b * sub, *wb = w + b * sub;
+        float mx = 0.f, wsum = 0.f;
+        for (int i = 0; i < sub; i++) { mx = fabsf(xb[i]) > mx ? fabsf(xb[i]) : mx; wsum += wb[i]; }
+        fit[b] = sqx[b] = sq2[b] = 0.f;
+        if (!(mx > 0.f) || !(wsum > 0.f)) continue;
+        /* shift signs: both for IQ1_S, all four pairs for IQ1_M's two groups */
+        const int ncombo = group_shift ? 1 << ng : 2;
+        float best = 0.f, bscale = 0.f, dl[32];
+        int bcombo = 0;
+        for (int c = 0; c < ncombo; c++) {
+            for (int i = 0; i < sub; i++) {
+                const int neg = group_shift ? (c >> (i / 8)) & 1 : c;
+                dl[i] = neg ? -IQ1_DELTA : IQ1_DELTA;
+            }
+            float sc;
+            const float sf = ternary_fit(xb, wb, dl, sub, &sc);
+            if (sf > 0.f && sc > best) { best = sc; bscale = sf; bcombo = c; }
+        }
+        if (!(bscale > 0.f)) continue;
+        /* on the grid at that scale, then the least-squares scale of the chosen points */
+        float a = 0.f, q = 0.f;
+        for (int k = 0; k < ng; k++) {
+            const int neg = group_shift ? (bcombo >> k) & 1 : bcombo;
+            const float dlt = neg ? -IQ1_DELTA : IQ1_DELTA;
+            float e = 0.f;
+            const int p = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, dlt, &e);
+            const float *v = g->val + (size_t)p * 8;
+            for (int i = 0; i < 8; i++) {
+                const float qv = v[i] + dlt;
+                a += wb[8 * k + i] * xb[8 * k + i] * qv;
+                q += wb[8 * k + i] * qv * qv;
+            }
+        }
+        if (a > 0.f && q > 0.f) { fit[b] = a / q; sqx[b] = a; sq2[b] = q; }
+    }
+    const float d = choose_superscale(nsub, fit, sqx, sq2, 1.f, 7, &st->d, st->l);
+    if (!(d > 0.f)) {
+        memset(st, 0, sizeof(*st));
+        st->d = MP_FP32_TO_FP16(0.f);
+        return;
+    }
+    float wone[32];
+    for (int i = 0; i < 32; i++) wone[i] = 1.f;
+    for (int b = 0; b < nsub; b++) {
+        const float *xb = x + b * sub, *wb = w + b * sub;
+        float wsum = 0.f;
+        for (int i = 0; i < sub; i++) wsum += wb[i];
+        if (!(wsum > 0.f)) wb = wone;
+        const int l0 = st->l[b] > 0 ? st->l[b] - 1 : 0, l1 = st->l[b] < 7 ? st->l[b] + 1 : 7;
+        float best_e = FLT_MAX;
+        for (int lb = l0; lb <= l1; lb++) {
+            const float s = d * (float)(2 * lb + 1);
+            uint16_t pt[4];
+            uint8_t neg[4];
+            float e_tot = 0.f;
+            if (group_shift) {
+                for (int k = 0; k < ng; k++) {
+                    float ep = 0.f, em = 0.f;
+                    const int pp = ternary_group(g, xb + 8 * k, wb + 8 * k, s, IQ1_DELTA, &ep);
+                    const int pm = ternary_group(g, xb + 8 * k, wb + 8 * k, s, -IQ1_DELTA, &em);
+                    neg[k] = em < ep;
+                    pt[k] = (uint16_t)(em < ep ? pm : pp);
+                    e_tot += em < ep ? em : ep;
+                }
+            } else {
+                float e2[2];
+                uint16_t p2[2][4];
+                for (int sg = 0; sg < 2; sg++) {
+                    e2[sg] = 0.f;
+                    for (int k = 0; k < ng; k++)
+                        p2[sg][k] = (uint16_t)ternary_group(g, xb + 8 * k, wb + 8 * k, s, sg ? -IQ1_DELTA : IQ1_DELTA, &e2[sg]);
+                }
+                const int sg = e2[1] < e2[0];
+                for (int k = 0; k < ng; k++) { pt[k] = p2[sg][k]; neg[k] = (uint8_t)sg; }
+                e_tot = e2[sg];
+            }
+            if (e_tot < best_e) {
+                best_e = e_tot;
+                st->l[b] = (uint8_t)lb;
+                memcpy(st->pt + b * ng, pt, sizeof(uint16_t) * (size_t)ng);
+                memcpy(st->dneg + b * ng, neg, (size_t)ng);
+            }
+        }
+    }
+}
+
+static void quantize_row_iq1_s(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq1_s *y = (block_iq1_s *)vy;
+    const iq_grid *g = &grids[G_IQ1_S];
+    ternary_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_ternary_superblock(g, 32, 0, x + ib * QK_K, imp + ib * QK_K, &st);
+        y[ib].d = st.d;
+        for (int b = 0; b < QK_K / 32; b++) {
+            uint16_t h = (uint16_t)(st.l[b] << 12 | st.dneg[4 * b] << 15);
+            for (int k = 0; k < 4; k++) {
+                y[ib].qs[4 * b + k] = (uint8_t)(st.pt[4 * b + k] & 255);
+                h |= (uint16_t)((st.pt[4 * b + k] >> 8) << (3 * k));
+            }
+            y[ib].qh[b] = h;
+        }
+    }
+}
+
+static void quantize_row_iq1_m(const float *x, void *vy, int64_t n, const float *imp) {
+    block_iq1_m *y = (block_iq1_m *)vy;
+    const iq_grid *g = &grids[G_IQ1_M];
+    ternary_state st;
+    for (int64_t ib = 0; ib < n / QK_K; ib++) {
+        quantize_ternary_superblock(g, 16, 1, x + ib * QK_K, imp + ib * QK_K, &st);
+        for (int k = 0; k < QK_K / 8; k++) y[ib].qs[k] = (uint8_t)(st.pt[k] & 255);
+        for (int j = 0; j < QK_K / 16; j++) {
+            const int lo = (st.pt[2 * j] >> 8) | st.dneg[2 * j] << 3;
+            const int hi = (st.pt[2 * j + 1] >> 8) | st.dneg[2 * j + 1] << 3;
+            y[ib].qh[j] = (uint8_t)(lo | hi << 4);
+        }
+        /* four 16-bit words: 3-bit indices of sub-blocks 4i..4i+3, the fp16 d's nibble i on top */
+        for (int i = 0; i < 4; i++) {
+            uint16_t sc = (uint16_t)(((st.d >> (4 * i)) & 15) << 12);
+            for (int k = 0; k < 4; k++) sc |= (uint16_t)(st.l[4 * i + k] << (3 * k));
+            memcpy(y[ib].scales + 2 * i, &sc, 2);
+        }
+    }
+}
+
+static inline void decode_ternary(const iq_grid *g, int p, float dl, float dlt, float *y) {
+    const float *v = g->val + (size_t)p * 8;
+    for (int i = 0; i < 8; i++) y[i] = dl * (v[i] + dlt);
+}
+
+static void dequantize_row_iq1_s(const void *vx, float *y, int64_t n) {
+    const block_iq1_s *x = (const block_iq1_s *)vx;
+    const iq_grid *g = &grids[G_IQ1_S];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        const float d = MP_FP16_TO_FP32(x[ib].d);
+        for (int b = 0; b < QK_K / 32; b++) {
+            const uint16_t h = x[ib].qh[b];
+            const float dl = d * (float)(2 * ((h >> 12) & 7) + 1);
+            const float dlt = h & 0x8000 ? -IQ1_DELTA : IQ1_DELTA;
+            for (int k = 0; k < 4; k++)
+                decode_ternary(g, x[ib].qs[4 * b + k] | ((h >> (3 * k)) & 7) << 8, dl, dlt, y + 32 * b + 8 * k);
+        }
+    }
+}
+
+static void dequantize_row_iq1_m(const void *vx, float *y, int64_t n) {
+    const block_iq1_m *x = (const block_iq1_m *)vx;
+    const iq_grid *g = &grids[G_IQ1_M];
+    for (int64_t ib = 0; ib < n / QK_K; ib++, y += QK_K) {
+        uint16_t sc[4];
+        memcpy(sc, x[ib].scales, 8);
+        const mp_half dh = (mp_half)((sc[0] >> 12) | (sc[1] >> 12) << 4 | (sc[2] >> 12) << 8 | (sc[3] >> 12) << 12);
+        const float d = MP_FP16_TO_FP32(dh);
+        for (int j = 0; j < QK_K / 16; j++) {
+            const float dl = d * (float)(2 * ((sc[j / 4] >> (3 * (j % 4))) & 7) + 1);
+            for (int h = 0; h < 2; h++) {
+                const int nib = (x[ib].qh[j] >> (4 * h)) & 15;
+                const int k = 2 * j + h;
+                decode_ternary(g, x[ib].qs[k] | (nib & 7) << 8, dl, nib & 8 ? -IQ1_DELTA : IQ1_DELTA, y + 8 * k);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 
 const mp_format mp_formats_iq[] = {
     {MP_IQ2_XXS, "IQ2_XXS", QK_K, sizeof(block_iq2_xxs), 1, quantize_row_iq2_xxs, dequantize_row_iq2_xxs},
@@ -719,5 +946,7 @@ const mp_format mp_formats_iq[] = {
     {MP_IQ2_S, "IQ2_S", QK_K, sizeof(block_iq2_s), 1, quantize_row_iq2_s, dequantize_row_iq2_s},
     {MP_IQ3_XXS, "IQ3_XXS", QK_K, sizeof(block_iq3_xxs), 1, quantize_row_iq3_xxs, dequantize_row_iq3_xxs},
     {MP_IQ3_S, "IQ3_S", QK_K, sizeof(block_iq3_s), 1, quantize_row_iq3_s, dequantize_row_iq3_s},
+    {MP_IQ1_S, "IQ1_S", QK_K, sizeof(block_iq1_s), 1, quantize_row_iq1_s, dequantize_row_iq1_s},
+    {MP_IQ1_M, "IQ1_M", QK_K, sizeof(block_iq1_m), 1, quantize_row_iq1_m, dequantize_row_iq1_m},
     MP_FORMAT_END,
 };
