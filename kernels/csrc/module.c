@@ -371,6 +371,7 @@ static PyObject *py_set_grid(PyObject *self, PyObject *args) {
     if (rc == 1) return PyErr_Format(PyExc_ValueError, "ggml type %d has no codebook of %zd float32 values", type, count);
     if (rc == 2) return PyErr_Format(PyExc_ValueError, "ggml type %d: grid values are not a set of at most 8 levels", type);
     if (rc == 3) return PyErr_NoMemory();
+    if (rc == 4) return PyErr_Format(PyExc_ValueError, "ggml type %d already has a different grid", type);
     Py_RETURN_NONE;
 }
 

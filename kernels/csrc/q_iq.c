@@ -91,7 +91,9 @@ static void grid_free(iq_grid *g) {
 
 /* Install the codebook of `type` from n*dim float32 coordinates (in the units the format decodes
  * with). Returns 0 on success, 1 when the shape is wrong, 2 when the values are not a small level
- * set, 3 when out of memory. Idempotent for identical input; not safe while the same type quantizes. */
+ * set, 3 when out of memory, 4 when a different grid is already installed (a grid never changes
+ * once set, so quantizing threads never see it change). Not thread-safe against itself: callers
+ * serialize (kernels/iq_grids.py holds a lock and the GIL). */
 int mp_iq_set_grid(int type, const float *values, int64_t count) {
     const int s = grid_slot(type);
     int n, dim;
@@ -100,8 +102,8 @@ int mp_iq_set_grid(int type, const float *values, int64_t count) {
     iq_grid *g = &grids[s];
     if (g->ready) {
         for (int64_t i = 0; i < count; i++)
-            if (g->val[i] != values[i]) { grid_free(g); break; }
-        if (g->ready) return 0;
+            if (g->val[i] != values[i]) return 4;
+        return 0;
     }
     iq_grid t;
     memset(&t, 0, sizeof(t));
