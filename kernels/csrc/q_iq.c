@@ -21,6 +21,7 @@
 
 #include "moeplan.h"
 
+
 /* ------------------------------------------------------------------------------------------ */
 /* grids                                                                                        */
 
@@ -74,7 +75,7 @@ static void grid_shape(int type, int *n, int *dim) {
 static int grid_nwant(int type) {
     switch (type) {
     case MP_IQ2_S: return 1;
-    case MP_IQ1_S: case MP_IQ1_M: return 3;
+    case MP_IQ1_S: case MP_IQ1_M: return 2;
     default: return 2;
     }
 }
@@ -718,34 +719,39 @@ static void dequantize_row_iq3_s(const void *vx, float *y, int64_t n) {
 
 #define IQ1_DELTA 0.125f
 
-/* The exact best scale for levels {-1, 0, 1} + dl[i] (dl = +-1/8 per weight) when the grid is
- * ignored: over the sorted weights, every split into a -1, a 0 and a +1 run, each with its least-
- * squares scale. Returns the scale (0 when none is positive) and its score sumqx^2 / sumq2. */
-static float ternary_fit(const float *x, const float *w, const float *dl, int n, float *score) {
-    int order[32];
-    for (int i = 0; i < n; i++) {
-        int j = i;
-        while (j > 0 && x[order[j - 1]] > x[i]) { order[j] = order[j - 1]; j--; }
-        order[j] = i;
-    }
-    float W[33], WX[33], WD[33], dx = 0.f;
-    W[0] = WX[0] = WD[0] = 0.f;
+/* The exact best scale for the levels {-1, 0, 1} + dlt (dlt = +-1/8) when the grid is ignored.
+ * At the optimum every weight sits at its nearest level for the scale s, and as s grows from 0 the
+ * nearest-level assignment changes one weight at a time (weight i leaves +-1 for 0 once
+ * s > |x_i| / (1/2 + dlt sign(x_i))); so walking those n events visits the optimum. by_abs: the
+ * weights in order of |x|, which splits into two runs already in event order (one per divisor).
+ * Returns the scale (0 when none is positive) and its score sumqx^2 / sumq2. */
+static float ternary_fit(const float *x, const float *w, float dlt, int n, const int *by_abs, float *score) {
+    int run_a[33], run_b[33], na = 0, nb = 0;
+    float key_a[33], key_b[33];
+    const float ca = 1.f / (0.5f + IQ1_DELTA), cb = 1.f / (0.5f - IQ1_DELTA);
+    float qx = 0.f, q2 = 0.f;
     for (int k = 0; k < n; k++) {
-        const int i = order[k];
-        W[k + 1] = W[k] + w[i];
-        WX[k + 1] = WX[k] + w[i] * x[i];
-        WD[k + 1] = WD[k] + w[i] * dl[i];
-        dx += w[i] * x[i] * dl[i];
+        const int i = by_abs[k];
+        const float sg = x[i] < 0.f ? -1.f : 1.f;
+        if (sg * dlt > 0.f) { run_a[na] = i; key_a[na++] = fabsf(x[i]) * ca; }
+        else { run_b[nb] = i; key_b[nb++] = fabsf(x[i]) * cb; }
+        const float q = sg + dlt;
+        qx += w[i] * x[i] * q;
+        q2 += w[i] * q * q;
     }
-    const float wd2 = W[n] * (IQ1_DELTA * IQ1_DELTA);
+    key_a[na] = key_b[nb] = FLT_MAX;
     float best = 0.f, scale = 0.f;
-    for (int i1 = 0; i1 <= n; i1++) {
-        const float qx_a = dx - WX[i1], q2_a = wd2 + W[i1] - 2.f * WD[i1];
-        for (int i2 = i1; i2 <= n; i2++) {
-            const float qx = qx_a + (WX[n] - WX[i2]);
-            const float q2 = q2_a + (W[n] - W[i2]) + 2.f * (WD[n] - WD[i2]);
-            if (qx > 0.f && q2 > 0.f && qx * qx > best * q2) { best = qx * qx / q2; scale = qx / q2; }
-        }
+    if (qx > 0.f && q2 > 0.f) { best = qx * qx / q2; scale = qx / q2; }
+    int ia = 0, ib = 0;
+    for (int k = 0; k < n; k++) {
+        int i;
+        float kc;
+        if (key_a[ia] <= key_b[ib]) { kc = key_a[ia]; i = run_a[ia++]; }
+        else { kc = key_b[ib]; i = run_b[ib++]; }
+        qx -= w[i] * fabsf(x[i]);
+        q2 -= w[i] * (1.f + 2.f * (x[i] < 0.f ? -dlt : dlt));
+        if (fminf(key_a[ia], key_b[ib]) == kc) continue; /* ties move together */
+        if (qx > 0.f && q2 > 0.f && qx * qx > best * q2) { best = qx * qx / q2; scale = qx / q2; }
     }
     *score = best;
     return scale;
@@ -775,33 +781,40 @@ static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shi
     float w[QK_K];
     superblock_weights(x, imp, w);
     float fit[QK_K / 16], sqx[QK_K / 16], sq2[QK_K / 16];
+    int combo[QK_K / 16];
     for (int b = 0; b < nsub; b++) {
         const float *xb = x + b * sub, *wb = w + b * sub;
         float mx = 0.f, wsum = 0.f;
         for (int i = 0; i < sub; i++) { mx = fabsf(xb[i]) > mx ? fabsf(xb[i]) : mx; wsum += wb[i]; }
         fit[b] = sqx[b] = sq2[b] = 0.f;
+        combo[b] = 0;
         if (!(mx > 0.f) || !(wsum > 0.f)) continue;
-        /* shift signs: both for IQ1_S, all four pairs for IQ1_M's two groups */
-        const int ncombo = group_shift ? 1 << ng : 2;
-        float best = 0.f, bscale = 0.f, dl[32];
-        int bcombo = 0;
-        for (int c = 0; c < ncombo; c++) {
-            for (int i = 0; i < sub; i++) {
-                const int neg = group_shift ? (c >> (i / 8)) & 1 : c;
-                dl[i] = neg ? -IQ1_DELTA : IQ1_DELTA;
-            }
-            float sc;
-            const float sf = ternary_fit(xb, wb, dl, sub, &sc);
-            if (sf > 0.f && sc > best) { best = sc; bscale = sf; bcombo = c; }
+        /* the sub-block's scale and shift sign without the grid */
+        int by_abs[32];
+        for (int i = 0; i < sub; i++) {
+            int j = i;
+            while (j > 0 && fabsf(xb[by_abs[j - 1]]) > fabsf(xb[i])) { by_abs[j] = by_abs[j - 1]; j--; }
+            by_abs[j] = i;
         }
+        float sc_p, sc_m;
+        const float s_p = ternary_fit(xb, wb, IQ1_DELTA, sub, by_abs, &sc_p);
+        const float s_m = ternary_fit(xb, wb, -IQ1_DELTA, sub, by_abs, &sc_m);
+        const float bscale = sc_m > sc_p ? s_m : s_p;
+        int bcombo = sc_m > sc_p;
         if (!(bscale > 0.f)) continue;
+        if (group_shift) bcombo = bcombo ? (1 << ng) - 1 : 0; /* IQ1_M: bit k = group k's shift is negative */
         /* on the grid at that scale, then the least-squares scale of the chosen points */
         float a = 0.f, q = 0.f;
         for (int k = 0; k < ng; k++) {
-            const int neg = group_shift ? (bcombo >> k) & 1 : bcombo;
-            const float dlt = neg ? -IQ1_DELTA : IQ1_DELTA;
+            int neg = group_shift ? (bcombo >> k) & 1 : bcombo;
             float e = 0.f;
-            const int p = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, dlt, &e);
+            int p = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, neg ? -IQ1_DELTA : IQ1_DELTA, &e);
+            if (group_shift) { /* IQ1_M: each group takes its better shift */
+                float e2 = 0.f;
+                const int p2 = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, neg ? IQ1_DELTA : -IQ1_DELTA, &e2);
+                if (e2 < e) { p = p2; neg = !neg; bcombo ^= 1 << k; }
+            }
+            const float dlt = neg ? -IQ1_DELTA : IQ1_DELTA;
             const float *v = g->val + (size_t)p * 8;
             for (int i = 0; i < 8; i++) {
                 const float qv = v[i] + dlt;
@@ -809,6 +822,7 @@ static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shi
                 q += wb[8 * k + i] * qv * qv;
             }
         }
+        combo[b] = bcombo;
         if (a > 0.f && q > 0.f) { fit[b] = a / q; sqx[b] = a; sq2[b] = q; }
     }
     const float d = choose_superscale(nsub, fit, sqx, sq2, 1.f, 7, &st->d, st->l);
@@ -817,6 +831,9 @@ static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shi
         st->d = MP_FP32_TO_FP16(0.f);
         return;
     }
+    /* final: each sub-block at its quantized scale and the neighbouring index on the side of its
+     * own fit; the shift found by the search, or the other one where that fits the same points
+     * better (then the points are searched again for it) */
     float wone[32];
     for (int i = 0; i < 32; i++) wone[i] = 1.f;
     for (int b = 0; b < nsub; b++) {
@@ -824,34 +841,48 @@ static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shi
         float wsum = 0.f;
         for (int i = 0; i < sub; i++) wsum += wb[i];
         if (!(wsum > 0.f)) wb = wone;
-        const int l0 = st->l[b] > 0 ? st->l[b] - 1 : 0, l1 = st->l[b] < 7 ? st->l[b] + 1 : 7;
+        const float lfit = 0.5f * (fit[b] / d - 1.f);
+        int l0 = st->l[b], l1 = st->l[b];
+        if (lfit > (float)st->l[b]) l1 = l1 < 7 ? l1 + 1 : 7;
+        else l0 = l0 > 0 ? l0 - 1 : 0;
         float best_e = FLT_MAX;
         for (int lb = l0; lb <= l1; lb++) {
             const float s = d * (float)(2 * lb + 1);
             uint16_t pt[4];
             uint8_t neg[4];
-            float e_tot = 0.f;
-            if (group_shift) {
-                for (int k = 0; k < ng; k++) {
-                    float ep = 0.f, em = 0.f;
-                    const int pp = ternary_group(g, xb + 8 * k, wb + 8 * k, s, IQ1_DELTA, &ep);
-                    const int pm = ternary_group(g, xb + 8 * k, wb + 8 * k, s, -IQ1_DELTA, &em);
-                    neg[k] = em < ep;
-                    pt[k] = (uint16_t)(em < ep ? pm : pp);
-                    e_tot += em < ep ? em : ep;
+            float e_run[4], e_alt[4];
+            for (int k = 0; k < ng; k++) {
+                neg[k] = group_shift ? (combo[b] >> k) & 1 : combo[b] & 1;
+                e_run[k] = 0.f;
+                pt[k] = (uint16_t)ternary_group(g, xb + 8 * k, wb + 8 * k, s, neg[k] ? -IQ1_DELTA : IQ1_DELTA, &e_run[k]);
+                /* the same point with the other shift */
+                const float *v = g->val + (size_t)pt[k] * 8;
+                const float alt = neg[k] ? IQ1_DELTA : -IQ1_DELTA;
+                e_alt[k] = 0.f;
+                for (int i = 0; i < 8; i++) {
+                    const float dlt = xb[8 * k + i] - s * (v[i] + alt);
+                    e_alt[k] += wb[8 * k + i] * dlt * dlt;
                 }
-            } else {
-                float e2[2];
-                uint16_t p2[2][4];
-                for (int sg = 0; sg < 2; sg++) {
-                    e2[sg] = 0.f;
-                    for (int k = 0; k < ng; k++)
-                        p2[sg][k] = (uint16_t)ternary_group(g, xb + 8 * k, wb + 8 * k, s, sg ? -IQ1_DELTA : IQ1_DELTA, &e2[sg]);
-                }
-                const int sg = e2[1] < e2[0];
-                for (int k = 0; k < ng; k++) { pt[k] = p2[sg][k]; neg[k] = (uint8_t)sg; }
-                e_tot = e2[sg];
             }
+            /* IQ1_M decides per group, IQ1_S per sub-block */
+            for (int k = 0; k < (group_shift ? ng : 1); k++) {
+                const int k0 = group_shift ? k : 0, k1 = group_shift ? k + 1 : ng;
+                float cur = 0.f, alt = 0.f;
+                for (int j = k0; j < k1; j++) { cur += e_run[j]; alt += e_alt[j]; }
+                if (!(alt < cur)) continue;
+                float e_new[4];
+                uint16_t p_new[4];
+                float tot = 0.f;
+                for (int j = k0; j < k1; j++) {
+                    e_new[j] = 0.f;
+                    p_new[j] = (uint16_t)ternary_group(g, xb + 8 * j, wb + 8 * j, s, neg[j] ? IQ1_DELTA : -IQ1_DELTA, &e_new[j]);
+                    tot += e_new[j];
+                }
+                if (tot < cur)
+                    for (int j = k0; j < k1; j++) { pt[j] = p_new[j]; neg[j] ^= 1; e_run[j] = e_new[j]; }
+            }
+            float e_tot = 0.f;
+            for (int k = 0; k < ng; k++) e_tot += e_run[k];
             if (e_tot < best_e) {
                 best_e = e_tot;
                 st->l[b] = (uint8_t)lb;
