@@ -13,8 +13,8 @@
  * list of grid neighbours) and the scale is refitted by weighted least squares. Then the fp16
  * super-scale d and the 3/4-bit sub-block scale indices are chosen together to minimise the
  * weighted error of the fitted points, and every group is projected again at its final quantized
- * scale (this also re-chooses which weight takes the wrong sign in formats whose signs must have
- * even parity).
+ * scale (trying the neighbouring scale index too). IQ1's sub-block scale and shift come from an
+ * exact ternary least-squares fit before the grid is consulted.
  */
 #include <float.h>
 #include <stdlib.h>
@@ -369,12 +369,6 @@ typedef struct {
     mp_half d;
 } signed_state;
 
-/* Targets of one parity group of 8 with weight `flip` taking the wrong sign (-1: none). */
-static inline void parity_targets(const float *ax, int flip, float *t) {
-    for (int i = 0; i < 8; i++) t[i] = ax[i];
-    if (flip >= 0) t[flip] = -ax[flip];
-}
-
 /* Project the groups of `n` weights (targets t) at scale s; returns the weighted error, fills pts. */
 static inline float project_run(const iq_grid *g, const float *t, const float *w, int n, float s, uint16_t *pts) {
     float e = 0.f;
@@ -397,7 +391,8 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
         st->neg[i] = x[i] < 0.f;
         t[i] = st->ax[i];
     }
-    /* first choice of the wrong-signed weight per parity group: the cheapest w |x| */
+    /* formats with even sign parity: in a group of 8 with an odd number of negative weights, the
+     * weight of least w |x| is quantized with the wrong sign (as target -|x|) */
     for (int k = 0; k < QK_K / 8; k++) {
         flip[k] = -1;
         if (!sp->parity) continue;
@@ -459,66 +454,32 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
         st->d = MP_FP32_TO_FP16(0.f);
         return;
     }
-    /* final: each sub-block at its quantized scale (and the neighbouring indices); parity groups
-     * also re-choose their wrong-signed weight among the few cheapest */
+    /* final: each sub-block at its quantized scale index, or the neighbouring index on the side of
+     * its own fitted scale when the points found there fit better */
     float wone[32];
     for (int i = 0; i < 32; i++) wone[i] = 1.f;
     for (int b = 0; b < nsub; b++) {
-        const float *wb = st->w + b * sub;
+        const float *tb = t + b * sub, *wb = st->w + b * sub;
         float wsum = 0.f;
         for (int i = 0; i < sub; i++) wsum += wb[i];
         if (!(wsum > 0.f)) wb = wone;
-        float best_e = FLT_MAX;
-        int best_l = st->l[b];
-        uint16_t cur[32];
-        int best_flip[4], cur_flip[4];
-        /* the chosen index and its neighbour on the side of the sub-block's own fitted scale */
         const float lfit = 0.5f * (fit[b] / (d * sp->a) - 1.f);
         int l0 = st->l[b], l1 = st->l[b];
         if (lfit > (float)st->l[b]) l1 = l1 < 15 ? l1 + 1 : 15;
         else l0 = l0 > 0 ? l0 - 1 : 0;
+        float best_e = FLT_MAX;
         for (int lb = l0; lb <= l1; lb++) {
-            const float s = d * sp->a * (2 * lb + 1);
-            float e = 0.f;
-            for (int k8 = 0; k8 < sub; k8 += 8) {
-                const int pk = (b * sub + k8) / 8;
-                const float *ax = st->ax + b * sub + k8, *w8 = wb + k8;
-                float t8[8];
-                uint16_t p8[2];
-                if (flip[pk] < 0) {
-                    parity_targets(ax, -1, t8);
-                    e += project_run(g, t8, w8, 8, s, cur + k8 / dim);
-                    cur_flip[k8 / 8] = -1;
-                    continue;
-                }
-                /* odd parity: try every weight as the wrong-signed one, cheapest |x| first */
-                float be = FLT_MAX;
-                int bf = flip[pk];
-                for (int f = 0; f < 8; f++) {
-                    if (f != flip[pk]) continue;
-                    parity_targets(ax, f, t8);
-                    const float ef = project_run(g, t8, w8, 8, s, p8);
-                    if (ef < be) {
-                        be = ef; bf = f;
-                        memcpy(cur + k8 / dim, p8, sizeof(uint16_t) * (size_t)(8 / dim));
-                    }
-                }
-                e += be;
-                cur_flip[k8 / 8] = bf;
-            }
+            const float e = project_run(g, tb, wb, sub, d * sp->a * (2 * lb + 1), pts);
             if (e < best_e) {
-                best_e = e; best_l = lb;
-                memcpy(st->pt + b * sub / dim, cur, sizeof(uint16_t) * (size_t)(sub / dim));
-                memcpy(best_flip, cur_flip, sizeof(int) * (size_t)(sub / 8));
+                best_e = e;
+                st->l[b] = (uint8_t)lb;
+                memcpy(st->pt + b * sub / dim, pts, sizeof(uint16_t) * (size_t)(sub / dim));
             }
         }
-        st->l[b] = (uint8_t)best_l;
-        if (sp->parity)
-            for (int k8 = 0; k8 < sub / 8; k8++) {
-                const int pk = b * sub / 8 + k8;
-                if (flip[pk] >= 0) st->neg[8 * pk + best_flip[k8]] ^= 1;
-            }
     }
+    /* the wrong-signed weight of each odd parity group is stored with the sign it was quantized with */
+    for (int k = 0; k < QK_K / 8; k++)
+        if (flip[k] >= 0) st->neg[8 * k + flip[k]] ^= 1;
 }
 
 /* sign bits of 8 weights as a byte (bit i = weight i negative) */
@@ -528,11 +489,11 @@ static inline uint8_t sign_byte(const uint8_t *neg) {
     return s;
 }
 
-static const signed_spec spec_iq2_xxs = {MP_IQ2_XXS, 32, 1, 1.f / 8.f, 7, 0.8f, 1.1f};
+static const signed_spec spec_iq2_xxs = {MP_IQ2_XXS, 32, 1, 1.f / 8.f, 9, 0.78f, 1.12f};
 static const signed_spec spec_iq2_xs = {MP_IQ2_XS, 16, 1, 1.f / 8.f, 11, 0.78f, 1.12f};
-static const signed_spec spec_iq2_s = {MP_IQ2_S, 16, 0, 1.f / 8.f, 19, 0.78f, 1.12f};
-static const signed_spec spec_iq3_xxs = {MP_IQ3_XXS, 32, 1, 1.f / 4.f, 31, 0.75f, 1.15f};
-static const signed_spec spec_iq3_s = {MP_IQ3_S, 32, 0, 1.f, 19, 0.8f, 1.12f};
+static const signed_spec spec_iq2_s = {MP_IQ2_S, 16, 0, 1.f / 8.f, 9, 0.78f, 1.12f};
+static const signed_spec spec_iq3_xxs = {MP_IQ3_XXS, 32, 1, 1.f / 4.f, 9, 0.75f, 1.15f};
+static const signed_spec spec_iq3_s = {MP_IQ3_S, 32, 0, 1.f, 9, 0.8f, 1.12f};
 
 static void quantize_row_iq2_xxs(const float *x, void *vy, int64_t n, const float *imp) {
     block_iq2_xxs *y = (block_iq2_xxs *)vy;
