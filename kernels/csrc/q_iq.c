@@ -410,7 +410,7 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
     }
     const float top = g->lev[g->nlev - 1];
     float fit[QK_K / 16], sqx[QK_K / 16], sq2[QK_K / 16];
-    uint16_t pts[32], best_pts[32];
+    uint16_t pts[32];
     for (int b = 0; b < nsub; b++) {
         const float *tb = t + b * sub, *wb = st->w + b * sub;
         float mx = 0.f, wsum = 0.f;
@@ -423,16 +423,12 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
             const float r = sp->lo + (sp->hi - sp->lo) * (float)c / (float)(sp->ncand - 1);
             const float s = mx / (r * top);
             float a = 0.f, q = 0.f;
-            for (int k = 0; k < sub; k += dim) {
-                const int p = grid_project(g, tb + k, wb + k, s);
-                pts[k / dim] = (uint16_t)p;
-                group_sums(g, p, tb + k, wb + k, &a, &q);
-            }
+            for (int k = 0; k < sub; k += dim)
+                group_sums(g, grid_project(g, tb + k, wb + k, s), tb + k, wb + k, &a, &q);
             if (q > 0.f && a > 0.f && (!have || a * a > best * q)) {
                 have = 1;
                 best = a * a / q;
                 fit[b] = a / q; sqx[b] = a; sq2[b] = q;
-                memcpy(best_pts, pts, sizeof(uint16_t) * (size_t)(sub / dim));
             }
         }
         if (!have) continue;
