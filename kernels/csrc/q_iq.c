@@ -39,6 +39,7 @@ typedef struct {
     uint8_t *half;     /* dim 8, 2-bit levels: per point the keys of coordinates 0-3 and 4-7 */
     int32_t *map;      /* key -> grid index, or -(1 + offset of the neighbour list in nbr) */
     uint16_t *nbr;     /* neighbour lists: count, then grid indices */
+    uint8_t *nbr_half; /* with half: the two half keys of each nbr entry, at twice its offset */
 } iq_grid;
 
 enum { G_IQ2_XXS, G_IQ2_XS, G_IQ2_S, G_IQ3_XXS, G_IQ3_S, G_IQ1_S, G_IQ1_M, G_COUNT };
@@ -86,7 +87,7 @@ int mp_iq_ready(int type) {
 }
 
 static void grid_free(iq_grid *g) {
-    free(g->val); free(g->val2); free(g->idx); free(g->half); free(g->map); free(g->nbr);
+    free(g->val); free(g->val2); free(g->idx); free(g->half); free(g->map); free(g->nbr); free(g->nbr_half);
     memset(g, 0, sizeof(*g));
 }
 
@@ -201,6 +202,19 @@ int mp_iq_set_grid(int type, const float *values, int64_t count) {
     }
     free(dist);
     free(hist);
+    if (t.half) {
+        t.nbr_half = malloc(2 * used);
+        if (!t.nbr_half) { grid_free(&t); return 3; }
+        for (size_t o = 0; o < used;) {
+            const int cnt = t.nbr[o];
+            t.nbr_half[2 * o] = t.nbr_half[2 * o + 1] = 0;
+            for (int j = 1; j <= cnt; j++) {
+                t.nbr_half[2 * (o + j)] = t.half[2 * t.nbr[o + j]];
+                t.nbr_half[2 * (o + j) + 1] = t.half[2 * t.nbr[o + j] + 1];
+            }
+            o += (size_t)cnt + 1;
+        }
+    }
     t.ready = 1;
     *g = t;
     return 0;
@@ -244,12 +258,13 @@ static inline int grid_project(const iq_grid *g, const float *x, const float *w,
                     tab[h][a | b << 4] = pair[2 * h][a] + pair[2 * h + 1][b];
                 }
             }
+        const uint8_t *hk = g->nbr_half + 2 * (size_t)(-m - 1);
+        int bj = 1;
         for (int j = 1; j <= cnt; j++) {
-            const uint8_t *hk = g->half + 2 * (size_t)list[j];
-            const float err = tab[0][hk[0]] + tab[1][hk[1]];
-            if (err < best_err) { best_err = err; best = list[j]; }
+            const float err = tab[0][hk[2 * j]] + tab[1][hk[2 * j + 1]];
+            if (err < best_err) { best_err = err; bj = j; }
         }
-        return best;
+        return list[bj];
     }
     for (int j = 1; j <= cnt; j++) {
         const float *v = g->val + (size_t)list[j] * dim;
