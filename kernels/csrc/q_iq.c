@@ -782,10 +782,21 @@ static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shi
             int neg = group_shift ? (bcombo >> k) & 1 : bcombo;
             float e = 0.f;
             int p = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, neg ? -IQ1_DELTA : IQ1_DELTA, &e);
-            if (group_shift) { /* IQ1_M: each group takes its better shift */
-                float e2 = 0.f;
-                const int p2 = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, neg ? IQ1_DELTA : -IQ1_DELTA, &e2);
-                if (e2 < e) { p = p2; neg = !neg; bcombo ^= 1 << k; }
+            if (group_shift) {
+                /* IQ1_M: each group takes its better shift; searched again only when the other
+                 * shift already fits the same point better */
+                const float *v = g->val + (size_t)p * 8;
+                const float alt = neg ? IQ1_DELTA : -IQ1_DELTA;
+                float ea = 0.f;
+                for (int i = 0; i < 8; i++) {
+                    const float r = xb[8 * k + i] - bscale * (v[i] + alt);
+                    ea += wb[8 * k + i] * r * r;
+                }
+                if (ea < e) {
+                    float e2 = 0.f;
+                    const int p2 = ternary_group(g, xb + 8 * k, wb + 8 * k, bscale, alt, &e2);
+                    if (e2 < e) { p = p2; neg = !neg; bcombo ^= 1 << k; }
+                }
             }
             const float dlt = neg ? -IQ1_DELTA : IQ1_DELTA;
             const float *v = g->val + (size_t)p * 8;
