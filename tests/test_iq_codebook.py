@@ -198,6 +198,17 @@ def test_special_rows(name):
 
 
 @pytest.mark.parametrize("name", FORMATS)
+def test_values_beyond_the_fp16_scale_saturate(name):
+    # scales past fp16's 65504 are clamped: large but finite output that still follows x
+    x = (np.random.default_rng(9).standard_normal((2, 256)) * 1e8).astype(np.float32)
+    q = kernels.quantize(x, name, np.ones(256, np.float32))
+    y = kernels.dequantize(q, name)
+    assert np.all(np.isfinite(y))
+    assert np.array_equal(y, gguf_decode(q, name))
+    assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.7
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_importance_with_zeros(name):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 768)).astype(np.float32)

@@ -332,7 +332,7 @@ static float choose_superscale(int nsub, const float *fit, const float *sqx, con
     mp_half best_h = 0;
     for (int k = -4; k <= 24; k++) {
         const float cand = d0 * (1.0f - 0.0125f * k);
-        const mp_half h = MP_FP32_TO_FP16(cand);
+        const mp_half h = MP_FP32_TO_FP16(fminf(cand, 65504.f)); /* saturate rather than overflow */
         const float d = MP_FP16_TO_FP32(h);
         if (!(d > 0.f) || !isfinite(d)) continue;
         const float step = d * a;
