@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import formats as _formats
+from . import iq_grids as _iq_grids
 from .formats import Format
 
 try:
@@ -72,6 +73,8 @@ def _kernel_format(fmt: str | Format | int) -> Format:
         raise NotImplementedError(
             f"format {f.name} has no C kernel in this build; available: {', '.join(available_formats())}"
         )
+    if f.family is _formats.Family.CODEBOOK:
+        _iq_grids.load(f)  # the codebook grids come from the gguf package, once, on first use
     return f
 
 

@@ -27,9 +27,18 @@ static const mp_format *find_format(int type) {
     return NULL;
 }
 
+/* q_iq.c: the codebook formats take their grids at run time (kernels/iq_grids.py) */
+int mp_iq_ready(int type);
+int mp_iq_set_grid(int type, const float *values, int64_t count);
+
 static const mp_format *get_format_or_raise(int type) {
     const mp_format *fmt = find_format(type);
     if (fmt == NULL) PyErr_Format(PyExc_NotImplementedError, "ggml type %d has no C kernel in this build", type);
+    else if (!mp_iq_ready(type)) {
+        PyErr_Format(PyExc_RuntimeError, "%s: codebook grid not loaded; call kernels.iq_grids.load() first "
+                     "(kernels.quantize / dequantize / quant_error do so)", fmt->name);
+        return NULL;
+    }
     return fmt;
 }
 
@@ -349,6 +358,23 @@ done:
     return result;
 }
 
+/* set_grid(type, grid_float32): install the codebook of an IQ1/IQ2/IQ3 format (points x coordinates) */
+static PyObject *py_set_grid(PyObject *self, PyObject *args) {
+    int type;
+    PyObject *grid_o;
+    if (!PyArg_ParseTuple(args, "iO", &type, &grid_o)) return NULL;
+    Py_buffer grid;
+    if (get_buffer(grid_o, &grid, 0, "grid") < 0) return NULL;
+    const Py_ssize_t count = grid.len / 4;
+    int rc = grid.len % 4 ? 1 : mp_iq_set_grid(type, (const float *)grid.buf, (int64_t)count);
+    PyBuffer_Release(&grid);
+    if (rc == 1) return PyErr_Format(PyExc_ValueError, "ggml type %d has no codebook of %zd float32 values", type, count);
+    if (rc == 2) return PyErr_Format(PyExc_ValueError, "ggml type %d: grid values are not a set of at most 8 levels", type);
+    if (rc == 3) return PyErr_NoMemory();
+    if (rc == 4) return PyErr_Format(PyExc_ValueError, "ggml type %d already has a different grid", type);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_format_table(PyObject *self, PyObject *noargs) {
     PyObject *list = PyList_New(0);
     if (!list) return NULL;
@@ -374,6 +400,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "Quantize rows into GGUF blocks (internal; use kernels.quantize)."},
     {"dequantize", py_dequantize, METH_VARARGS, "Decode GGUF blocks to float32 (internal; use kernels.dequantize)."},
     {"quant_error", py_quant_error, METH_VARARGS, "Weighted squared error of many formats in one pass (internal)."},
+    {"set_grid", py_set_grid, METH_VARARGS, "Install a codebook grid (internal; kernels.iq_grids.load does it)."},
     {"format_table", py_format_table, METH_NOARGS, "(type, name, block_size, sizeof(block), needs_importance) per format."},
     {"openmp", py_openmp, METH_NOARGS, "(built with OpenMP, max threads)."},
     {NULL, NULL, 0, NULL},
