@@ -32,6 +32,12 @@ class Decision:
     top_k: dict[int, int] = field(default_factory=dict)  # MoE layer -> experts per token
     target: Target = Target.FREE
 
+    @classmethod
+    def from_plan(cls, plan) -> "Decision":
+        """The decisions of an allocator.Plan (pruned experts are absent from plan.tensors)."""
+        return cls(formats=dict(plan.tensors), kept_experts={l.layer: list(l.kept) for l in plan.layers},
+                   top_k={l.layer: l.top_k for l in plan.layers}, target=Target(plan.target))
+
 
 def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None = None) -> torch.Tensor:
     """w after a round trip through `fmt` (llama.cpp's fallback applied for its row length)."""

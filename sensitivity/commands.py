@@ -1,0 +1,108 @@
+"""`moeplan profile` and `moeplan evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from allocator.cli import Command, register
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- profile ----------------------------------------------------------------------------------
+
+def _profile_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("model", metavar="MODEL", help="checkpoint directory or a shipped reference model name")
+    ap.add_argument("--calib", metavar="FILE", help="calibration text (default: the model's shipped calib.txt)")
+    ap.add_argument("--out", metavar="PROFILE", required=True, help="profile JSON to write (importance vectors go "
+                    "next to it as PROFILE.importance.safetensors)")
+    ap.add_argument("--formats", help="comma-separated format menu (default: %(default)s)",
+                    default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,IQ4_XS,BF16")
+    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, default=128, help="calibration window length (default: %(default)s)")
+
+
+def _profile_run(args) -> int:
+    from .profiler import profile_model
+
+    text = Path(args.calib).read_text() if args.calib else None
+    prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
+                         seq_len=args.seq_len, progress=True)
+    m = prof.meta
+    _say(f"profile of {args.model}: {len(prof.tensor_damage)} tensors x {len(prof.formats)} formats, "
+         f"{sum(s.n_experts for s in prof.experts.values())} experts, {m['calibration_tokens']} calibration tokens, "
+         f"{m['seconds']['total']:.0f} s -> {args.out}")
+    return 0
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+
+def _evaluate_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("model", metavar="MODEL", help="checkpoint directory or a shipped reference model name")
+    ap.add_argument("--plan", metavar="FILE", help="plan JSON to apply (without: the unmodified model)")
+    ap.add_argument("--text", metavar="FILE", help="held-out text (default: the model's shipped valid.txt)")
+    ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, default=128, help="window length (default: %(default)s)")
+    ap.add_argument("--importance", metavar="FILE", help="importance vectors for quantizing (default: the "
+                    "model's shipped profile.importance.safetensors, if any)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = None, tokens: int = 8192,
+                  seq_len: int = 128, importance_file: str | None = None):
+    """Perplexity, KL to the original and top-1 agreement of MODEL compressed under a plan (API)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .compress import Decision, apply_decision
+    from .evaluate import ReferenceLogits, chunk_tokens, evaluate
+    from .inventory import build_inventory, resolve_model
+    from .profiler import load_importance
+
+    path = resolve_model(model)
+    if not path.is_dir():
+        raise ValueError(f"evaluation needs weights: {path} is not a checkpoint directory")
+    if text is None:
+        vpath = path / "valid.txt"
+        if not vpath.exists():
+            raise FileNotFoundError(f"{path} ships no valid.txt; pass --text FILE")
+        text = vpath.read_text()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    windows = chunk_tokens(tok(text, add_special_tokens=False)["input_ids"], seq_len, tokens)
+    original = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ref = ReferenceLogits(original, windows)
+    model_ = original
+    if plan_path is not None:
+        from allocator.plan import Plan
+
+        plan = Plan.load(plan_path, build_inventory(path))
+        imp_path = Path(importance_file) if importance_file else path / "profile.importance.safetensors"
+        importance = load_importance(imp_path) if imp_path.exists() else None
+        model_ = apply_decision(copy.deepcopy(original), Decision.from_plan(plan), importance)
+    return evaluate(model_, ref)
+
+
+def _evaluate_run(args) -> int:
+    r = evaluate_plan(args.model, args.plan, Path(args.text).read_text() if args.text else None, args.tokens,
+                      args.seq_len, args.importance)
+    if args.json:
+        print(json.dumps(r.as_dict(), indent=1))
+    else:
+        print(f"{'tokens':<22}{r.n_tokens}")
+        print(f"{'perplexity':<22}{r.perplexity:.4f}  (original {r.reference_perplexity:.4f})")
+        print(f"{'KL mean (nats/token)':<22}{r.kld_mean:.5f}")
+        print(f"{'KL p99 (nats/token)':<22}{r.kld_p99:.5f}")
+        print(f"{'top-1 agreement':<22}{r.top1_agreement:.4f}")
+    return 0
+
+
+register(Command("profile", "measure a model's sensitivity profile on calibration text", _profile_args, _profile_run))
+register(Command("evaluate", "perplexity, KL and top-1 agreement of a model under a plan", _evaluate_args,
+                 _evaluate_run))
