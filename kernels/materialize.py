@@ -1,0 +1,179 @@
+"""Materialize a plan: the compressed model as GGUF (llama.cpp) and/or safetensors (transformers).
+
+    moeplan materialize MODEL plan.json --gguf OUT.gguf [--hf OUTDIR]
+
+The plan is checked against the model (fingerprint) before anything is written. Both outputs are
+written to temporary paths next to the destination and renamed at the end, so an interrupted run
+leaves no partial output.
+
+GGUF: quantized with moeplan's kernels by kernels.gguf_export (needs a `gguf`-target plan: llama.cpp
+has one type per stacked expert tensor, one expert count and one top-k).
+safetensors: the dequantized weights of the compressed model (pruned experts removed) in float32 --
+exactly the values the quantized model computes with -- plus the per-layer top-k and kept experts
+under the config's "moeplan" key. `load_compressed(OUTDIR)` reloads it (it is also a plain
+`from_pretrained` checkpoint when every MoE layer keeps the same number of experts and top-k).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class MaterializeReport:
+    gguf: Any = None  # kernels.gguf_export.GGUFReport
+    hf_dir: Path | None = None
+    predicted_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
+    from sensitivity.profiler import load_importance
+
+    p = Path(importance_file) if importance_file else model_dir / "profile.importance.safetensors"
+    if importance_file and not p.exists():
+        raise FileNotFoundError(f"importance file {p} does not exist")
+    return load_importance(p) if p.exists() else None
+
+
+def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike | None = None,
+                hf_out: str | os.PathLike | None = None, importance_file: str | os.PathLike | None = None,
+                progress: bool = True) -> MaterializeReport:
+    """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
+    from allocator.plan import Plan
+    from sensitivity.inventory import build_inventory, resolve_model
+
+    if gguf_out is None and hf_out is None:
+        raise ValueError("nothing to write: give gguf_out and/or hf_out")
+    model_dir = resolve_model(model)
+    if not model_dir.is_dir():
+        raise ValueError(f"materializing needs weights: {model_dir} is not a checkpoint directory")
+    inv = build_inventory(model_dir)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan, inv)
+    plan.check_model(inv)
+    if gguf_out is not None and plan.target != "gguf":
+        raise ValueError(
+            f"the plan's target is {plan.target!r}: llama.cpp stores one type per stacked expert tensor and one "
+            "expert count, which only a plan solved with --target gguf guarantees; re-solve with --target gguf "
+            "or write --hf only"
+        )
+    importance = _importance(model_dir, importance_file)
+    report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
+    if gguf_out is not None:
+        from .gguf_export import write_gguf
+
+        top_k = {l.top_k for l in plan.layers}
+        report.gguf = write_gguf(
+            model_dir, gguf_out, dict(plan.tensors),
+            kept_experts={l.layer: list(l.kept) for l in plan.layers},
+            top_k=top_k.pop() if top_k else None, importance=importance, progress=progress)
+    if hf_out is not None:
+        report.hf_dir = write_hf(model_dir, plan, hf_out, importance)
+    return report
+
+
+def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None) -> Path:
+    """The compressed model as a transformers checkpoint (float32 dequantized weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sensitivity.compress import Decision, apply_decision
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    apply_decision(model, Decision.from_plan(plan), importance)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.config.moeplan = {
+            "plan_fingerprint": plan.model.fingerprint,
+            "target": plan.target,
+            "layers": {str(l.layer): {"kept": list(l.kept), "top_k": l.top_k} for l in plan.layers},
+        }
+        model.save_pretrained(str(tmp))
+        try:
+            AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tmp))
+        except (OSError, ValueError):
+            pass  # a checkpoint without a tokenizer stays without one
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_compressed(path: str | os.PathLike, dtype=None):
+    """Load a checkpoint written by write_hf, restoring per-layer expert counts and top-k."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors.torch import load_file
+
+    from sensitivity.adapters import adapter_for
+
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    layers = {int(k): v for k, v in (cfg.get("moeplan") or {}).get("layers", {}).items()}
+    counts = {len(v["kept"]) for v in layers.values()}
+    if len(counts) <= 1:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    else:
+        # per-layer expert counts: build with the checkpoint's largest count, shrink each layer, then load
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        ad = adapter_for(model)
+        for layer, v in layers.items():
+            n, groups = ad.n_experts(layer), ad.routing_spec(layer).n_group
+            per, keep_per = n // groups, len(v["kept"]) // groups
+            ad.remove_experts(layer, [g * per + i for g in range(groups) for i in range(keep_per)])
+        state = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+    ad = adapter_for(model)
+    for layer, v in layers.items():
+        if ad.top_k(layer) != v["top_k"]:
+            ad.set_top_k(layer, v["top_k"])
+    return model.eval()
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def _args(ap) -> None:
+    ap.add_argument("model", metavar="MODEL", help="checkpoint directory or a shipped reference model name")
+    ap.add_argument("plan", metavar="PLAN", help="plan JSON from `moeplan solve`")
+    ap.add_argument("--gguf", metavar="OUT.gguf", help="write a GGUF file for llama.cpp (needs a gguf-target plan)")
+    ap.add_argument("--hf", metavar="OUTDIR", help="write a transformers checkpoint (dequantized weights)")
+    ap.add_argument("--importance", metavar="FILE", help="importance vectors (default: the model's shipped "
+                    "profile.importance.safetensors, if any)")
+
+
+def _run(args) -> int:
+    rep = materialize(args.model, args.plan, gguf_out=args.gguf, hf_out=args.hf, importance_file=args.importance)
+    if rep.gguf is not None:
+        print(f"GGUF      {rep.gguf.path}: {rep.gguf.file_size:,} bytes "
+              f"(tensor data {rep.gguf.tensor_bytes:,}; the plan predicted {rep.predicted_bytes:,})")
+    if rep.hf_dir is not None:
+        print(f"safetensors checkpoint  {rep.hf_dir}")
+    return 0
+
+
+def _register() -> None:
+    from allocator.cli import Command, register
+
+    register(Command("materialize", "write the compressed model of a plan as GGUF and/or safetensors", _args, _run))
+
+
+_register()
