@@ -14,8 +14,9 @@ Layout, following llama.cpp's converter (convert_hf_to_gguf.py) and loader (llam
 Shapes here are torch's, rows last (ggml's ne[0] = shape[-1]); GGUF stores them reversed.
 
 The file is written tensor by tensor (one expert or one chunk of rows at a time is read, quantized
-and written), to a temporary file next to the output that is renamed at the end; nothing in the
-output depends on time or on the path, so the same inputs give the same bytes.
+and written), to a temporary file next to the output that is renamed at the end. Nothing written
+depends on time or on the output path (general.name is the checkpoint directory's name), so the
+same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +41,6 @@ CHUNK_BYTES = 64 << 20  # float32 bytes of source rows read and quantized at onc
 KEY_KEPT_EXPERTS = "moeplan.kept_experts.{layer}"  # original indices of the experts stacked in layer L
 
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*layers\.(?P<layer>\d+)\.mlp\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT_KINDS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -213,6 +213,8 @@ def _qwen_validate(c: Mapping) -> None:
         problems.append("norm_topk_prob=false (llama.cpp's qwen3moe always renormalizes the top-k routing weights)")
     if c.get("use_sliding_window"):
         problems.append("use_sliding_window=true (not supported by llama.cpp's qwen3moe)")
+    if c.get("attention_bias"):
+        problems.append("attention_bias=true (llama.cpp's qwen3moe loads no output-projection bias)")
     rope = _rope(c)
     if rope["rope_type"] not in ("default", "linear", "yarn"):
         problems.append(f"rope_type {rope['rope_type']!r} (supported: default, linear, yarn)")
@@ -442,7 +444,6 @@ class _Checkpoint:
     def __init__(self, model_dir: Path, config: Mapping):
         from sensitivity.inventory import read_safetensors_header
 
-        self.model_dir = model_dir
         shards = sorted(model_dir.glob("*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
@@ -463,9 +464,6 @@ class _Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._meta
-
-    def names(self) -> list[str]:
-        return list(self._meta)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][1]
@@ -598,6 +596,16 @@ def _rope_deinterleave_perm(n_heads: int, head_dim: int, rope_dim: int) -> np.nd
     return np.asarray(perm, dtype=np.int64)
 
 
+def _rope_row_perms(fam: _Family, config: Mapping) -> dict[str, np.ndarray]:
+    """Tensor kind -> the row order llama.cpp's rope layout needs (DeepSeek with rope_interleave=false)."""
+    if fam.model_type != "deepseek_v3" or config.get("rope_interleave", True):
+        return {}
+    h, nope, rope = int(config["num_attention_heads"]), int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"])
+    q_kind = "q_b_proj" if config.get("q_lora_rank") else "q_proj"
+    return {q_kind: _rope_deinterleave_perm(h, nope + rope, rope),
+            "kv_a_proj_with_mqa": _rope_deinterleave_perm(1, int(config["kv_lora_rank"]) + rope, rope)}
+
+
 @dataclass
 class _Plan:
     stored: list[_Stored]
@@ -607,21 +615,11 @@ class _Plan:
     skipped: list[str]
 
 
-def _plan(model_dir: Path, config: Mapping, fam: _Family, ckpt: _Checkpoint, formats: Mapping[str, str],
-          kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
-          importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
-    import gguf
-
-    from sensitivity.inventory import build_inventory
-
-    inv = build_inventory(model_dir)
-    kernel_formats = set(_available_formats())
+def _written_tensors(inv, config: Mapping) -> tuple[list, list[str]]:
+    """The inventory entries that are written, and the names skipped: multi-token-prediction layers
+    (index >= num_hidden_layers, left out as llama.cpp's converter does), FP8 scales (consumed on read)
+    and a tied lm_head."""
     n_layers = int(config["num_hidden_layers"])
-    moe_layers = fam.moe_layers(config)
-    n_routed = _n_experts(config)
-    importance = dict(importance or {})
-
-    # --- tensors of the checkpoint that are written (MTP layers past num_hidden_layers and FP8 scales are not)
     skipped, infos = [], []
     for t in inv:
         if t.name.endswith("_scale_inv"):
@@ -629,12 +627,14 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, ckpt: _Checkpoint, for
         if t.layer is not None and t.layer >= n_layers:
             skipped.append(t.name)
             continue
+        if config.get("tie_word_embeddings") and t.name.startswith("lm_head"):
+            continue
         infos.append(t)
-    if config.get("tie_word_embeddings"):
-        infos = [t for t in infos if not t.name.startswith("lm_head")]
-    by_name = {t.name: t for t in infos}
+    return infos, skipped
 
-    # --- the format table: names, formats, roles
+
+def _check_tables(inv, by_name: Mapping, formats: Mapping[str, str], importance: Mapping[str, Any],
+                  default_format: str) -> None:
     unknown = [n for n in formats if n not in inv]
     if unknown:
         raise ValueError(f"formats names {len(unknown)} tensor(s) that the checkpoint does not have, e.g. "
@@ -644,27 +644,25 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, ckpt: _Checkpoint, for
     for n, f in formats.items():
         fmt = _formats.get(f)  # unknown format names raise here
         if n in by_name and not by_name[n].quantizable and fmt.name != "F32":
-            raise ValueError(f"{n} is stored as F32 in GGUF ({by_name[n].role.value}); it cannot be {fmt.name}: drop it from formats")
-    unknown_imp = [n for n in importance if n not in inv]
-    if unknown_imp:
-        raise ValueError(f"importance names tensor(s) the checkpoint does not have, e.g. {', '.join(map(repr, unknown_imp[:5]))}")
+            raise ValueError(f"{n} is stored as F32 in GGUF ({by_name[n].role.value}); it cannot be {fmt.name}: "
+                             "drop it from formats")
+    unknown = [n for n in importance if n not in inv]
+    if unknown:
+        raise ValueError(f"importance names tensor(s) the checkpoint does not have, e.g. {', '.join(map(repr, unknown[:5]))}")
 
-    def requested(name: str) -> str:
-        return _formats.get(formats.get(name, default_format)).name
 
-    # --- experts: which are kept, how many are used
-    experts_of: dict[int, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
-    for t in infos:
-        if t.expert is not None:
-            experts_of[t.layer][t.kind][t.expert] = t.name
-    if sorted(experts_of) != moe_layers:
-        raise ValueError(f"routed experts found in layers {sorted(experts_of)}, but the config makes layers "
-                         f"{moe_layers[:3]}..{moe_layers[-1:]} MoE layers; is config.json the checkpoint's?")
-    kept: dict[int, list[int]] = {}
+def _kept_and_top_k(fam: _Family, config: Mapping, kept_experts: Mapping | None,
+                    top_k: int | None) -> tuple[dict[int, list[int]], int, int]:
+    """(kept experts per MoE layer in index order, kept count, experts used per token), checked
+    against llama.cpp's limits: one expert count, equal counts per routing group, top-k reachable."""
+    moe_layers = fam.moe_layers(config)
+    n_routed = _n_experts(config)
     if kept_experts is not None:
         extra = sorted(set(int(l) for l in kept_experts) - set(moe_layers))
         if extra:
-            raise ValueError(f"kept_experts names layers {extra} that are not MoE layers (MoE layers: {moe_layers[0]}..{moe_layers[-1]})")
+            raise ValueError(f"kept_experts names layers {extra} that are not MoE layers "
+                             f"(MoE layers: {moe_layers[0]}..{moe_layers[-1]})")
+    kept: dict[int, list[int]] = {}
     for layer in moe_layers:
         ks = kept_experts.get(layer, kept_experts.get(str(layer))) if kept_experts is not None else None
         ks = list(range(n_routed)) if ks is None else [int(e) for e in ks]
@@ -675,7 +673,7 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, ckpt: _Checkpoint, for
             raise ValueError(f"kept_experts[{layer}] has experts {bad} outside 0..{n_routed - 1}")
         if not ks:
             raise ValueError(f"kept_experts[{layer}] is empty; every MoE layer needs at least one expert")
-        kept[layer] = sorted(ks)  # group order is preserved by index order
+        kept[layer] = sorted(ks)  # index order keeps each routing group contiguous
     counts = {layer: len(ks) for layer, ks in kept.items()}
     if len(set(counts.values())) > 1:
         raise ValueError("llama.cpp has one expert count for all layers, but kept_experts keeps "
@@ -683,7 +681,7 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, ckpt: _Checkpoint, for
                          + (" ..." if len(counts) > 8 else "") + "; keep the same number in every MoE layer")
     n_expert = next(iter(counts.values()))
     n_group, topk_group = fam.n_group(config), fam.topk_group(config)
-    per_group_used = n_expert
+    reachable = n_expert
     if n_group > 1:
         if n_routed % n_group:
             raise ValueError(f"{n_routed} routed experts do not split into n_group={n_group} groups")
@@ -694,121 +692,150 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, ckpt: _Checkpoint, for
                 raise ValueError(f"layer {layer} keeps {per} experts in its {n_group} routing groups; DeepSeek's "
                                  "group-limited routing in llama.cpp needs the same number kept in every group")
             if per[0] < 2:
-                raise ValueError(f"layer {layer} keeps {per[0]} expert per routing group; group scores are the sum of "
-                                 "each group's top 2 experts, so keep at least 2 per group")
-        if n_group >= n_expert:
-            raise AssertionError("unreachable: n_group < kept count follows from >= 2 per group")
-        per_group_used = topk_group * (n_expert // n_group)
+                raise ValueError(f"layer {layer} keeps {per[0]} expert per routing group; group scores are the sum "
+                                 "of each group's top 2 experts, so keep at least 2 per group")
+        reachable = topk_group * (n_expert // n_group)
     k = int(top_k) if top_k is not None else int(config["num_experts_per_tok"])
-    if not 1 <= k <= per_group_used:
-        where = f"the {topk_group} selected groups hold {per_group_used}" if n_group > 1 else f"{n_expert} are kept"
+    if not 1 <= k <= reachable:
+        where = f"the {topk_group} selected groups hold {reachable}" if n_group > 1 else f"{n_expert} are kept"
         raise ValueError(f"top_k={k} is not possible: {where} experts per token")
+    return kept, n_expert, k
 
-    # --- stored tensors
-    tmap = gguf.get_tensor_name_map(_gguf_arch(fam), n_layers)
-    stored: list[_Stored] = []
 
-    def imp_for(name: str, ncols: int):
-        return _check_importance_vec(name, importance[name], ncols) if name in importance else None
+class _Planner:
+    """Turns checkpoint tensors into the stored tensors of the file, checking each as it goes."""
 
-    def need_imp(s: _Stored) -> None:
-        if s.fmt.name not in kernel_formats:
-            raise ValueError(f"{s.name} ({', '.join(s.sources[:1])}) would be stored as {s.fmt.name} (asked {s.requested}), "
-                             f"which has no kernel in this build; available: {', '.join(sorted(kernel_formats))}")
+    def __init__(self, fam: _Family, config: Mapping, inv, formats: Mapping[str, str],
+                 importance: Mapping[str, Any], default_format: str, kept: dict[int, list[int]]):
+        import gguf
+
+        self.config, self.inv, self.formats, self.importance = config, inv, formats, importance
+        self.default_format, self.kept = default_format, kept
+        self.kernel_formats = set(_available_formats())
+        self.tmap = gguf.get_tensor_name_map(_gguf_arch(fam), int(config["num_hidden_layers"]))
+        self.mla = fam.model_type == "deepseek_v3"
+        self.row_perms = _rope_row_perms(fam, config)
+
+    def requested(self, name: str) -> str:
+        return _formats.get(self.formats.get(name, self.default_format)).name
+
+    def importance_of(self, name: str, ncols: int) -> np.ndarray | None:
+        return _check_importance_vec(name, self.importance[name], ncols) if name in self.importance else None
+
+    def check(self, s: _Stored) -> _Stored:
+        """The stored format has a kernel, and importance is there when the format needs it."""
+        if s.fmt.name not in self.kernel_formats:
+            raise ValueError(f"{s.name} ({s.sources[0]}) would be stored as {s.fmt.name} (asked {s.requested}), which "
+                             f"has no kernel in this build; available: {', '.join(sorted(self.kernel_formats))}")
         if s.fmt.needs_importance:
-            missing = s.importance is None or (isinstance(s.importance, list) and any(v is None for v in s.importance))
+            imp = s.importance
+            if imp is None or (isinstance(imp, list) and any(v is None for v in imp)):
+                raise ValueError(f"{s.name} is stored as {s.fmt.name}, which needs importance weights; give importance "
+                                 f"for {s.sources[0]}" + (" and the other experts" if len(s.sources) > 1 else ""))
+        return s
+
+    def experts(self, layer: int, names_by_kind: Mapping[str, Mapping[int, str]]) -> list[_Stored]:
+        """blk.L.ffn_{gate,up,down}_exps: the kept experts stacked (experts, rows, cols), one type each."""
+        out = []
+        kept = self.kept[layer]
+        for kind in _EXPERT_KINDS:
+            names = names_by_kind[kind]
+            missing = [e for e in kept if e not in names]
             if missing:
-                raise ValueError(f"{s.name} is stored as {s.fmt.name}, which needs importance weights; "
-                                 f"give importance for {s.sources[0]}" + (" and the other experts" if len(s.sources) > 1 else ""))
+                raise ValueError(f"layer {layer} has no {kind} for experts {missing[:5]}")
+            srcs = [names[e] for e in kept]
+            req = {self.requested(n) for n in srcs}
+            if len(req) > 1:
+                example = {r: next(n for n in srcs if self.requested(n) == r) for r in sorted(req)}
+                raise ValueError(
+                    f"layer {layer} {kind}: GGUF stores all experts of a layer in one tensor "
+                    f"(blk.{layer}.ffn_{kind.split('_')[0]}_exps) with one type, but the kept experts ask for "
+                    f"{', '.join(sorted(req))} (e.g. " + ", ".join(f"{n} -> {r}" for r, n in example.items()) + ")")
+            rows, cols = self.inv[srcs[0]].shape
+            imps = [self.importance_of(n, cols) for n in srcs]
+            if any(v is not None for v in imps) and any(v is None for v in imps):
+                lacking = [n for n, v in zip(srcs, imps) if v is None]
+                raise ValueError(f"importance is given for some experts of layer {layer} {kind} but not for "
+                                 f"{lacking[:3]}; give it for every kept expert or none")
+            prefix = _EXPERT_RE.match(srcs[0]).group("prefix")
+            req_fmt = req.pop()
+            out.append(self.check(_Stored(
+                _gguf_name(self.tmap, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), _formats.resolve(req_fmt, cols),
+                req_fmt, tuple(srcs), "experts", importance=imps if imps[0] is not None else None,
+                experts=list(kept), prefix=prefix, kind=kind)))
+        return out
 
-    ds = fam.model_type == "deepseek_v3"
-    rope_perm_rows: dict[str, np.ndarray] = {}
-    if ds and not config.get("rope_interleave", True):
-        h, nope, rope_dim = int(config["num_attention_heads"]), int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"])
-        kv_lora = int(config["kv_lora_rank"])
-        q_name = "q_b_proj" if config.get("q_lora_rank") else "q_proj"
-        rope_perm_rows[q_name] = _rope_deinterleave_perm(h, nope + rope_dim, rope_dim)
-        rope_perm_rows["kv_a_proj_with_mqa"] = _rope_deinterleave_perm(1, kv_lora + rope_dim, rope_dim)
+    def kv_b(self, t) -> list[_Stored]:
+        """DeepSeek's kv_b_proj (H*(nope+v), r) as llama.cpp's attn_k_b (H, r, nope) and attn_v_b (H, v, r)."""
+        c = self.config
+        h, nope, v, r = int(c["num_attention_heads"]), int(c["qk_nope_head_dim"]), int(c["v_head_dim"]), int(c["kv_lora_rank"])
+        if t.shape != (h * (nope + v), r):
+            raise ValueError(f"{t.name} has shape {t.shape}, expected ({h}*({nope}+{v}), {r}) from the config")
+        req = self.requested(t.name)
+        kb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "k_b_proj")), (h, r, nope),
+                     _formats.resolve(req, nope), req, (t.name,), "k_b")
+        if kb.fmt.needs_importance:
+            # k_b's rows run along q's nope dims, which the checkpoint's importance (over kv_lora) does not cover
+            kb.importance = np.ones(nope, dtype=np.float32)
+        vb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "v_b_proj")), (h, v, r), _formats.resolve(req, r),
+                     req, (t.name,), "v_b", importance=self.importance_of(t.name, r))
+        return [self.check(kb), self.check(vb)]
 
-    done_expert_layers: set[int] = set()
-    for t in infos:
-        if t.expert is not None:
-            if t.layer in done_expert_layers:
-                continue
-            done_expert_layers.add(t.layer)
-            for kind in ("gate_proj", "up_proj", "down_proj"):
-                names = experts_of[t.layer][kind]
-                missing = [e for e in kept[t.layer] if e not in names]
-                if missing:
-                    raise ValueError(f"layer {t.layer} has no {kind} for experts {missing[:5]}")
-                srcs = [names[e] for e in kept[t.layer]]
-                req = {requested(n) for n in srcs}
-                if len(req) > 1:
-                    example = {r: next(n for n in srcs if requested(n) == r) for r in sorted(req)}
-                    raise ValueError(
-                        f"layer {t.layer} {kind}: GGUF stores all experts of a layer in one tensor "
-                        f"(blk.{t.layer}.ffn_{kind.split('_')[0]}_exps) with one type, but the kept experts ask for "
-                        f"{', '.join(sorted(req))} (e.g. " + ", ".join(f"{n} -> {r}" for r, n in example.items()) + ")")
-                rows, cols = inv[srcs[0]].shape
-                fmt = _formats.resolve(req.pop(), cols)
-                imps = [imp_for(n, cols) for n in srcs]
-                if any(v is not None for v in imps) and any(v is None for v in imps):
-                    lacking = [n for n, v in zip(srcs, imps) if v is None]
-                    raise ValueError(f"importance is given for some experts of layer {t.layer} {kind} but not for {lacking[:3]}; "
-                                     "give it for every kept expert or none")
-                prefix = _EXPERT_RE.match(srcs[0]).group("prefix")
-                s = _Stored(_gguf_name(tmap, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), fmt,
-                            requested(srcs[0]), tuple(srcs), "experts",
-                            importance=imps if imps[0] is not None else None, experts=list(kept[t.layer]),
-                            prefix=prefix, kind=kind)
-                need_imp(s)
-                stored.append(s)
-            continue
-        name = t.name
-        if ds and t.kind == "kv_b_proj":
-            h, nope, v_dim, r = (int(config["num_attention_heads"]), int(config["qk_nope_head_dim"]),
-                                 int(config["v_head_dim"]), int(config["kv_lora_rank"]))
-            if t.shape != (h * (nope + v_dim), r):
-                raise ValueError(f"{name} has shape {t.shape}, expected ({h}*({nope}+{v_dim}), {r}) from the config")
-            req = requested(name)
-            imp = imp_for(name, r)
-            kb = _Stored(_gguf_name(tmap, name.replace("kv_b_proj", "k_b_proj")), (h, r, nope), _formats.resolve(req, nope),
-                         req, (name,), "k_b")
-            if kb.fmt.needs_importance:
-                # k_b's rows run along the nope dims of q, which the checkpoint's importance (over kv_lora) does not cover
-                kb.importance = np.ones(nope, dtype=np.float32)
-            vb = _Stored(_gguf_name(tmap, name.replace("kv_b_proj", "v_b_proj")), (h, v_dim, r), _formats.resolve(req, r),
-                         req, (name,), "v_b", importance=imp)
-            for s in (kb, vb):
-                need_imp(s)
-                stored.append(s)
-            continue
-        gname = _gguf_name(tmap, name)
-        if not t.quantizable:
-            rows = None
-            shape = t.shape
-            if t.layer in kept and (t.kind == "gate" or "e_score_correction_bias" in name):
-                rows = kept[t.layer]  # router rows / correction bias of the kept experts only
+    def single(self, t) -> _Stored:
+        name, gname = t.name, _gguf_name(self.tmap, t.name)
+        if not t.quantizable:  # norms, biases, router, exp_probs_b: F32
+            rows, shape = None, t.shape
+            if t.layer in self.kept and (t.kind == "gate" or "e_score_correction_bias" in name):
+                rows = self.kept[t.layer]  # the router's rows (and correction biases) of the kept experts
                 shape = (len(rows), *t.shape[1:])
-            stored.append(_Stored(gname, shape, _formats.FORMATS["F32"], "F32", (name,), "f32", rows=rows))
-            continue
+            return _Stored(gname, shape, _formats.FORMATS["F32"], "F32", (name,), "f32", rows=rows)
         if len(t.shape) != 2:
             raise ValueError(f"{name} has shape {t.shape}; only 2-D weights are quantized")
-        req = requested(name)
-        s = _Stored(gname, t.shape, _formats.resolve(req, t.shape[-1]), req, (name,), "rows", importance=imp_for(name, t.shape[-1]))
-        perm = rope_perm_rows.get(t.kind)
+        req = self.requested(name)
+        s = _Stored(gname, t.shape, _formats.resolve(req, t.shape[-1]), req, (name,), "rows",
+                    importance=self.importance_of(name, t.shape[-1]))
+        perm = self.row_perms.get(t.kind)
         if perm is not None:
             if len(perm) != t.shape[0]:
                 raise ValueError(f"{name} has {t.shape[0]} rows; the rope layout of the config implies {len(perm)}")
             s.row_perm = perm
-        need_imp(s)
-        stored.append(s)
+        return self.check(s)
 
-    seen = set()
-    for s in stored:
-        if s.name in seen:
-            raise ValueError(f"two checkpoint tensors map to the GGUF tensor {s.name}")
-        seen.add(s.name)
+
+def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, str],
+          kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
+          importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
+    from sensitivity.inventory import build_inventory
+
+    inv = build_inventory(model_dir)
+    importance = dict(importance or {})
+    infos, skipped = _written_tensors(inv, config)
+    _check_tables(inv, {t.name: t for t in infos}, formats, importance, default_format)
+    kept, n_expert, k = _kept_and_top_k(fam, config, kept_experts, top_k)
+
+    experts_of: dict[int, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
+    for t in infos:
+        if t.expert is not None:
+            experts_of[t.layer][t.kind][t.expert] = t.name
+    if sorted(experts_of) != sorted(kept):
+        raise ValueError(f"routed experts found in layers {sorted(experts_of)}, but the config makes {sorted(kept)} "
+                         "MoE layers; is config.json the checkpoint's?")
+
+    planner = _Planner(fam, config, inv, formats, importance, default_format, kept)
+    stored: list[_Stored] = []
+    for t in infos:
+        if t.expert is not None:
+            continue
+        if planner.mla and t.kind == "kv_b_proj":
+            stored.extend(planner.kv_b(t))
+        else:
+            stored.append(planner.single(t))
+    for layer in sorted(kept):
+        stored.extend(planner.experts(layer, experts_of[layer]))
+    names = [s.name for s in stored]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"two checkpoint tensors map to the GGUF tensor {dup}")
     stored.sort(key=_order_key)
     return _Plan(stored, n_expert, k, kept, skipped)
 
@@ -864,7 +891,8 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
 
     formats: checkpoint tensor name -> format (kernels.formats names); tensors not named get
       default_format; llama.cpp's fallback applies per stored tensor by its row length.
-    kept_experts: per MoE layer, the routed experts to keep (the same number in every layer).
+    kept_experts: per MoE layer, the routed experts to keep (the same number in every layer; a layer
+      not named keeps all). DeepSeek's group-limited routing needs the same number kept in every group.
     top_k: experts used per token (default: the config's num_experts_per_tok).
     importance: checkpoint tensor name -> per-input-column importance (cols,), per expert for routed experts.
     tokenizer_pre: llama.cpp pre-tokenizer name, when tokenizer.json's is not recognized.
@@ -888,7 +916,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
 
     ckpt = _Checkpoint(model_dir, config)
     try:
-        plan = _plan(model_dir, config, fam, ckpt, dict(formats), kept_experts, top_k, importance, default_format)
+        plan = _plan(model_dir, config, fam, dict(formats), kept_experts, top_k, importance, default_format)
         vocab = read_tokenizer(model_dir, int(config["vocab_size"]), config, tokenizer_pre)
         tmp = _tmp_path(out_path)
         try:
@@ -1057,17 +1085,13 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
 
     # GGUF name -> checkpoint name, for the tensors that map one to one
     tmap = gguf.get_tensor_name_map(_gguf_arch(fam), n_layers)
-    ckpt_names = _expected_checkpoint_names(cfg, fam)
+    ckpt_names = _expected_checkpoint_names(cfg)
     reverse: dict[str, str] = {}
     for n in ckpt_names:
         g = tmap.get_name(n.replace("e_score_correction_bias", "e_score_correction.bias"), try_suffixes=(".weight", ".bias"))
         if g is not None:
             reverse[g] = n
-    perms: dict[str, np.ndarray] = {}
-    if fam.model_type == "deepseek_v3" and not config.get("rope_interleave", True):
-        h, nope, rope_dim = int(config["num_attention_heads"]), int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"])
-        perms["q_b_proj" if config.get("q_lora_rank") else "q_proj"] = _rope_deinterleave_perm(h, nope + rope_dim, rope_dim)
-        perms["kv_a_proj_with_mqa"] = _rope_deinterleave_perm(1, int(config["kv_lora_rank"]) + rope_dim, rope_dim)
+    perms = _rope_row_perms(fam, config)
 
     state: dict[str, np.ndarray] = {}
     kb: dict[int, np.ndarray] = {}
@@ -1103,7 +1127,7 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
     return cfg, state, kept
 
 
-def _expected_checkpoint_names(cfg: Mapping, fam: _Family) -> list[str]:
+def _expected_checkpoint_names(cfg: Mapping) -> list[str]:
     """Checkpoint names of the (non-expert) tensors of a model of this config, from transformers on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

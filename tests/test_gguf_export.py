@@ -717,6 +717,9 @@ def test_pruned_file_runs_in_llama_cpp(family, ds_dir, qwen_dir, tmp_path):
     inv = build_inventory(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     formats = _plan_quant(inv)
+    layer = min(kept)
+    pruned = next(e for e in range(n_routed) if e not in kept[layer])
+    formats[f"model.layers.{layer}.mlp.experts.{pruned}.gate_proj.weight"] = "F16"  # pruned: does not split the type
     path = tmp_path / "pruned.gguf"
     report = _write(model_dir, path, formats, kept_experts=kept, top_k=top_k)
     assert (report.expert_count, report.expert_used_count) == (4, top_k)
