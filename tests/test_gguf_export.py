@@ -171,6 +171,20 @@ def _plan_quant(inv) -> dict[str, str]:
     return out
 
 
+def _with_codebook(inv, formats: dict[str, str]) -> tuple[dict[str, str], dict[str, np.ndarray] | None]:
+    """The last MoE layer's down experts in IQ2_XXS (with importance) when the codebook kernels are built."""
+    if "IQ2_XXS" not in AVAILABLE:
+        return formats, None
+    last = max(t.layer for t in inv if t.expert is not None)
+    rng = np.random.default_rng(1)
+    importance = {}
+    for t in inv:
+        if t.expert is not None and t.layer == last and t.kind == "down_proj":
+            formats[t.name] = "IQ2_XXS"
+            importance[t.name] = rng.uniform(0.5, 2.0, t.shape[-1]).astype(np.float32)
+    return formats, importance
+
+
 def _write(model_dir: Path, out: Path, formats, **kw) -> ge.GGUFReport:
     return ge.write_gguf(model_dir, out, formats, progress=False, **kw)
 
@@ -274,6 +288,7 @@ def test_roundtrip_deepseek(ds_dir, tmp_path):
     for e in range(8):
         n = f"model.layers.2.mlp.experts.{e}.down_proj.weight"
         importance[n] = rng.uniform(0.1, 2.0, sd[n].shape[-1]).astype(np.float32)
+        formats[n] = _pick("IQ2_XXS", formats[n])  # a codebook format where built: it needs the importance
     path = tmp_path / "ds.gguf"
     report = _write(ds_dir, path, formats, importance=importance)
     reader = _check_roundtrip(ds_dir, path, report, formats, importance)
@@ -298,6 +313,8 @@ def test_roundtrip_deepseek(ds_dir, tmp_path):
     for k, v in want.items():
         assert kv[k].contents() == v, k
     assert kv["deepseek2.expert_weights_scale"].contents() == pytest.approx(2.5)
+    assert kv["general.quantization_version"].contents() == 2
+    assert kv["general.file_type"].contents() in {int(t) for t in gguf.LlamaFileType}
     assert len(kv["tokenizer.ggml.tokens"].contents()) == VOCAB
     assert kv["tokenizer.ggml.token_type"].contents()[:2] == [3, 3]  # the special tokens are CONTROL
     assert len(kv["tokenizer.ggml.merges"].contents()) == VOCAB - 256 - 2
@@ -674,13 +691,16 @@ def test_llama_cpp_decodes_every_format_like_moeplan(qwen_dir, tmp_path):
     emb = "model.embed_tokens.weight"
     w = _ckpt(qwen_dir)[emb].float().contiguous()
     checked = []
+    imp = np.random.default_rng(0).uniform(0.5, 2.0, w.shape[-1]).astype(np.float32)
     for fmt in kernels.available_formats():
-        if fmt == "F32" or fmts.get(fmt).needs_importance:
+        if fmt == "F32":
             continue
+        importance = {emb: imp} if fmts.get(fmt).needs_importance else None
         path = tmp_path / f"{fmt}.gguf"
-        _write(qwen_dir, path, {emb: fmt}, default_format="F32")
+        _write(qwen_dir, path, {emb: fmt}, default_format="F32", importance=importance)
         with torch.no_grad():
-            model.model.embed_tokens.weight.copy_(torch.from_numpy(kernels.dequantize(kernels.quantize(w, fmt), fmt, tuple(w.shape))))
+            deq = kernels.dequantize(kernels.quantize(w, fmt, importance and imp), fmt, tuple(w.shape))
+            model.model.embed_tokens.weight.copy_(torch.from_numpy(deq))
             ref = model(torch.tensor([tokens])).logits[0].numpy()
         a = _agreement(_llama_logits(path, tokens), ref)
         print(f"token_embd {fmt}: {a}")
@@ -698,7 +718,8 @@ def test_llama_cpp_runs_mixed_format_files(family, plan, ds_dir, qwen_dir, tmp_p
     model_dir = _model_dir(family, ds_dir, qwen_dir, tmp_path)
     inv = build_inventory(model_dir)
     path = tmp_path / "mixed.gguf"
-    report = _write(model_dir, path, _plan_float(inv) if plan == "float" else _plan_quant(inv))
+    formats, importance = (_plan_float(inv), None) if plan == "float" else _with_codebook(inv, _plan_quant(inv))
+    report = _write(model_dir, path, formats, importance=importance)
     assert len(report.bytes_by_type()) >= 3
     a = _compare(path, model_dir, tmp_path)
     print(f"{family} {plan} mix {sorted(report.bytes_by_type())}: {a}")
