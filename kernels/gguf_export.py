@@ -21,7 +21,6 @@ same inputs give the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -435,68 +434,103 @@ def _as_float(x):
     return x.contiguous()
 
 
+# safetensors dtype -> (numpy dtype read from the file, torch dtype it is viewed as, or None for numpy's own)
+_ST_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16"),
+              "F64": (np.float64, None), "F8_E4M3": (np.uint8, "float8_e4m3fn")}
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # byte offset of the data in the shard file
+
+
 class _Checkpoint:
-    """Tensors of a safetensors checkpoint directory, read one tensor (or row range) at a time.
+    """Tensors of a safetensors checkpoint directory, read with plain file reads a contiguous range at
+    a time (one tensor, a chunk of rows, one expert); no memory map, so what the process holds is what
+    was read and not yet written.
 
     FP8 checkpoints (DeepSeek-V3's original release: float8_e4m3fn weights with a float32
     `weight_scale_inv` per 128x128 block) are dequantized on read."""
 
     def __init__(self, model_dir: Path, config: Mapping):
-        from sensitivity.inventory import read_safetensors_header
-
         shards = sorted(model_dir.glob("*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
-        self._shard: dict[str, Path] = {}
-        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._entries: dict[str, _StEntry] = {}
         for shard in shards:
-            for name, meta in read_safetensors_header(shard).items():
-                self._shard[name] = shard
-                self._meta[name] = (meta["dtype"], tuple(int(s) for s in meta["shape"]))
+            with open(shard, "rb") as f:
+                (n,) = np.frombuffer(f.read(8), dtype="<u8")
+                header = json.loads(f.read(int(n)))
+            header.pop("__metadata__", None)
+            for name, meta in header.items():
+                self._entries[name] = _StEntry(shard, meta["dtype"], tuple(int(d) for d in meta["shape"]),
+                                               8 + int(n) + int(meta["data_offsets"][0]))
         q = config.get("quantization_config") or {}
         self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, Any] = {}
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._meta
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][1]
+        return self._entries[name].shape
 
-    def _slice(self, name: str):
-        from safetensors import safe_open
+    def _raw(self, name: str, lead: tuple[int, int], inner: tuple[int, int] | None = None):
+        """Elements lead[0]:lead[1] of the first axis (with `inner`: one first-axis element, rows
+        inner[0]:inner[1] of its second axis) as a torch tensor of the file's dtype."""
+        import torch
 
-        shard = self._shard[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._stack.enter_context(safe_open(str(shard), framework="pt"))
-        return self._handles[shard].get_slice(name)
+        e = self._entries[name]
+        if e.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name} has dtype {e.dtype}; supported: {', '.join(_ST_DTYPES)}")
+        np_dtype, torch_view = _ST_DTYPES[e.dtype]
+        item = np.dtype(np_dtype).itemsize
+        inner_size = int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else 1
+        if inner is None:
+            first, count, shape = lead[0] * inner_size, (lead[1] - lead[0]) * inner_size, (lead[1] - lead[0], *e.shape[1:])
+        else:
+            row = int(np.prod(e.shape[2:], dtype=np.int64))
+            first = lead[0] * inner_size + inner[0] * row
+            count, shape = (inner[1] - inner[0]) * row, (inner[1] - inner[0], *e.shape[2:])
+        if e.shard not in self._files:
+            self._files[e.shard] = open(e.shard, "rb")
+        f = self._files[e.shard]
+        f.seek(e.offset + first * item)
+        buf = bytearray(count * item)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"{e.shard} ends inside tensor {name}; is the file truncated?")
+        x = torch.from_numpy(np.frombuffer(buf, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(shape))
+        return x.view(getattr(torch, torch_view)) if torch_view else x
 
     def read(self, name: str, rows: tuple[int, int] | None = None, index: int | None = None):
         """The tensor (or rows [r0, r1) of it, or element `index` of its first axis) as a torch tensor
         in float32, float16 or bfloat16."""
         import torch
 
-        sl = self._slice(name)
+        shape = self.shape(name)
         if index is not None:
-            x = sl[index]
+            x = self._raw(name, (index, index + 1))[0]
         elif rows is not None:
-            x = sl[rows[0]:rows[1]]
+            x = self._raw(name, rows)
+        elif shape:
+            x = self._raw(name, (0, shape[0]))
         else:
-            x = sl[:]
+            raise ValueError(f"{name} is a scalar; no GGUF tensor is made of one")
         if x.dtype == getattr(torch, "float8_e4m3fn", None):
             return self._dequant_fp8(name, x, rows)
         return _as_float(x)
 
     def _dequant_fp8(self, name: str, x, rows: tuple[int, int] | None):
-        import torch
-
         sname = name + "_scale_inv"
-        if sname not in self._meta:
+        if sname not in self:
             raise ValueError(f"{name} is float8 but the checkpoint has no {sname}")
         if x.dim() != 2:
             raise ValueError(f"{name}: float8 weights of {x.dim()} dimensions are not supported")
@@ -504,7 +538,7 @@ class _Checkpoint:
         r0 = rows[0] if rows is not None else 0
         if r0 % br:
             raise AssertionError("float8 row chunks must start on a scale block")
-        scale = self._slice(sname)[r0 // br: (r0 + x.shape[0] + br - 1) // br].float()
+        scale = self._raw(sname, (r0 // br, (r0 + x.shape[0] + br - 1) // br)).float()
         scale = scale.repeat_interleave(br, 0)[: x.shape[0]].repeat_interleave(bc, 1)[:, : x.shape[1]]
         return (x.float() * scale).contiguous()
 
@@ -528,7 +562,7 @@ class _Checkpoint:
             fused = f"{prefix}.gate_up_proj"  # (E, 2I, H): gate rows first, then up rows
             two_i = self.shape(fused)[1]
             half = (0, two_i // 2) if kind == "gate_proj" else (two_i // 2, two_i)
-            return _as_float(self._slice(fused)[e, half[0]:half[1], :])
+            return _as_float(self._raw(fused, (e, e + 1), half))
         return self.read(f"{prefix}.down_proj", index=e)
 
 
