@@ -267,7 +267,9 @@ def classify(name: str, shape: Sequence[int]) -> TensorInfo:
     layer = int(lm.group(1)) if lm else None
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) >= 2 else parts[-1]
-    if "embed_tokens" in name or name.endswith("wte.weight"):
+    if name.endswith("weight_scale_inv") or name.endswith("weight_scale"):
+        role = Role.OTHER  # block scales of an FP8 checkpoint: folded into the weights on read
+    elif "embed_tokens" in name or name.endswith("wte.weight"):
         role = Role.EMBEDDING
     elif name.startswith("lm_head") or name.endswith("output.weight"):
         role = Role.HEAD

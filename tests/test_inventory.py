@@ -111,3 +111,8 @@ def test_headers_equal_meta_device_and_bytes_equal_kernels(tmp_path):
 def test_unknown_model_errors_clearly():
     with pytest.raises(FileNotFoundError, match="bundled name"):
         build_inventory("no-such-model")
+
+
+def test_fp8_block_scales_are_not_quantizable_tensors():
+    t = classify("model.layers.3.mlp.experts.7.down_proj.weight_scale_inv", (56, 16))
+    assert t.role is Role.OTHER and not t.quantizable
