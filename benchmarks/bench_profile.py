@@ -73,10 +73,11 @@ def random_decision(profile, model, rng: np.random.Generator) -> Decision:
     return Decision(formats=formats, kept_experts=kept, top_k=topk)
 
 
-def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: bool, seed: int = 0) -> dict:
+def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: bool, seed: int = 0,
+              models_dir: Path = MODELS_DIR) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = MODELS_DIR / name
+    path = models_dir / name
     tok = AutoTokenizer.from_pretrained(str(path))
     calib = tok((path / "calib.txt").read_text(), add_special_tokens=False)["input_ids"]
     valid = tok((path / "valid.txt").read_text(), add_special_tokens=False)["input_ids"]
@@ -161,17 +162,19 @@ def main(argv=None):
     ap.add_argument("--valid-tokens", type=int, default=8192)
     ap.add_argument("--quick", action="store_true", help="8 plans, 1024 calibration and validation tokens")
     ap.add_argument("--no-ship", action="store_true", help="do not write the profile next to the model")
+    ap.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where the models are (default: the shipped ones)")
     args = ap.parse_args(argv)
     if args.quick:
         args.plans, args.calib_tokens, args.valid_tokens = 8, 1024, 1024
-    names = args.models or sorted(d.name for d in MODELS_DIR.iterdir() if (d / "config.json").exists())
+    names = args.models or sorted(d.name for d in args.models_dir.iterdir() if (d / "config.json").exists())
     if not names:
         sys.exit("no shipped reference models under sensitivity/models/")
     torch.manual_seed(0)
     summaries = []
     for name in names:
         print(f"== {name}", flush=True)
-        summaries.append(run_model(name, args.plans, args.calib_tokens, args.valid_tokens, not args.no_ship))
+        summaries.append(run_model(name, args.plans, args.calib_tokens, args.valid_tokens, not args.no_ship,
+                                   models_dir=args.models_dir))
     cmd = "python benchmarks/bench_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Profiling time and predictor fidelity",
