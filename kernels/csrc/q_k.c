@@ -79,27 +79,45 @@ static mp_half fp16_scale(float v, float need) {
     return h;
 }
 
+/* Final rounding of a super-block: L[i] = clamp(round((x[i] + mb[j]) * ib[j]), lo, hi) - lo, with
+ * j = i / sub the sub-block (ib = 1 / step, mb = the sub-block's min; 0 for symmetric formats) */
+static MP_NOINLINE void round_levels(const float *restrict x, const float *restrict ib, const float *restrict mb,
+                                     int sub, float lo, float hi, uint8_t *restrict L) {
+    for (int j = 0; j < QK_K / sub; j++) {
+        const float s = ib[j], m = mb[j];
+        for (int i = 0; i < sub; i++) L[sub * j + i] = (uint8_t)(int)(clampf(rnd((x[sub * j + i] + m) * s), lo, hi) - lo);
+    }
+}
+
 /* Normalized importance of one super-block: w = imp / max(imp) + 1e-6, so that a column with zero
  * importance still breaks ties and no sum of weights is zero. Returns 0 (use unit weights) when
  * there is no importance or it is zero on the whole super-block. */
 static int block_weights(const float *imp, float *w) {
     if (!imp) return 0;
-    float wmax = 0.f;
-    for (int i = 0; i < QK_K; i++) wmax = imp[i] > wmax ? imp[i] : wmax;
+    float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}; /* 8 lanes: no serial dependency */
+    for (int i = 0; i < QK_K; i += 8)
+        for (int q = 0; q < 8; q++) m[q] = imp[i + q] > m[q] ? imp[i + q] : m[q];
+    for (int q = 1; q < 8; q++) m[0] = m[q] > m[0] ? m[q] : m[0];
+    const float wmax = m[0];
     if (!(wmax > 0.f)) return 0;
-    for (int i = 0; i < QK_K; i++) w[i] = imp[i] / wmax + 1e-6f;
+    if (wmax >= 1e-30f) {
+        const float iw = 1.f / wmax;
+        for (int i = 0; i < QK_K; i++) w[i] = imp[i] * iw + 1e-6f;
+    } else { /* 1 / wmax could overflow */
+        for (int i = 0; i < QK_K; i++) w[i] = imp[i] / wmax + 1e-6f;
+    }
     return 1;
 }
 
 static float block_amax(const float *x) {
-    float m[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int i = 0; i < QK_K; i += 4)
-        for (int k = 0; k < 4; k++) {
-            const float a = fabsf(x[i + k]);
-            m[k] = a > m[k] ? a : m[k];
+    float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < QK_K; i += 8)
+        for (int q = 0; q < 8; q++) {
+            const float a = fabsf(x[i + q]);
+            m[q] = a > m[q] ? a : m[q];
         }
-    const float m01 = m[0] > m[1] ? m[0] : m[1], m23 = m[2] > m[3] ? m[2] : m[3];
-    return m01 > m23 ? m01 : m23;
+    for (int q = 1; q < 8; q++) m[0] = m[q] > m[0] ? m[q] : m[0];
+    return m[0];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -148,53 +166,66 @@ static const sym_search Q6_PLAIN = {1.05f, 0.99f, 1.055f, 8}, Q6_IMP = {1.05f, 0
  * Out: sc[16] in -S..S-1, L[256] = level + N, *pd. Returns 0 for an all-zero block. */
 MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float N, const float S,
                                     const sym_search p, int *sc, uint8_t *L, mp_half *pd) {
+    /* sub-block extremes: M = max |x|, sg = +1 when it is negative (s > 0 then maps it to -N) */
     float M[16], sg[16], Mmax = 0.f;
     for (int j = 0; j < 16; j++) {
-        float mx = x[16 * j], mn = x[16 * j];
-        for (int i = 1; i < 16; i++) {
-            const float v = x[16 * j + i];
-            mx = v > mx ? v : mx;
-            mn = v < mn ? v : mn;
-        }
-        /* the extreme takes level -N: s < 0 when it is positive */
-        M[j] = -mn > mx ? -mn : mx;
-        sg[j] = -mn > mx ? 1.f : -1.f;
+        const float *xj = x + 16 * j;
+        float mx[4], mn[4];
+        for (int q = 0; q < 4; q++) mx[q] = mn[q] = xj[q];
+        for (int i = 4; i < 16; i += 4)
+            for (int q = 0; q < 4; q++) {
+                mx[q] = xj[i + q] > mx[q] ? xj[i + q] : mx[q];
+                mn[q] = xj[i + q] < mn[q] ? xj[i + q] : mn[q];
+            }
+        mx[0] = mx[0] > mx[1] ? mx[0] : mx[1];
+        mx[2] = mx[2] > mx[3] ? mx[2] : mx[3];
+        mn[0] = mn[0] < mn[1] ? mn[0] : mn[1];
+        mn[2] = mn[2] < mn[3] ? mn[2] : mn[3];
+        const float hi = mx[0] > mx[2] ? mx[0] : mx[2], lo = -(mn[0] < mn[2] ? mn[0] : mn[2]);
+        M[j] = lo > hi ? lo : hi;
+        sg[j] = lo > hi ? 1.f : -1.f;
         Mmax = M[j] > Mmax ? M[j] : Mmax;
     }
     if (!(Mmax >= MP_TINY)) return 0;
     *pd = fp16_scale(p.dfac * Mmax / (N * S), Mmax / (N * S));
     const float d = MP_FP16_TO_FP32(*pd);
-    const float inv = 1.f / (N * d);
+    const float inv = 1.f / (N * d), rstep = (p.rhi - p.rlo) / (float)(p.K - 1);
+    /* candidates for every sub-block: |s| = round(s_nom * r_k), at least 1 (a step of 0 is never
+     * better than 1) and at least the first + k (distinct where the spacing allows), at most smax */
+    float mag[16][16], a[16][16], ia[16][16], E[16][16];
     for (int j = 0; j < 16; j++) {
-        const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f;
-        const float r0 = snom * p.rlo, rs = snom * (p.rhi - p.rlo) / (float)(p.K - 1);
-        float a[16], ia[16], mag[16], E[16], prev = 0.f;
+        const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f, ds = d * sg[j];
+        const float r0 = snom * p.rlo, rs = snom * rstep;
+        const float m0 = rnd(r0) > 1.f ? rnd(r0) : 1.f;
         for (int k = 0; k < p.K; k++) {
             float m = rnd(r0 + rs * (float)k);
-            m = m > prev ? m : prev + 1.f; /* >= 1: a step of 0 is never better than 1 */
+            m = m > m0 + (float)k ? m : m0 + (float)k;
             m = m < smax ? m : smax;
-            prev = m;
-            mag[k] = m;
-            a[k] = d * (sg[j] * m);
-            ia[k] = 1.f / a[k];
+            mag[j][k] = m;
+            a[j][k] = ds * m;
         }
-        if (w)
-            sym_err_w(x + 16 * j, w + 16 * j, ia, E, p.K, N);
-        else
-            sym_err(x + 16 * j, ia, E, p.K, N);
-        int b = 0;
-        float be = E[0] * (a[0] * a[0]);
-        for (int k = 1; k < p.K; k++) {
-            const float e = E[k] * (a[k] * a[k]);
-            if (e < be) {
-                be = e;
-                b = k;
-            }
-        }
-        sc[j] = (int)(sg[j] * mag[b]);
-        const float ib = ia[b];
-        for (int i = 0; i < 16; i++) L[16 * j + i] = (uint8_t)(int)(clampf(rnd(x[16 * j + i] * ib), -N, N - 1.f) + N);
+        for (int k = 0; k < p.K; k++) ia[j][k] = 1.f / a[j][k];
     }
+    for (int j = 0; j < 16; j++) {
+        if (w)
+            sym_err_w(x + 16 * j, w + 16 * j, ia[j], E[j], p.K, N);
+        else
+            sym_err(x + 16 * j, ia[j], E[j], p.K, N);
+    }
+    float ib[16];
+    for (int j = 0; j < 16; j++) {
+        int b = 0;
+        float be = E[j][0] * (a[j][0] * a[j][0]);
+        for (int k = 1; k < p.K; k++) {
+            const float e = E[j][k] * (a[j][k] * a[j][k]);
+            b = e < be ? k : b;
+            be = e < be ? e : be;
+        }
+        sc[j] = (int)(sg[j] * mag[j][b]);
+        ib[j] = ia[j][b];
+    }
+    static const float zeros[16] = {0.f};
+    round_levels(x, ib, zeros, 16, -N, N - 1.f, L);
     return 1;
 }
 
@@ -272,20 +303,26 @@ static const float grid_q45_16[16] = {-3.0f, -2.6f, -2.2f, -1.8f, -1.5f, -1.2f, 
 /* Affine fit x ~ a*L + b of one sub-block (normalized values), L in 0..nmax, a > 0, b <= 0. */
 MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, const float nmax, const float *t,
                                  const int K, const int iters, float *pa, float *pb) {
-    float xmin = x[0], xmax = x[0], Sw = 0.f, Sx = 0.f;
-    for (int i = 0; i < n; i++) {
-        xmin = x[i] < xmin ? x[i] : xmin;
-        xmax = x[i] > xmax ? x[i] : xmax;
+    /* extremes and weighted sums in 4 lanes (n is a multiple of 4) */
+    float lo[4], hi[4], sw[4], sx[4];
+    for (int q = 0; q < 4; q++) {
+        lo[q] = hi[q] = x[q];
+        sw[q] = sx[q] = 0.f;
     }
-    if (w) {
-        for (int i = 0; i < n; i++) {
-            Sw += w[i];
-            Sx += w[i] * x[i];
+    for (int i = 0; i < n; i += 4)
+        for (int q = 0; q < 4; q++) {
+            const float v = x[i + q], wv = w ? w[i + q] : 1.f;
+            lo[q] = v < lo[q] ? v : lo[q];
+            hi[q] = v > hi[q] ? v : hi[q];
+            sw[q] += wv;
+            sx[q] += wv * v;
         }
-    } else {
-        Sw = (float)n;
-        for (int i = 0; i < n; i++) Sx += x[i];
-    }
+    float xmin = lo[0] < lo[1] ? lo[0] : lo[1], xmax = hi[0] > hi[1] ? hi[0] : hi[1];
+    xmin = lo[2] < xmin ? lo[2] : xmin;
+    xmin = lo[3] < xmin ? lo[3] : xmin;
+    xmax = hi[2] > xmax ? hi[2] : xmax;
+    xmax = hi[3] > xmax ? hi[3] : xmax;
+    const float Sw = (sw[0] + sw[1]) + (sw[2] + sw[3]), Sx = (sx[0] + sx[1]) + (sx[2] + sx[3]);
     if (xmin > 0.f) xmin = 0.f;
     if (!(xmax > xmin)) { /* constant non-positive sub-block */
         *pa = 0.f;
@@ -310,8 +347,7 @@ MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, co
         G[k] = (ok && a > 0.f) ? a * Sxl[k] + b * Sx : -1.f;
     }
     int best = 0;
-    for (int k = 1; k < K; k++)
-        if (G[k] > G[best]) best = k;
+    for (int k = 1; k < K; k++) best = G[k] > G[best] ? k : best;
     float best_g = G[best], best_a = A[best], best_b = B[best];
     if (!(best_g >= 0.f)) {
         best_a = (xmax - xmin) / nmax;
@@ -346,6 +382,27 @@ MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, co
     }
     *pa = best_a;
     *pb = best_b;
+}
+
+/* neighbours of the rounded (scale, min) tried by exact error: scale -2..+2 x min -2..+1 */
+static const float ds_[AFF_NCAND] = {-2.f, -2.f, -2.f, -2.f, -1.f, -1.f, -1.f, -1.f, 0.f, 0.f,
+                                     0.f,  0.f,  1.f,  1.f,  1.f,  1.f,  2.f,  2.f,  2.f, 2.f};
+static const float dm_[AFF_NCAND] = {-2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -1.f,
+                                     0.f,  1.f,  -2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f};
+
+/* candidate integers (cs, cm) around (s0, m0), their decoded step ca = d*cs and min cmb = dmin*cm,
+ * and 1/ca; cs >= 1 (a scale of 0 is never better than 1) */
+static MP_NOINLINE void aff_neighbours(float s0, float m0, float d, float dmin, float smax, int K,
+                                       float *restrict cs, float *restrict cm, float *restrict ca,
+                                       float *restrict cmb, float *restrict ia) {
+    const float mmax = dmin > 0.f ? smax : 0.f;
+    for (int k = 0; k < K; k++) {
+        cs[k] = clampf(s0 + ds_[k], 1.f, smax);
+        cm[k] = clampf(m0 + dm_[k], 0.f, mmax);
+        ca[k] = d * cs[k];
+        cmb[k] = dmin * cm[k];
+        ia[k] = 1.f / ca[k];
+    }
 }
 
 /* One super-block of an affine format (nsub sub-blocks of `sub`). x: 256 values, w: weights or
@@ -388,12 +445,6 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
         if (den > 0.f) d = num / den;
         if (denm > 0.f) dm = numm / denm;
     }
-    /* neighbours of the rounded (scale, min): scale -2..+2 x min -2..+1 */
-    static const float ds_[AFF_NCAND] = {-2.f, -2.f, -2.f, -2.f, -1.f, -1.f, -1.f, -1.f, 0.f, 0.f,
-                                         0.f,  0.f,  1.f,  1.f,  1.f,  1.f,  2.f,  2.f,  2.f, 2.f};
-    static const float dm_[AFF_NCAND] = {-2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -1.f,
-                                         0.f,  1.f,  -2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f};
-    /* d > 0 even when every sub-block is constant (all a = 0, the mins carry the values) */
     *pd = fp16_scale(d > 0.f ? d : 0.f, max_a / smax);
     *pdmin = max_m > 0.f ? fp16_scale(dm, max_m / smax) : 0;
     const float dd = MP_FP16_TO_FP32(*pd), ddm = MP_FP16_TO_FP32(*pdmin);
@@ -402,31 +453,24 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
         const float *xj = x + sub * j;
         const float s0 = rnd(a[j] * idd), m0 = rnd(mb[j] * iddm);
         float cs[AFF_NCAND], cm[AFF_NCAND], ca[AFF_NCAND], ia[AFF_NCAND], cmb[AFF_NCAND], E[AFF_NCAND];
-        for (int k = 0; k < AFF_NCAND; k++) {
-            cs[k] = clampf(s0 + ds_[k], 1.f, smax); /* >= 1: a scale of 0 is never better than 1 */
-            cm[k] = ddm > 0.f ? clampf(m0 + dm_[k], 0.f, smax) : 0.f;
-            ca[k] = dd * cs[k];
-            cmb[k] = ddm * cm[k];
-            ia[k] = 1.f / ca[k];
-        }
+        aff_neighbours(s0, m0, dd, ddm, smax, AFF_NCAND, cs, cm, ca, cmb, ia);
         aff_err(xj, w ? w + sub * j : NULL, ia, cmb, E, sub, nmax);
         int b = 10; /* (s0, m0) */
         float be = E[b] * (ca[b] * ca[b]);
         for (int k = 0; k < AFF_NCAND; k++) {
             const float e = E[k] * (ca[k] * ca[k]);
-            if (e < be) {
-                be = e;
-                b = k;
-            }
+            b = e < be ? k : b;
+            be = e < be ? e : be;
         }
         sc[j] = (uint8_t)(int)cs[b];
         mn[j] = (uint8_t)(int)cm[b];
     }
+    float ib[16], mbb[16];
     for (int j = 0; j < nsub; j++) {
-        const float *xj = x + sub * j;
-        const float ib = 1.f / (dd * (float)sc[j]), mbb = ddm * (float)mn[j];
-        for (int i = 0; i < sub; i++) L[sub * j + i] = (uint8_t)(int)clampf(rnd((xj[i] + mbb) * ib), 0.f, nmax);
+        ib[j] = 1.f / (dd * (float)sc[j]);
+        mbb[j] = ddm * (float)mn[j];
     }
+    round_levels(x, ib, mbb, sub, 0.f, nmax, L);
     return 1;
 }
 
