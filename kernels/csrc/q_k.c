@@ -25,13 +25,19 @@
  * error. Values are normalized by the super-block's max |x| for this search (no under/overflow in
  * the sums); the final rounding uses the original values and the decoded fp16 scales.
  *
- * Speed: the hot loops (sym_err, aff_cand, aff_err) run over candidates in the innermost loop:
- * independent lanes that the compiler vectorizes without reassociating any float sum, so the
- * results do not depend on the instruction set. Each is a small out-of-line function.
+ * Speed: the hot loops (sym_err, aff_cand, aff_err, round_levels) run over candidates (or weights)
+ * in the innermost loop: independent lanes that the compiler vectorizes without reassociating any
+ * float sum. With no multiply-add contraction either (below), the bytes written do not depend on
+ * the instruction set. The kernels are small out-of-line functions: inlined into callers with
+ * constant trip counts, GCC unrolls them first and then leaves them scalar.
  */
 #include <float.h>
 
 #include "moeplan.h"
+
+/* (d*sc)*q - dmin*m must be two roundings, as in ggml and numpy, never one fused multiply-add
+ * (clang contracts by default where FMA exists; GCC does not in ISO C mode) */
+#pragma STDC FP_CONTRACT OFF
 
 #if defined(__GNUC__) || defined(__clang__)
 #define MP_ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -61,9 +67,10 @@ MP_ALWAYS_INLINE float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* below this max |x| a super-block is stored as zeros: the smallest nonzero value any k-quant
- * decodes to is 2^-24 (fp16 subnormal d times 1), so nothing representable is lost */
-#define MP_TINY 1e-20f
+/* below this max |x| a super-block is stored as zeros, which is then its best encoding: every
+ * k-quant level is an integer multiple of 2^-24 (fp16 scales are), so a nonzero level is farther
+ * from any |x| < 2^-25 than 0 is */
+#define MP_TINY 0x1p-25f
 #define MP_FP16_MAX 65504.f
 
 /* fp16 of a positive super-block scale v, raised to at least `need` (the scale at which the
@@ -157,7 +164,7 @@ static MP_NOINLINE void sym_err_w(const float *restrict x, const float *restrict
  * chosen on gaussian and Student-t data (rmse and speed; results/kernels.md). */
 typedef struct {
     float dfac, rlo, rhi;
-    int K; /* <= 16 */
+    int K; /* 2..16 */
 } sym_search;
 static const sym_search Q3_PLAIN = {1.15f, 0.90f, 1.20f, 4}, Q3_IMP = {1.15f, 0.85f, 1.30f, 12};
 static const sym_search Q6_PLAIN = {1.05f, 0.99f, 1.055f, 8}, Q6_IMP = {1.05f, 0.99f, 1.075f, 12};
@@ -419,8 +426,8 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
     for (int j = 0; j < nsub; j++) {
         float aj, bj;
         fit_affine(xn + sub * j, w ? w + sub * j : NULL, sub, nmax, t, K, iters, &aj, &bj);
-        a[j] = aj * amax;
-        mb[j] = -bj * amax;
+        a[j] = aj; /* normalized units until the fp16 scales: no overflow in the sums below */
+        mb[j] = -bj;
         float s = (float)sub;
         if (w) {
             s = 0.f;
@@ -445,13 +452,13 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
         if (den > 0.f) d = num / den;
         if (denm > 0.f) dm = numm / denm;
     }
-    *pd = fp16_scale(d > 0.f ? d : 0.f, max_a / smax);
-    *pdmin = max_m > 0.f ? fp16_scale(dm, max_m / smax) : 0;
+    *pd = fp16_scale(d > 0.f ? d * amax : 0.f, max_a * amax / smax);
+    *pdmin = max_m > 0.f ? fp16_scale(dm * amax, max_m * amax / smax) : 0;
     const float dd = MP_FP16_TO_FP32(*pd), ddm = MP_FP16_TO_FP32(*pdmin);
     const float idd = 1.f / dd, iddm = ddm > 0.f ? 1.f / ddm : 0.f;
     for (int j = 0; j < nsub; j++) {
         const float *xj = x + sub * j;
-        const float s0 = rnd(a[j] * idd), m0 = rnd(mb[j] * iddm);
+        const float s0 = rnd((a[j] * amax) * idd), m0 = rnd((mb[j] * amax) * iddm);
         float cs[AFF_NCAND], cm[AFF_NCAND], ca[AFF_NCAND], ia[AFF_NCAND], cmb[AFF_NCAND], E[AFF_NCAND];
         aff_neighbours(s0, m0, dd, ddm, smax, AFF_NCAND, cs, cm, ca, cmb, ia);
         aff_err(xj, w ? w + sub * j : NULL, ia, cmb, E, sub, nmax);
