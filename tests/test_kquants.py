@@ -41,6 +41,7 @@ GGML_RMSE = {
 MAX_ERR_PER_BLOCK = {fmt: 1.5 * 2 / (levels - 1) for fmt, levels in
                      {"Q2_K": 4, "Q3_K": 8, "Q4_K": 16, "Q5_K": 32, "Q6_K": 64}.items()}
 
+
 def gguf_decode(q: np.ndarray, fmt: str) -> np.ndarray:
     return gguf.quants.dequantize(q, gguf.GGMLQuantizationType[fmt])
 
