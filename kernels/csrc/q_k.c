@@ -131,29 +131,34 @@ static float block_amax(const float *x) {
 /* Symmetric formats: Q3_K (N = 4, S = 32), Q6_K (N = 32, S = 128)                             */
 /* ------------------------------------------------------------------------------------------ */
 
-/* E[k] = sum_i w_i (u_ik - L_ik)^2, u_ik = x_i / a_k, L_ik = u_ik rounded and clamped to -N..N-1:
- * the squared error of step a_k in units of a_k^2 (multiply by a_k^2 to compare candidates). */
+/* For nsub sub-blocks of 16 (sub-block j: weights x[16j..], K inverse steps ia[16j..]):
+ * E[16j+k] = sum_i w_i (u_ik - L_ik)^2, u_ik = x_i / a_k, L_ik = u_ik rounded and clamped to
+ * -N..N-1: the squared error of step a_k in units of a_k^2 (times a_k^2 to compare candidates). */
 MP_ALWAYS_INLINE void sym_err_impl(const float *restrict x, const float *restrict w, const float *restrict ia,
-                                   float *restrict E, const int K, const float N) {
-    float acc[16];
-    for (int k = 0; k < K; k++) acc[k] = 0.f;
-    for (int i = 0; i < 16; i++) {
-        const float xi = x[i], wi = w ? w[i] : 1.f;
-        for (int k = 0; k < K; k++) {
-            const float u = xi * ia[k];
-            const float e = u - clampf(rnd(u), -N, N - 1.f);
-            acc[k] += wi * (e * e);
+                                   float *restrict E, const int nsub, const int K, const float N) {
+    for (int j = 0; j < nsub; j++) {
+        const float *xj = x + 16 * j, *wj = w ? w + 16 * j : NULL, *iaj = ia + 16 * j;
+        float acc[16];
+        for (int k = 0; k < K; k++) acc[k] = 0.f;
+        for (int i = 0; i < 16; i++) {
+            const float xi = xj[i], wi = wj ? wj[i] : 1.f;
+            for (int k = 0; k < K; k++) {
+                const float u = xi * iaj[k];
+                const float e = u - clampf(rnd(u), -N, N - 1.f);
+                acc[k] += wi * (e * e);
+            }
         }
+        for (int k = 0; k < K; k++) E[16 * j + k] = acc[k];
     }
-    for (int k = 0; k < K; k++) E[k] = acc[k];
 }
 
-static MP_NOINLINE void sym_err(const float *restrict x, const float *restrict ia, float *restrict E, int K, float N) {
-    sym_err_impl(x, NULL, ia, E, K, N);
+static MP_NOINLINE void sym_err(const float *restrict x, const float *restrict ia, float *restrict E, int nsub, int K,
+                                float N) {
+    sym_err_impl(x, NULL, ia, E, nsub, K, N);
 }
 static MP_NOINLINE void sym_err_w(const float *restrict x, const float *restrict w, const float *restrict ia,
-                                  float *restrict E, int K, float N) {
-    sym_err_impl(x, w, ia, E, K, N);
+                                  float *restrict E, int nsub, int K, float N) {
+    sym_err_impl(x, w, ia, E, nsub, K, N);
 }
 
 /* Search settings of a symmetric format: d = dfac * max|x| / (N*S); the candidate |s| of a
@@ -169,13 +174,11 @@ typedef struct {
 static const sym_search Q3_PLAIN = {1.15f, 0.90f, 1.20f, 4}, Q3_IMP = {1.15f, 0.85f, 1.30f, 12};
 static const sym_search Q6_PLAIN = {1.05f, 0.99f, 1.055f, 8}, Q6_IMP = {1.05f, 0.99f, 1.075f, 12};
 
-/* One super-block of a symmetric format. x: 256 values; w: weights or NULL.
- * Out: sc[16] in -S..S-1, L[256] = level + N, *pd. Returns 0 for an all-zero block. */
-MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float N, const float S,
-                                    const sym_search p, int *sc, uint8_t *L, mp_half *pd) {
-    /* sub-block extremes: M = max |x|, sg = +1 when it is negative (s > 0 then maps it to -N) */
-    float M[16], sg[16], Mmax = 0.f;
-    for (int j = 0; j < 16; j++) {
+/* Extremes of 16-weight sub-blocks: M[j] = max |x|, sg[j] = +1 when that extreme is negative
+ * (a positive integer scale then maps it to level -N), else -1. */
+static MP_NOINLINE void sym_extremes(const float *restrict x, int nsub, float *restrict M, float *restrict sg) {
+    float hi[16], lo[16];
+    for (int j = 0; j < nsub; j++) {
         const float *xj = x + 16 * j;
         float mx[4], mn[4];
         for (int q = 0; q < 4; q++) mx[q] = mn[q] = xj[q];
@@ -184,41 +187,60 @@ MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float 
                 mx[q] = xj[i + q] > mx[q] ? xj[i + q] : mx[q];
                 mn[q] = xj[i + q] < mn[q] ? xj[i + q] : mn[q];
             }
-        mx[0] = mx[0] > mx[1] ? mx[0] : mx[1];
-        mx[2] = mx[2] > mx[3] ? mx[2] : mx[3];
-        mn[0] = mn[0] < mn[1] ? mn[0] : mn[1];
-        mn[2] = mn[2] < mn[3] ? mn[2] : mn[3];
-        const float hi = mx[0] > mx[2] ? mx[0] : mx[2], lo = -(mn[0] < mn[2] ? mn[0] : mn[2]);
-        M[j] = lo > hi ? lo : hi;
-        sg[j] = lo > hi ? 1.f : -1.f;
-        Mmax = M[j] > Mmax ? M[j] : Mmax;
+        mx[0] = mx[0] > mx[2] ? mx[0] : mx[2];
+        mx[1] = mx[1] > mx[3] ? mx[1] : mx[3];
+        mn[0] = mn[0] < mn[2] ? mn[0] : mn[2];
+        mn[1] = mn[1] < mn[3] ? mn[1] : mn[3];
+        hi[j] = mx[0] > mx[1] ? mx[0] : mx[1];
+        lo[j] = -(mn[0] < mn[1] ? mn[0] : mn[1]);
     }
-    if (!(Mmax >= MP_TINY)) return 0;
-    *pd = fp16_scale(p.dfac * Mmax / (N * S), Mmax / (N * S));
-    const float d = MP_FP16_TO_FP32(*pd);
-    const float inv = 1.f / (N * d), rstep = (p.rhi - p.rlo) / (float)(p.K - 1);
-    /* candidates for every sub-block: |s| = round(s_nom * r_k), at least 1 (a step of 0 is never
-     * better than 1) and at least the first + k (distinct where the spacing allows), at most smax */
-    float mag[16][16], a[16][16], ia[16][16], E[16][16];
-    for (int j = 0; j < 16; j++) {
-        const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f, ds = d * sg[j];
-        const float r0 = snom * p.rlo, rs = snom * rstep;
-        const float m0 = rnd(r0) > 1.f ? rnd(r0) : 1.f;
-        for (int k = 0; k < p.K; k++) {
+    for (int j = 0; j < nsub; j++) {
+        M[j] = lo[j] > hi[j] ? lo[j] : hi[j];
+        sg[j] = lo[j] > hi[j] ? 1.f : -1.f;
+    }
+}
+
+/* Candidate integer scales of every sub-block (K per sub-block, row j at stride 16):
+ * |s| = round(s_nom * r_k) with s_nom = M / (N d), r_k = rlo + k * rstep, at least 1 (a step of 0
+ * is never better than 1) and at least the first + k (distinct where the spacing allows), at most
+ * S (S - 1 for s > 0). Out: s, the decoded steps a = d * s and 1 / a. */
+static MP_NOINLINE void sym_candidates(const float *restrict M, const float *restrict sg, int nsub, int K, float d,
+                                       float N, float S, float rlo, float rstep, float *restrict s,
+                                       float *restrict a, float *restrict ia) {
+    const float inv = 1.f / (N * d);
+    for (int j = 0; j < nsub; j++) {
+        const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f;
+        const float r0 = snom * rlo, rs = snom * rstep;
+        const float f = rnd(r0), m0 = f > 1.f ? f : 1.f;
+        for (int k = 0; k < K; k++) {
             float m = rnd(r0 + rs * (float)k);
             m = m > m0 + (float)k ? m : m0 + (float)k;
             m = m < smax ? m : smax;
-            mag[j][k] = m;
-            a[j][k] = ds * m;
+            s[16 * j + k] = sg[j] * m;
         }
-        for (int k = 0; k < p.K; k++) ia[j][k] = 1.f / a[j][k];
+        for (int k = 0; k < K; k++) {
+            a[16 * j + k] = d * s[16 * j + k];
+            ia[16 * j + k] = 1.f / a[16 * j + k];
+        }
     }
-    for (int j = 0; j < 16; j++) {
-        if (w)
-            sym_err_w(x + 16 * j, w + 16 * j, ia[j], E[j], p.K, N);
-        else
-            sym_err(x + 16 * j, ia[j], E[j], p.K, N);
-    }
+}
+
+/* One super-block of a symmetric format. x: 256 values; w: weights or NULL.
+ * Out: sc[16] in -S..S-1, L[256] = level + N, *pd. Returns 0 for an all-zero block. */
+MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float N, const float S,
+                                    const sym_search p, int *sc, uint8_t *L, mp_half *pd) {
+    float M[16], sg[16], Mmax = 0.f;
+    sym_extremes(x, 16, M, sg);
+    for (int j = 0; j < 16; j++) Mmax = M[j] > Mmax ? M[j] : Mmax;
+    if (!(Mmax >= MP_TINY)) return 0;
+    *pd = fp16_scale(p.dfac * Mmax / (N * S), Mmax / (N * S));
+    const float d = MP_FP16_TO_FP32(*pd);
+    float s[16][16], a[16][16], ia[16][16], E[16][16]; /* [sub-block][candidate < K] */
+    sym_candidates(M, sg, 16, p.K, d, N, S, p.rlo, (p.rhi - p.rlo) / (float)(p.K - 1), s[0], a[0], ia[0]);
+    if (w)
+        sym_err_w(x, w, ia[0], E[0], 16, p.K, N);
+    else
+        sym_err(x, ia[0], E[0], 16, p.K, N);
     float ib[16];
     for (int j = 0; j < 16; j++) {
         int b = 0;
@@ -228,7 +250,7 @@ MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float 
             b = e < be ? k : b;
             be = e < be ? e : be;
         }
-        sc[j] = (int)(sg[j] * mag[j][b]);
+        sc[j] = (int)s[j][b];
         ib[j] = ia[j][b];
     }
     static const float zeros[16] = {0.f};
