@@ -263,7 +263,7 @@ MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float 
 /* 6-bit scales)                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
-#define AFF_NCAND 20 /* (scale, min) neighbours tried by exact error */
+#define AFF_NCAND 20 /* most (scale, min) neighbours tried by exact error */
 
 /* Per candidate k: L = min(round((x - xmin) * isc[k]), nmax) and the sums Sl = sum w L,
  * Sll = sum w L^2, Sxl = sum w x L. */
@@ -315,11 +315,32 @@ static MP_NOINLINE void aff_cand(const float *restrict x, const float *restrict 
         aff_cand_impl(x, NULL, xmin, isc, Sl, Sll, Sxl, n, K, nmax);
 }
 static MP_NOINLINE void aff_err(const float *restrict x, const float *restrict w, const float *restrict ia,
-                                const float *restrict mb, float *restrict E, int n, float nmax) {
-    if (w)
+                                const float *restrict mb, float *restrict E, int n, int K, float nmax) {
+    /* the weighted search (all 20) runs faster unrolled, the plain one (12) as a loop (GCC 12) */
+    if (w && K == AFF_NCAND)
         aff_err_impl(x, w, ia, mb, E, n, AFF_NCAND, nmax);
+    else if (w)
+        aff_err_impl(x, w, ia, mb, E, n, K, nmax);
     else
-        aff_err_impl(x, NULL, ia, mb, E, n, AFF_NCAND, nmax);
+        aff_err_impl(x, NULL, ia, mb, E, n, K, nmax);
+}
+
+/* Sums of a sub-block rounded at step 1/ia above b: sl = sum w L, sll = sum w L^2, sxl = sum w x L
+ * (4 lanes; n is a multiple of 4) */
+static MP_NOINLINE void aff_sums(const float *restrict x, const float *restrict w, float b, float ia, int n,
+                                 float nmax, float *sl, float *sll, float *sxl) {
+    float p1[4] = {0.f, 0.f, 0.f, 0.f}, p2[4] = {0.f, 0.f, 0.f, 0.f}, p3[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; i += 4)
+        for (int q = 0; q < 4; q++) {
+            const float l = clampf(rnd((x[i + q] - b) * ia), 0.f, nmax);
+            const float wl = w ? w[i + q] * l : l;
+            p1[q] += wl;
+            p2[q] += wl * l;
+            p3[q] += wl * x[i + q];
+        }
+    *sl = (p1[0] + p1[1]) + (p1[2] + p1[3]);
+    *sll = (p2[0] + p2[1]) + (p2[2] + p2[3]);
+    *sxl = (p3[0] + p3[1]) + (p3[2] + p3[3]);
 }
 
 /* candidate steps (xmax - xmin) / (nmax + t[k]): 8 for the plain path, 16 with importance */
@@ -383,19 +404,8 @@ MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, co
         best_b = xmin;
     }
     for (int it = 0; it < iters; it++) {
-        const float ia = 1.f / best_a;
-        float p1[4] = {0.f, 0.f, 0.f, 0.f}, p2[4] = {0.f, 0.f, 0.f, 0.f}, p3[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int i = 0; i < n; i += 4)
-            for (int q = 0; q < 4; q++) {
-                const float l = clampf(rnd((x[i + q] - best_b) * ia), 0.f, nmax);
-                const float wl = w ? w[i + q] * l : l;
-                p1[q] += wl;
-                p2[q] += wl * l;
-                p3[q] += wl * x[i + q];
-            }
-        const float sl = (p1[0] + p1[1]) + (p1[2] + p1[3]);
-        const float sll = (p2[0] + p2[1]) + (p2[2] + p2[3]);
-        const float sxl = (p3[0] + p3[1]) + (p3[2] + p3[3]);
+        float sl, sll, sxl;
+        aff_sums(x, w, best_b, 1.f / best_a, n, nmax, &sl, &sll, &sxl);
         const float D = Sw * sll - sl * sl;
         if (!(D > 1e-6f * Sw * sll)) break;
         float a = (Sw * sxl - Sx * sl) / D, b = (sll * Sx - sl * sxl) / D;
@@ -413,11 +423,13 @@ MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, co
     *pb = best_b;
 }
 
-/* neighbours of the rounded (scale, min) tried by exact error: scale -2..+2 x min -2..+1 */
-static const float ds_[AFF_NCAND] = {-2.f, -2.f, -2.f, -2.f, -1.f, -1.f, -1.f, -1.f, 0.f, 0.f,
-                                     0.f,  0.f,  1.f,  1.f,  1.f,  1.f,  2.f,  2.f,  2.f, 2.f};
-static const float dm_[AFF_NCAND] = {-2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -1.f,
-                                     0.f,  1.f,  -2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f};
+/* neighbours (scale, min) of the rounded ones tried by exact error: the first 12 cover scale
+ * -1..+2 x min -1..+1 (a larger scale pairs with a larger min when a sub-block is re-centred),
+ * all 20 scale -2..+2 x min -2..+1 */
+static const float ds_[AFF_NCAND] = {0.f, 0.f,  0.f,  -1.f, -1.f, -1.f, 1.f, 1.f, 1.f, 2.f,
+                                     2.f, 2.f,  -2.f, -2.f, -2.f, -2.f, -1.f, 0.f, 1.f, 2.f};
+static const float dm_[AFF_NCAND] = {0.f, -1.f, 1.f, 0.f, -1.f, 1.f, 0.f, -1.f, 1.f, 0.f,
+                                     -1.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -2.f, -2.f, -2.f};
 
 /* candidate integers (cs, cm) around (s0, m0), their decoded step ca = d*cs and min cmb = dmin*cm,
  * and 1/ca; cs >= 1 (a scale of 0 is never better than 1) */
@@ -437,7 +449,7 @@ static MP_NOINLINE void aff_neighbours(float s0, float m0, float d, float dmin, 
 /* One super-block of an affine format (nsub sub-blocks of `sub`). x: 256 values, w: weights or
  * NULL. Out: sc[], mn[] in 0..smax, L[256] in 0..nmax, *pd, *pdmin. Returns 0 for a zero block. */
 MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int nsub, const int sub, const float nmax,
-                                    const float smax, const float *t, const int K, const int iters, uint8_t *sc, uint8_t *mn, uint8_t *L,
+                                    const float smax, const float *t, const int K, const int iters, const int nb, uint8_t *sc, uint8_t *mn, uint8_t *L,
                                     mp_half *pd, mp_half *pdmin) {
     const float amax = block_amax(x);
     if (!(amax >= MP_TINY)) return 0;
@@ -482,11 +494,11 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
         const float *xj = x + sub * j;
         const float s0 = rnd((a[j] * amax) * idd), m0 = rnd((mb[j] * amax) * iddm);
         float cs[AFF_NCAND], cm[AFF_NCAND], ca[AFF_NCAND], ia[AFF_NCAND], cmb[AFF_NCAND], E[AFF_NCAND];
-        aff_neighbours(s0, m0, dd, ddm, smax, AFF_NCAND, cs, cm, ca, cmb, ia);
-        aff_err(xj, w ? w + sub * j : NULL, ia, cmb, E, sub, nmax);
-        int b = 10; /* (s0, m0) */
-        float be = E[b] * (ca[b] * ca[b]);
-        for (int k = 0; k < AFF_NCAND; k++) {
+        aff_neighbours(s0, m0, dd, ddm, smax, nb, cs, cm, ca, cmb, ia);
+        aff_err(xj, w ? w + sub * j : NULL, ia, cmb, E, sub, nb, nmax);
+        int b = 0; /* (s0, m0) */
+        float be = E[0] * (ca[0] * ca[0]);
+        for (int k = 1; k < nb; k++) {
             const float e = E[k] * (ca[k] * ca[k]);
             b = e < be ? k : b;
             be = e < be ? e : be;
@@ -568,9 +580,9 @@ static void quantize_row_q2_K(const float *x, void *vy, int64_t n, const float *
         const float *xb = x + ib * QK_K;
         const float *w = block_weights(imp ? imp + ib * QK_K : NULL, wbuf) ? wbuf : NULL;
         block_q2_K *b = y + ib;
-        int ok = w ? aff_superblock(xb, w, 16, 16, 3.f, 15.f, grid_q2_16, 16, 2, sc,
+        int ok = w ? aff_superblock(xb, w, 16, 16, 3.f, 15.f, grid_q2_16, 16, 2, 20, sc,
                                     mn, L, &b->d, &b->dmin)
-                   : aff_superblock(xb, NULL, 16, 16, 3.f, 15.f, grid_aff_8, 8, 1, sc, mn,
+                   : aff_superblock(xb, NULL, 16, 16, 3.f, 15.f, grid_aff_8, 8, 1, 12, sc, mn,
                                     L, &b->d, &b->dmin);
         if (!ok) {
             memset(b, 0, sizeof(*b));
@@ -667,9 +679,9 @@ static void quantize_row_q4_K(const float *x, void *vy, int64_t n, const float *
         const float *xb = x + ib * QK_K;
         const float *w = block_weights(imp ? imp + ib * QK_K : NULL, wbuf) ? wbuf : NULL;
         block_q4_K *b = y + ib;
-        int ok = w ? aff_superblock(xb, w, 8, 32, 15.f, 63.f, grid_q45_16, 16, 2, sc, mn,
+        int ok = w ? aff_superblock(xb, w, 8, 32, 15.f, 63.f, grid_q45_16, 16, 2, 20, sc, mn,
                                     L, &b->d, &b->dmin)
-                   : aff_superblock(xb, NULL, 8, 32, 15.f, 63.f, grid_aff_8, 8, 1, sc, mn, L,
+                   : aff_superblock(xb, NULL, 8, 32, 15.f, 63.f, grid_aff_8, 8, 1, 12, sc, mn, L,
                                     &b->d, &b->dmin);
         if (!ok) {
             memset(b, 0, sizeof(*b));
@@ -702,9 +714,9 @@ static void quantize_row_q5_K(const float *x, void *vy, int64_t n, const float *
         const float *xb = x + ib * QK_K;
         const float *w = block_weights(imp ? imp + ib * QK_K : NULL, wbuf) ? wbuf : NULL;
         block_q5_K *b = y + ib;
-        int ok = w ? aff_superblock(xb, w, 8, 32, 31.f, 63.f, grid_q45_16, 16, 2, sc, mn,
+        int ok = w ? aff_superblock(xb, w, 8, 32, 31.f, 63.f, grid_q45_16, 16, 2, 20, sc, mn,
                                     L, &b->d, &b->dmin)
-                   : aff_superblock(xb, NULL, 8, 32, 31.f, 63.f, grid_aff_8, 8, 1, sc, mn, L,
+                   : aff_superblock(xb, NULL, 8, 32, 31.f, 63.f, grid_aff_8, 8, 1, 12, sc, mn, L,
                                     &b->d, &b->dmin);
         if (!ok) {
             memset(b, 0, sizeof(*b));
