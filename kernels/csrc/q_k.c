@@ -25,13 +25,19 @@
  * error. Values are normalized by the super-block's max |x| for this search (no under/overflow in
  * the sums); the final rounding uses the original values and the decoded fp16 scales.
  *
- * Speed: the hot loops (sym_err, aff_cand, aff_err) run over candidates in the innermost loop:
- * independent lanes that the compiler vectorizes without reassociating any float sum, so the
- * results do not depend on the instruction set. Each is a small out-of-line function.
+ * Speed: the hot loops (sym_err, aff_cand, aff_err, round_levels) run over candidates (or weights)
+ * in the innermost loop: independent lanes that the compiler vectorizes without reassociating any
+ * float sum. With no multiply-add contraction either (below), the bytes written do not depend on
+ * the instruction set. The kernels are small out-of-line functions: inlined into callers with
+ * constant trip counts, GCC unrolls them first and then leaves them scalar.
  */
 #include <float.h>
 
 #include "moeplan.h"
+
+/* (d*sc)*q - dmin*m must be two roundings, as in ggml and numpy, never one fused multiply-add
+ * (clang contracts by default where FMA exists; GCC does not in ISO C mode) */
+#pragma STDC FP_CONTRACT OFF
 
 #if defined(__GNUC__) || defined(__clang__)
 #define MP_ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -61,9 +67,10 @@ MP_ALWAYS_INLINE float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* below this max |x| a super-block is stored as zeros: the smallest nonzero value any k-quant
- * decodes to is 2^-24 (fp16 subnormal d times 1), so nothing representable is lost */
-#define MP_TINY 1e-20f
+/* below this max |x| a super-block is stored as zeros, which is then its best encoding: every
+ * k-quant level is an integer multiple of 2^-24 (fp16 scales are), so a nonzero level is farther
+ * from any |x| < 2^-25 than 0 is */
+#define MP_TINY 0x1p-25f
 #define MP_FP16_MAX 65504.f
 
 /* fp16 of a positive super-block scale v, raised to at least `need` (the scale at which the
@@ -79,122 +86,175 @@ static mp_half fp16_scale(float v, float need) {
     return h;
 }
 
+/* Final rounding of a super-block: L[i] = clamp(round((x[i] + mb[j]) * ib[j]), lo, hi) - lo, with
+ * j = i / sub the sub-block (ib = 1 / step, mb = the sub-block's min; 0 for symmetric formats) */
+static MP_NOINLINE void round_levels(const float *restrict x, const float *restrict ib, const float *restrict mb,
+                                     int sub, float lo, float hi, uint8_t *restrict L) {
+    for (int j = 0; j < QK_K / sub; j++) {
+        const float s = ib[j], m = mb[j];
+        for (int i = 0; i < sub; i++) L[sub * j + i] = (uint8_t)(int)(clampf(rnd((x[sub * j + i] + m) * s), lo, hi) - lo);
+    }
+}
+
 /* Normalized importance of one super-block: w = imp / max(imp) + 1e-6, so that a column with zero
  * importance still breaks ties and no sum of weights is zero. Returns 0 (use unit weights) when
  * there is no importance or it is zero on the whole super-block. */
 static int block_weights(const float *imp, float *w) {
     if (!imp) return 0;
-    float wmax = 0.f;
-    for (int i = 0; i < QK_K; i++) wmax = imp[i] > wmax ? imp[i] : wmax;
+    float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}; /* 8 lanes: no serial dependency */
+    for (int i = 0; i < QK_K; i += 8)
+        for (int q = 0; q < 8; q++) m[q] = imp[i + q] > m[q] ? imp[i + q] : m[q];
+    for (int q = 1; q < 8; q++) m[0] = m[q] > m[0] ? m[q] : m[0];
+    const float wmax = m[0];
     if (!(wmax > 0.f)) return 0;
-    for (int i = 0; i < QK_K; i++) w[i] = imp[i] / wmax + 1e-6f;
+    if (wmax >= 1e-30f) {
+        const float iw = 1.f / wmax;
+        for (int i = 0; i < QK_K; i++) w[i] = imp[i] * iw + 1e-6f;
+    } else { /* 1 / wmax could overflow */
+        for (int i = 0; i < QK_K; i++) w[i] = imp[i] / wmax + 1e-6f;
+    }
     return 1;
 }
 
 static float block_amax(const float *x) {
-    float m[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int i = 0; i < QK_K; i += 4)
-        for (int k = 0; k < 4; k++) {
-            const float a = fabsf(x[i + k]);
-            m[k] = a > m[k] ? a : m[k];
+    float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < QK_K; i += 8)
+        for (int q = 0; q < 8; q++) {
+            const float a = fabsf(x[i + q]);
+            m[q] = a > m[q] ? a : m[q];
         }
-    const float m01 = m[0] > m[1] ? m[0] : m[1], m23 = m[2] > m[3] ? m[2] : m[3];
-    return m01 > m23 ? m01 : m23;
+    for (int q = 1; q < 8; q++) m[0] = m[q] > m[0] ? m[q] : m[0];
+    return m[0];
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Symmetric formats: Q3_K (N = 4, S = 32), Q6_K (N = 32, S = 128)                             */
 /* ------------------------------------------------------------------------------------------ */
 
-/* E[k] = sum_i w_i (u_ik - L_ik)^2, u_ik = x_i / a_k, L_ik = u_ik rounded and clamped to -N..N-1:
- * the squared error of step a_k in units of a_k^2 (multiply by a_k^2 to compare candidates). */
+/* For nsub sub-blocks of 16 (sub-block j: weights x[16j..], K inverse steps ia[16j..]):
+ * E[16j+k] = sum_i w_i (u_ik - L_ik)^2, u_ik = x_i / a_k, L_ik = u_ik rounded and clamped to
+ * -N..N-1: the squared error of step a_k in units of a_k^2 (times a_k^2 to compare candidates). */
 MP_ALWAYS_INLINE void sym_err_impl(const float *restrict x, const float *restrict w, const float *restrict ia,
-                                   float *restrict E, const int K, const float N) {
-    float acc[16];
-    for (int k = 0; k < K; k++) acc[k] = 0.f;
-    for (int i = 0; i < 16; i++) {
-        const float xi = x[i], wi = w ? w[i] : 1.f;
-        for (int k = 0; k < K; k++) {
-            const float u = xi * ia[k];
-            const float e = u - clampf(rnd(u), -N, N - 1.f);
-            acc[k] += wi * (e * e);
+                                   float *restrict E, const int nsub, const int K, const float N) {
+    for (int j = 0; j < nsub; j++) {
+        const float *xj = x + 16 * j, *wj = w ? w + 16 * j : NULL, *iaj = ia + 16 * j;
+        float acc[16];
+        for (int k = 0; k < K; k++) acc[k] = 0.f;
+        for (int i = 0; i < 16; i++) {
+            const float xi = xj[i], wi = wj ? wj[i] : 1.f;
+            for (int k = 0; k < K; k++) {
+                const float u = xi * iaj[k];
+                const float e = u - clampf(rnd(u), -N, N - 1.f);
+                acc[k] += wi * (e * e);
+            }
         }
+        for (int k = 0; k < K; k++) E[16 * j + k] = acc[k];
     }
-    for (int k = 0; k < K; k++) E[k] = acc[k];
 }
 
-static MP_NOINLINE void sym_err(const float *restrict x, const float *restrict ia, float *restrict E, int K, float N) {
-    sym_err_impl(x, NULL, ia, E, K, N);
+static MP_NOINLINE void sym_err(const float *restrict x, const float *restrict ia, float *restrict E, int nsub, int K,
+                                float N) {
+    sym_err_impl(x, NULL, ia, E, nsub, K, N);
 }
 static MP_NOINLINE void sym_err_w(const float *restrict x, const float *restrict w, const float *restrict ia,
-                                  float *restrict E, int K, float N) {
-    sym_err_impl(x, w, ia, E, K, N);
+                                  float *restrict E, int nsub, int K, float N) {
+    sym_err_impl(x, w, ia, E, nsub, K, N);
 }
 
 /* Search settings of a symmetric format: d = dfac * max|x| / (N*S); the candidate |s| of a
  * sub-block are s_nom * r for K values of r evenly spaced from rlo to rhi (then forced increasing
  * by at least 1), where s_nom maps the sub-block's extreme to level N: r > 1 means a step larger
  * than extreme / N (the extreme is then rounded inwards, which often lowers the total error).
- * dfac > 1 leaves the largest sub-block room for such steps within |s| <= S. The settings were
- * chosen on gaussian and Student-t data (rmse and speed; results/kernels.md). */
+ * dfac > 1 leaves the largest sub-block room for such steps within |s| <= S. The settings trade
+ * rmse against speed on gaussian data (results/kernels.md); more candidates gain < 0.1% rmse. */
 typedef struct {
     float dfac, rlo, rhi;
-    int K; /* <= 16 */
+    int K; /* 2..16 */
 } sym_search;
 static const sym_search Q3_PLAIN = {1.15f, 0.90f, 1.20f, 4}, Q3_IMP = {1.15f, 0.85f, 1.30f, 12};
 static const sym_search Q6_PLAIN = {1.05f, 0.99f, 1.055f, 8}, Q6_IMP = {1.05f, 0.99f, 1.075f, 12};
+
+/* Extremes of 16-weight sub-blocks: M[j] = max |x|, sg[j] = +1 when that extreme is negative
+ * (a positive integer scale then maps it to level -N), else -1. */
+static MP_NOINLINE void sym_extremes(const float *restrict x, int nsub, float *restrict M, float *restrict sg) {
+    float hi[16], lo[16];
+    for (int j = 0; j < nsub; j++) {
+        const float *xj = x + 16 * j;
+        float mx[4], mn[4];
+        for (int q = 0; q < 4; q++) mx[q] = mn[q] = xj[q];
+        for (int i = 4; i < 16; i += 4)
+            for (int q = 0; q < 4; q++) {
+                mx[q] = xj[i + q] > mx[q] ? xj[i + q] : mx[q];
+                mn[q] = xj[i + q] < mn[q] ? xj[i + q] : mn[q];
+            }
+        mx[0] = mx[0] > mx[2] ? mx[0] : mx[2];
+        mx[1] = mx[1] > mx[3] ? mx[1] : mx[3];
+        mn[0] = mn[0] < mn[2] ? mn[0] : mn[2];
+        mn[1] = mn[1] < mn[3] ? mn[1] : mn[3];
+        hi[j] = mx[0] > mx[1] ? mx[0] : mx[1];
+        lo[j] = -(mn[0] < mn[1] ? mn[0] : mn[1]);
+    }
+    for (int j = 0; j < nsub; j++) {
+        M[j] = lo[j] > hi[j] ? lo[j] : hi[j];
+        sg[j] = lo[j] > hi[j] ? 1.f : -1.f;
+    }
+}
+
+/* Candidate integer scales of every sub-block (K per sub-block, row j at stride 16):
+ * |s| = round(s_nom * r_k) with s_nom = M / (N d), r_k = rlo + k * rstep, at least 1 (a step of 0
+ * is never better than 1) and at least the first + k (distinct where the spacing allows), at most
+ * S (S - 1 for s > 0). Out: s, the decoded steps a = d * s and 1 / a. */
+static MP_NOINLINE void sym_candidates(const float *restrict M, const float *restrict sg, int nsub, int K, float d,
+                                       float N, float S, float rlo, float rstep, float *restrict s,
+                                       float *restrict a, float *restrict ia) {
+    const float inv = 1.f / (N * d);
+    for (int j = 0; j < nsub; j++) {
+        const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f;
+        const float r0 = snom * rlo, rs = snom * rstep;
+        const float f = rnd(r0), m0 = f > 1.f ? f : 1.f;
+        for (int k = 0; k < K; k++) {
+            float m = rnd(r0 + rs * (float)k);
+            m = m > m0 + (float)k ? m : m0 + (float)k;
+            m = m < smax ? m : smax;
+            s[16 * j + k] = sg[j] * m;
+        }
+        for (int k = 0; k < K; k++) {
+            a[16 * j + k] = d * s[16 * j + k];
+            ia[16 * j + k] = 1.f / a[16 * j + k];
+        }
+    }
+}
 
 /* One super-block of a symmetric format. x: 256 values; w: weights or NULL.
  * Out: sc[16] in -S..S-1, L[256] = level + N, *pd. Returns 0 for an all-zero block. */
 MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float N, const float S,
                                     const sym_search p, int *sc, uint8_t *L, mp_half *pd) {
     float M[16], sg[16], Mmax = 0.f;
-    for (int j = 0; j < 16; j++) {
-        float mx = x[16 * j], mn = x[16 * j];
-        for (int i = 1; i < 16; i++) {
-            const float v = x[16 * j + i];
-            mx = v > mx ? v : mx;
-            mn = v < mn ? v : mn;
-        }
-        /* the extreme takes level -N: s < 0 when it is positive */
-        M[j] = -mn > mx ? -mn : mx;
-        sg[j] = -mn > mx ? 1.f : -1.f;
-        Mmax = M[j] > Mmax ? M[j] : Mmax;
-    }
+    sym_extremes(x, 16, M, sg);
+    for (int j = 0; j < 16; j++) Mmax = M[j] > Mmax ? M[j] : Mmax;
     if (!(Mmax >= MP_TINY)) return 0;
     *pd = fp16_scale(p.dfac * Mmax / (N * S), Mmax / (N * S));
     const float d = MP_FP16_TO_FP32(*pd);
-    const float inv = 1.f / (N * d);
+    float s[16][16], a[16][16], ia[16][16], E[16][16]; /* [sub-block][candidate < K] */
+    sym_candidates(M, sg, 16, p.K, d, N, S, p.rlo, (p.rhi - p.rlo) / (float)(p.K - 1), s[0], a[0], ia[0]);
+    if (w)
+        sym_err_w(x, w, ia[0], E[0], 16, p.K, N);
+    else
+        sym_err(x, ia[0], E[0], 16, p.K, N);
+    float ib[16];
     for (int j = 0; j < 16; j++) {
-        const float snom = M[j] * inv, smax = sg[j] < 0.f ? S : S - 1.f;
-        const float r0 = snom * p.rlo, rs = snom * (p.rhi - p.rlo) / (float)(p.K - 1);
-        float a[16], ia[16], mag[16], E[16], prev = 0.f;
-        for (int k = 0; k < p.K; k++) {
-            float m = rnd(r0 + rs * (float)k);
-            m = m > prev ? m : prev + 1.f; /* >= 1: a step of 0 is never better than 1 */
-            m = m < smax ? m : smax;
-            prev = m;
-            mag[k] = m;
-            a[k] = d * (sg[j] * m);
-            ia[k] = 1.f / a[k];
-        }
-        if (w)
-            sym_err_w(x + 16 * j, w + 16 * j, ia, E, p.K, N);
-        else
-            sym_err(x + 16 * j, ia, E, p.K, N);
         int b = 0;
-        float be = E[0] * (a[0] * a[0]);
+        float be = E[j][0] * (a[j][0] * a[j][0]);
         for (int k = 1; k < p.K; k++) {
-            const float e = E[k] * (a[k] * a[k]);
-            if (e < be) {
-                be = e;
-                b = k;
-            }
+            const float e = E[j][k] * (a[j][k] * a[j][k]);
+            b = e < be ? k : b;
+            be = e < be ? e : be;
         }
-        sc[j] = (int)(sg[j] * mag[b]);
-        const float ib = ia[b];
-        for (int i = 0; i < 16; i++) L[16 * j + i] = (uint8_t)(int)(clampf(rnd(x[16 * j + i] * ib), -N, N - 1.f) + N);
+        sc[j] = (int)s[j][b];
+        ib[j] = ia[j][b];
     }
+    static const float zeros[16] = {0.f};
+    round_levels(x, ib, zeros, 16, -N, N - 1.f, L);
     return 1;
 }
 
@@ -203,7 +263,7 @@ MP_ALWAYS_INLINE int sym_superblock(const float *x, const float *w, const float 
 /* 6-bit scales)                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
-#define AFF_NCAND 20 /* (scale, min) neighbours tried by exact error */
+#define AFF_NCAND 20 /* most (scale, min) neighbours tried by exact error */
 
 /* Per candidate k: L = min(round((x - xmin) * isc[k]), nmax) and the sums Sl = sum w L,
  * Sll = sum w L^2, Sxl = sum w x L. */
@@ -255,11 +315,32 @@ static MP_NOINLINE void aff_cand(const float *restrict x, const float *restrict 
         aff_cand_impl(x, NULL, xmin, isc, Sl, Sll, Sxl, n, K, nmax);
 }
 static MP_NOINLINE void aff_err(const float *restrict x, const float *restrict w, const float *restrict ia,
-                                const float *restrict mb, float *restrict E, int n, float nmax) {
-    if (w)
+                                const float *restrict mb, float *restrict E, int n, int K, float nmax) {
+    /* the weighted search (all 20) runs faster unrolled, the plain one (12) as a loop (GCC 12) */
+    if (w && K == AFF_NCAND)
         aff_err_impl(x, w, ia, mb, E, n, AFF_NCAND, nmax);
+    else if (w)
+        aff_err_impl(x, w, ia, mb, E, n, K, nmax);
     else
-        aff_err_impl(x, NULL, ia, mb, E, n, AFF_NCAND, nmax);
+        aff_err_impl(x, NULL, ia, mb, E, n, K, nmax);
+}
+
+/* Sums of a sub-block rounded at step 1/ia above b: sl = sum w L, sll = sum w L^2, sxl = sum w x L
+ * (4 lanes; n is a multiple of 4) */
+static MP_NOINLINE void aff_sums(const float *restrict x, const float *restrict w, float b, float ia, int n,
+                                 float nmax, float *sl, float *sll, float *sxl) {
+    float p1[4] = {0.f, 0.f, 0.f, 0.f}, p2[4] = {0.f, 0.f, 0.f, 0.f}, p3[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; i += 4)
+        for (int q = 0; q < 4; q++) {
+            const float l = clampf(rnd((x[i + q] - b) * ia), 0.f, nmax);
+            const float wl = w ? w[i + q] * l : l;
+            p1[q] += wl;
+            p2[q] += wl * l;
+            p3[q] += wl * x[i + q];
+        }
+    *sl = (p1[0] + p1[1]) + (p1[2] + p1[3]);
+    *sll = (p2[0] + p2[1]) + (p2[2] + p2[3]);
+    *sxl = (p3[0] + p3[1]) + (p3[2] + p3[3]);
 }
 
 /* candidate steps (xmax - xmin) / (nmax + t[k]): 8 for the plain path, 16 with importance */
@@ -272,20 +353,26 @@ static const float grid_q45_16[16] = {-3.0f, -2.6f, -2.2f, -1.8f, -1.5f, -1.2f, 
 /* Affine fit x ~ a*L + b of one sub-block (normalized values), L in 0..nmax, a > 0, b <= 0. */
 MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, const float nmax, const float *t,
                                  const int K, const int iters, float *pa, float *pb) {
-    float xmin = x[0], xmax = x[0], Sw = 0.f, Sx = 0.f;
-    for (int i = 0; i < n; i++) {
-        xmin = x[i] < xmin ? x[i] : xmin;
-        xmax = x[i] > xmax ? x[i] : xmax;
+    /* extremes and weighted sums in 4 lanes (n is a multiple of 4) */
+    float lo[4], hi[4], sw[4], sx[4];
+    for (int q = 0; q < 4; q++) {
+        lo[q] = hi[q] = x[q];
+        sw[q] = sx[q] = 0.f;
     }
-    if (w) {
-        for (int i = 0; i < n; i++) {
-            Sw += w[i];
-            Sx += w[i] * x[i];
+    for (int i = 0; i < n; i += 4)
+        for (int q = 0; q < 4; q++) {
+            const float v = x[i + q], wv = w ? w[i + q] : 1.f;
+            lo[q] = v < lo[q] ? v : lo[q];
+            hi[q] = v > hi[q] ? v : hi[q];
+            sw[q] += wv;
+            sx[q] += wv * v;
         }
-    } else {
-        Sw = (float)n;
-        for (int i = 0; i < n; i++) Sx += x[i];
-    }
+    float xmin = lo[0] < lo[1] ? lo[0] : lo[1], xmax = hi[0] > hi[1] ? hi[0] : hi[1];
+    xmin = lo[2] < xmin ? lo[2] : xmin;
+    xmin = lo[3] < xmin ? lo[3] : xmin;
+    xmax = hi[2] > xmax ? hi[2] : xmax;
+    xmax = hi[3] > xmax ? hi[3] : xmax;
+    const float Sw = (sw[0] + sw[1]) + (sw[2] + sw[3]), Sx = (sx[0] + sx[1]) + (sx[2] + sx[3]);
     if (xmin > 0.f) xmin = 0.f;
     if (!(xmax > xmin)) { /* constant non-positive sub-block */
         *pa = 0.f;
@@ -310,27 +397,15 @@ MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, co
         G[k] = (ok && a > 0.f) ? a * Sxl[k] + b * Sx : -1.f;
     }
     int best = 0;
-    for (int k = 1; k < K; k++)
-        if (G[k] > G[best]) best = k;
+    for (int k = 1; k < K; k++) best = G[k] > G[best] ? k : best;
     float best_g = G[best], best_a = A[best], best_b = B[best];
     if (!(best_g >= 0.f)) {
         best_a = (xmax - xmin) / nmax;
         best_b = xmin;
     }
     for (int it = 0; it < iters; it++) {
-        const float ia = 1.f / best_a;
-        float p1[4] = {0.f, 0.f, 0.f, 0.f}, p2[4] = {0.f, 0.f, 0.f, 0.f}, p3[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int i = 0; i < n; i += 4)
-            for (int q = 0; q < 4; q++) {
-                const float l = clampf(rnd((x[i + q] - best_b) * ia), 0.f, nmax);
-                const float wl = w ? w[i + q] * l : l;
-                p1[q] += wl;
-                p2[q] += wl * l;
-                p3[q] += wl * x[i + q];
-            }
-        const float sl = (p1[0] + p1[1]) + (p1[2] + p1[3]);
-        const float sll = (p2[0] + p2[1]) + (p2[2] + p2[3]);
-        const float sxl = (p3[0] + p3[1]) + (p3[2] + p3[3]);
+        float sl, sll, sxl;
+        aff_sums(x, w, best_b, 1.f / best_a, n, nmax, &sl, &sll, &sxl);
         const float D = Sw * sll - sl * sl;
         if (!(D > 1e-6f * Sw * sll)) break;
         float a = (Sw * sxl - Sx * sl) / D, b = (sll * Sx - sl * sxl) / D;
@@ -348,10 +423,33 @@ MP_ALWAYS_INLINE void fit_affine(const float *x, const float *w, const int n, co
     *pb = best_b;
 }
 
+/* neighbours (scale, min) of the rounded ones tried by exact error: the first 12 cover scale
+ * -1..+2 x min -1..+1 (a larger scale pairs with a larger min when a sub-block is re-centred),
+ * all 20 scale -2..+2 x min -2..+1 */
+static const float ds_[AFF_NCAND] = {0.f, 0.f,  0.f,  -1.f, -1.f, -1.f, 1.f, 1.f, 1.f, 2.f,
+                                     2.f, 2.f,  -2.f, -2.f, -2.f, -2.f, -1.f, 0.f, 1.f, 2.f};
+static const float dm_[AFF_NCAND] = {0.f, -1.f, 1.f, 0.f, -1.f, 1.f, 0.f, -1.f, 1.f, 0.f,
+                                     -1.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -2.f, -2.f, -2.f};
+
+/* candidate integers (cs, cm) around (s0, m0), their decoded step ca = d*cs and min cmb = dmin*cm,
+ * and 1/ca; cs >= 1 (a scale of 0 is never better than 1) */
+static MP_NOINLINE void aff_neighbours(float s0, float m0, float d, float dmin, float smax, int K,
+                                       float *restrict cs, float *restrict cm, float *restrict ca,
+                                       float *restrict cmb, float *restrict ia) {
+    const float mmax = dmin > 0.f ? smax : 0.f;
+    for (int k = 0; k < K; k++) {
+        cs[k] = clampf(s0 + ds_[k], 1.f, smax);
+        cm[k] = clampf(m0 + dm_[k], 0.f, mmax);
+        ca[k] = d * cs[k];
+        cmb[k] = dmin * cm[k];
+        ia[k] = 1.f / ca[k];
+    }
+}
+
 /* One super-block of an affine format (nsub sub-blocks of `sub`). x: 256 values, w: weights or
  * NULL. Out: sc[], mn[] in 0..smax, L[256] in 0..nmax, *pd, *pdmin. Returns 0 for a zero block. */
 MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int nsub, const int sub, const float nmax,
-                                    const float smax, const float *t, const int K, const int iters, uint8_t *sc, uint8_t *mn, uint8_t *L,
+                                    const float smax, const float *t, const int K, const int iters, const int nb, uint8_t *sc, uint8_t *mn, uint8_t *L,
                                     mp_half *pd, mp_half *pdmin) {
     const float amax = block_amax(x);
     if (!(amax >= MP_TINY)) return 0;
@@ -362,8 +460,8 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
     for (int j = 0; j < nsub; j++) {
         float aj, bj;
         fit_affine(xn + sub * j, w ? w + sub * j : NULL, sub, nmax, t, K, iters, &aj, &bj);
-        a[j] = aj * amax;
-        mb[j] = -bj * amax;
+        a[j] = aj; /* normalized units until the fp16 scales: no overflow in the sums below */
+        mb[j] = -bj;
         float s = (float)sub;
         if (w) {
             s = 0.f;
@@ -388,45 +486,32 @@ MP_ALWAYS_INLINE int aff_superblock(const float *x, const float *w, const int ns
         if (den > 0.f) d = num / den;
         if (denm > 0.f) dm = numm / denm;
     }
-    /* neighbours of the rounded (scale, min): scale -2..+2 x min -2..+1 */
-    static const float ds_[AFF_NCAND] = {-2.f, -2.f, -2.f, -2.f, -1.f, -1.f, -1.f, -1.f, 0.f, 0.f,
-                                         0.f,  0.f,  1.f,  1.f,  1.f,  1.f,  2.f,  2.f,  2.f, 2.f};
-    static const float dm_[AFF_NCAND] = {-2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f, -2.f, -1.f,
-                                         0.f,  1.f,  -2.f, -1.f, 0.f, 1.f, -2.f, -1.f, 0.f, 1.f};
-    /* d > 0 even when every sub-block is constant (all a = 0, the mins carry the values) */
-    *pd = fp16_scale(d > 0.f ? d : 0.f, max_a / smax);
-    *pdmin = max_m > 0.f ? fp16_scale(dm, max_m / smax) : 0;
+    *pd = fp16_scale(d > 0.f ? d * amax : 0.f, max_a * amax / smax);
+    *pdmin = max_m > 0.f ? fp16_scale(dm * amax, max_m * amax / smax) : 0;
     const float dd = MP_FP16_TO_FP32(*pd), ddm = MP_FP16_TO_FP32(*pdmin);
     const float idd = 1.f / dd, iddm = ddm > 0.f ? 1.f / ddm : 0.f;
     for (int j = 0; j < nsub; j++) {
         const float *xj = x + sub * j;
-        const float s0 = rnd(a[j] * idd), m0 = rnd(mb[j] * iddm);
+        const float s0 = rnd((a[j] * amax) * idd), m0 = rnd((mb[j] * amax) * iddm);
         float cs[AFF_NCAND], cm[AFF_NCAND], ca[AFF_NCAND], ia[AFF_NCAND], cmb[AFF_NCAND], E[AFF_NCAND];
-        for (int k = 0; k < AFF_NCAND; k++) {
-            cs[k] = clampf(s0 + ds_[k], 1.f, smax); /* >= 1: a scale of 0 is never better than 1 */
-            cm[k] = ddm > 0.f ? clampf(m0 + dm_[k], 0.f, smax) : 0.f;
-            ca[k] = dd * cs[k];
-            cmb[k] = ddm * cm[k];
-            ia[k] = 1.f / ca[k];
-        }
-        aff_err(xj, w ? w + sub * j : NULL, ia, cmb, E, sub, nmax);
-        int b = 10; /* (s0, m0) */
-        float be = E[b] * (ca[b] * ca[b]);
-        for (int k = 0; k < AFF_NCAND; k++) {
+        aff_neighbours(s0, m0, dd, ddm, smax, nb, cs, cm, ca, cmb, ia);
+        aff_err(xj, w ? w + sub * j : NULL, ia, cmb, E, sub, nb, nmax);
+        int b = 0; /* (s0, m0) */
+        float be = E[0] * (ca[0] * ca[0]);
+        for (int k = 1; k < nb; k++) {
             const float e = E[k] * (ca[k] * ca[k]);
-            if (e < be) {
-                be = e;
-                b = k;
-            }
+            b = e < be ? k : b;
+            be = e < be ? e : be;
         }
         sc[j] = (uint8_t)(int)cs[b];
         mn[j] = (uint8_t)(int)cm[b];
     }
+    float ib[16], mbb[16];
     for (int j = 0; j < nsub; j++) {
-        const float *xj = x + sub * j;
-        const float ib = 1.f / (dd * (float)sc[j]), mbb = ddm * (float)mn[j];
-        for (int i = 0; i < sub; i++) L[sub * j + i] = (uint8_t)(int)clampf(rnd((xj[i] + mbb) * ib), 0.f, nmax);
+        ib[j] = 1.f / (dd * (float)sc[j]);
+        mbb[j] = ddm * (float)mn[j];
     }
+    round_levels(x, ib, mbb, sub, 0.f, nmax, L);
     return 1;
 }
 
@@ -495,9 +580,9 @@ static void quantize_row_q2_K(const float *x, void *vy, int64_t n, const float *
         const float *xb = x + ib * QK_K;
         const float *w = block_weights(imp ? imp + ib * QK_K : NULL, wbuf) ? wbuf : NULL;
         block_q2_K *b = y + ib;
-        int ok = w ? aff_superblock(xb, w, 16, 16, 3.f, 15.f, grid_q2_16, 16, 2, sc,
+        int ok = w ? aff_superblock(xb, w, 16, 16, 3.f, 15.f, grid_q2_16, 16, 2, 20, sc,
                                     mn, L, &b->d, &b->dmin)
-                   : aff_superblock(xb, NULL, 16, 16, 3.f, 15.f, grid_aff_8, 8, 1, sc, mn,
+                   : aff_superblock(xb, NULL, 16, 16, 3.f, 15.f, grid_aff_8, 8, 1, 12, sc, mn,
                                     L, &b->d, &b->dmin);
         if (!ok) {
             memset(b, 0, sizeof(*b));
@@ -594,9 +679,9 @@ static void quantize_row_q4_K(const float *x, void *vy, int64_t n, const float *
         const float *xb = x + ib * QK_K;
         const float *w = block_weights(imp ? imp + ib * QK_K : NULL, wbuf) ? wbuf : NULL;
         block_q4_K *b = y + ib;
-        int ok = w ? aff_superblock(xb, w, 8, 32, 15.f, 63.f, grid_q45_16, 16, 2, sc, mn,
+        int ok = w ? aff_superblock(xb, w, 8, 32, 15.f, 63.f, grid_q45_16, 16, 2, 20, sc, mn,
                                     L, &b->d, &b->dmin)
-                   : aff_superblock(xb, NULL, 8, 32, 15.f, 63.f, grid_aff_8, 8, 1, sc, mn, L,
+                   : aff_superblock(xb, NULL, 8, 32, 15.f, 63.f, grid_aff_8, 8, 1, 12, sc, mn, L,
                                     &b->d, &b->dmin);
         if (!ok) {
             memset(b, 0, sizeof(*b));
@@ -629,9 +714,9 @@ static void quantize_row_q5_K(const float *x, void *vy, int64_t n, const float *
         const float *xb = x + ib * QK_K;
         const float *w = block_weights(imp ? imp + ib * QK_K : NULL, wbuf) ? wbuf : NULL;
         block_q5_K *b = y + ib;
-        int ok = w ? aff_superblock(xb, w, 8, 32, 31.f, 63.f, grid_q45_16, 16, 2, sc, mn,
+        int ok = w ? aff_superblock(xb, w, 8, 32, 31.f, 63.f, grid_q45_16, 16, 2, 20, sc, mn,
                                     L, &b->d, &b->dmin)
-                   : aff_superblock(xb, NULL, 8, 32, 31.f, 63.f, grid_aff_8, 8, 1, sc, mn, L,
+                   : aff_superblock(xb, NULL, 8, 32, 31.f, 63.f, grid_aff_8, 8, 1, 12, sc, mn, L,
                                     &b->d, &b->dmin);
         if (!ok) {
             memset(b, 0, sizeof(*b));
