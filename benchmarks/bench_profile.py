@@ -181,7 +181,8 @@ def main(argv=None):
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads.",
+        f"{torch.get_num_threads()} torch threads; load average at the end {os.getloadavg()[0]:.1f} "
+        "(other jobs on the machine slow the timings, not the fidelity figures).",
         "",
         "Predicted KL: the profile's additive prediction (sum of tensor damages, expert removal costs and "
         "top-k costs). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
