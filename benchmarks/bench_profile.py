@@ -145,7 +145,7 @@ def _scatter(df: pd.DataFrame, name: str, rho: float, path: Path) -> None:
     ax.plot(lim, lim, "k:", lw=0.8, label="y = x")
     ax.set_xlabel("predicted KL (nats/token)")
     ax.set_ylabel("measured KL on validation text (nats/token)")
-    ax.set_title(f"{name}: Spearman {rho:.3f} over {len(df)} random plans")
+    ax.set_title(f"{name}: Spearman {rho:.3f} over {len(df)} random plans", fontsize=10)
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
