@@ -45,6 +45,7 @@ from . import data as corpus
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODELS_DIR = PACKAGE_DIR / "models"
 RESULTS_DIR = PACKAGE_DIR.parent / "results"
+TEST_WINDOWS = 8  # windows of valid.txt that tests/test_reference_models.py evaluates
 DEFAULT_DATA = Path(os.environ.get("MOEPLAN_CORPUS", Path.home() / ".cache" / "moeplan" / "corpus"))
 
 
@@ -271,11 +272,18 @@ def evaluate(model, stream: EvalStream, seq_len: int = 256, max_windows: int | N
     rec = RoutingRecorder(model)
     nll_sum = np.zeros(len(stream.ids))
     counted = np.zeros(len(stream.ids), dtype=bool)
+    n_exp = rec.routers[0][1].num_experts
+    # per layer, routed-assignment counts split by the domain of the token routed: (D, E)
+    dom_counts = {i: np.zeros((len(stream.domains), n_exp)) for i, _ in rec.routers}
     try:
         for b0 in range(0, n_win, batch):
             wins = range(b0, min(n_win, b0 + batch))
             x = torch.stack([stream.ids[w * seq_len : (w + 1) * seq_len] for w in wins])
             logits = model(input_ids=x).logits.float()
+            tok_dom = np.concatenate([stream.domain[w * seq_len : (w + 1) * seq_len] for w in wins])  # (B*L,)
+            for layer, idx in rec.last_idx.items():
+                k = idx.shape[-1]
+                np.add.at(dom_counts[layer], (np.repeat(tok_dom, k), idx.reshape(-1).numpy()), 1)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
             nll = nll.view(len(wins), seq_len - 1).numpy()
             for j, w in enumerate(wins):
@@ -296,6 +304,10 @@ def evaluate(model, stream: EvalStream, seq_len: int = 256, max_windows: int | N
     out["per_source"] = {s: agg(stream.source == i) for i, s in enumerate(stream.sources)}
     shares = rec.shares()
     out["expert_share"] = {str(i): [round(float(v), 4) for v in s] for i, s in shares.items()}
+    out["expert_share_per_domain"] = {
+        str(i): {d: [round(float(v), 4) for v in c[j] / max(c[j].sum(), 1) * n_exp] for j, d in enumerate(stream.domains)}
+        for i, c in dom_counts.items()
+    }
     out["expert_mean_weight"] = {
         str(i): [round(float(w / c), 4) if c else 0.0 for w, c in zip(rec.weights[i], rec.counts[i])] for i in rec.counts
     }
@@ -605,9 +617,12 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     cfg = model.config
     counts = parameter_counts(model)
     docs = {s: reference.reference_documents(name, s) for s in ("valid", "calib")}
+    streams = {s: eval_stream(tok, d) for s, d in docs.items()}
     t0 = time.time()
-    ev = {s: evaluate(model, eval_stream(tok, d), seq_len) for s, d in docs.items()}
+    ev = {s: evaluate(model, st, seq_len) for s, st in streams.items()}
     eval_s = time.time() - t0
+    # the text tests/test_reference_models.py measures: the first TEST_WINDOWS windows of valid
+    ev_test = evaluate(model, streams["valid"], seq_len, max_windows=TEST_WINDOWS)
     sizes = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     cmd = f"python -m sensitivity.train card --model {name}"
     manifest = json.loads((path / "documents.json").read_text(encoding="utf-8"))
@@ -663,7 +678,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     for split, per in manifest["stats"].items():
         ndoc = sum(v["documents"] for v in per.values())
         mb = sum(v["bytes"] for v in per.values()) / 1e6
-        ntok = tlog["train_tokens_available"] if split == "train" else ev[split]["tokens"] + len(docs[split])
+        ntok = tlog["train_tokens_available"] if split == "train" else len(streams[split].ids)
         tok_note = f"{ntok:,}" + (" (training run)" if split == "train" else "")
         lines.append(f"| {split} | {ndoc} | {mb:.2f} | {tok_note} |")
     hist = tlog["valid_history"]
@@ -713,11 +728,37 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     ]
     for layer, sh in ev["valid"]["expert_share"].items():
         w = ev["valid"]["expert_mean_weight"][layer]
-        lines.append(f"| {layer} | {min(sh):.3f} | {max(sh):.3f} | {max(sh) / min(sh):.2f} | {min(w):.3f}..{max(w):.3f} |")
+        lines.append(f"| {layer} | {min(sh):.3f} | {max(sh):.3f} | {(max(sh) / min(sh)) if min(sh) > 0 else float('inf'):.2f} | {min(w):.3f}..{max(w):.3f} |")
     lines += ["", "Per expert (share relative to uniform), layer by layer:", ""]
     for layer, sh in ev["valid"]["expert_share"].items():
         lines.append(f"- layer {layer}: " + " ".join(f"{v:.2f}" for v in sh))
-    lines.append("")
+    doms = list(ev["valid"]["per_domain"])
+    lines += [
+        "",
+        "Domain specialization: each expert's share among the assignments of tokens of one domain",
+        "(relative to uniform); the expert each domain uses most, and the largest code/prose ratio.",
+        "",
+        "| layer | " + " | ".join(f"top expert for {d} (share)" for d in doms) + " | max ratio code/prose or prose/code |",
+        "| --- |" + " --- |" * (len(doms) + 1),
+    ]
+    for layer, per in ev["valid"]["expert_share_per_domain"].items():
+        tops = [f"{int(np.argmax(per[d]))} ({max(per[d]):.2f})" if sum(per[d]) else "n/a" for d in doms]
+        a, b = np.asarray(per[doms[0]]), np.asarray(per[doms[-1]])
+        if a.sum() and b.sum():
+            a, b = np.maximum(a, 0.01), np.maximum(b, 0.01)  # shares below 1% of uniform count as 1%
+            ratio = f"{float(np.max(np.maximum(a / b, b / a))):.1f}"
+        else:
+            ratio = "n/a"
+        lines.append(f"| {layer} | " + " | ".join(tops) + f" | {ratio} |")
+    shares_t = [v for sh in ev_test["expert_share"].values() for v in sh]
+    lines += [
+        "",
+        f"## The text the unit tests use (measured: `{cmd}`)",
+        "",
+        f"tests/test_reference_models.py evaluates the first {TEST_WINDOWS} windows of {seq_len} tokens of valid.txt:",
+        f"perplexity {ev_test['ppl']:.2f} on {ev_test['tokens']:,} predicted tokens; expert shares {min(shares_t):.3f}..{max(shares_t):.3f} x uniform.",
+        "",
+    ]
     out = out or RESULTS_DIR / f"model-card-{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
