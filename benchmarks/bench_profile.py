@@ -14,9 +14,12 @@ results/profile.md (summary), and the profile itself next to the model
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on a busy machine
+
 import argparse
 import copy
-import os
 import platform
 import sys
 import time
