@@ -456,7 +456,9 @@ class _Checkpoint:
     `weight_scale_inv` per 128x128 block) are dequantized on read."""
 
     def __init__(self, model_dir: Path, config: Mapping):
-        shards = sorted(model_dir.glob("*.safetensors"))
+        from sensitivity.inventory import checkpoint_shards
+
+        shards = checkpoint_shards(Path(model_dir))
         if not shards:
             raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
         self._entries: dict[str, _StEntry] = {}

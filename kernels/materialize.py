@@ -137,7 +137,9 @@ def load_compressed(path: str | os.PathLike, dtype=None):
             per, keep_per = n // groups, len(v["kept"]) // groups
             ad.remove_experts(layer, [g * per + i for g in range(groups) for i in range(keep_per)])
         state = {}
-        for shard in sorted(path.glob("*.safetensors")):
+        from sensitivity.inventory import checkpoint_shards
+
+        for shard in checkpoint_shards(path):
             state.update(load_file(str(shard)))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:

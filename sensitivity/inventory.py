@@ -338,7 +338,7 @@ def build_inventory(model: str | os.PathLike) -> Inventory:
     """Inventory of a checkpoint directory (safetensors headers), a config.json (meta device) or a bundled name."""
     path = resolve_model(model)
     if path.is_dir():
-        shards = sorted(path.glob("*.safetensors"))
+        shards = checkpoint_shards(path)
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{path} has no config.json; a checkpoint directory needs one")
@@ -349,6 +349,21 @@ def build_inventory(model: str | os.PathLike) -> Inventory:
     if path.suffix == ".json":
         return _from_config(json.loads(path.read_text()), str(path))
     raise ValueError(f"{path} is not a directory or a .json config")
+
+
+def checkpoint_shards(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: those its model.safetensors.index.json names, else
+    model.safetensors, else every *.safetensors but moeplan's own side files (importance vectors)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
+        return [path / n for n in names]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    return sorted(p for p in path.glob("*.safetensors") if not p.name.endswith(".importance.safetensors"))
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:

@@ -116,3 +116,13 @@ def test_unknown_model_errors_clearly():
 def test_fp8_block_scales_are_not_quantizable_tensors():
     t = classify("model.layers.3.mlp.experts.7.down_proj.weight_scale_inv", (56, 16))
     assert t.role is Role.OTHER and not t.quantizable
+
+
+def test_side_files_are_not_shards(tmp_path):
+    _tiny_checkpoint(tmp_path)
+    before = build_inventory(tmp_path)
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.ones(4, np.float32)}, str(tmp_path / "profile.importance.safetensors"))
+    after = build_inventory(tmp_path)
+    assert after.fingerprint == before.fingerprint and len(after) == len(before)
