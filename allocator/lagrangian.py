@@ -1,0 +1,586 @@
+"""Lagrangian relaxation: a feasible plan and a proven lower bound, fast.
+
+Price the memory row with lambda >= 0 and the speed row with mu >= 0:
+
+    L(lambda, mu) = min  damage + lambda (bytes - W) + mu (read - R)
+
+over plans that satisfy every OTHER constraint of the integer program. For any prices L is a lower
+bound on the optimum (weak duality); it is concave and piecewise linear, and its maximum is found
+by bisection on its supergradient (bytes - W, read - R). The relaxed problem separates exactly:
+
+- a non-expert item picks min_f c[i,f] + lambda b[i,f] + mu r[i,f] (only its lower convex hull
+  can win: multiple-choice knapsack);
+- free target, per MoE layer: each expert tensor picks its best format at price lambda; an
+  expert's net cost is delta_e = (its tensors) + (lambda + mu) rb - p_e; the layer keeps the m
+  cheapest experts of every group and chooses (k, m), m >= m_lo(k), to minimize
+  a[l,k] + sum over groups of the m smallest delta: exact after one sort per layer;
+- free target with the speed row: the layer also chooses its cap C, a level of expert bytes
+  (the largest kept expert may not exceed it); experts then pick their best format combination
+  within C, and the layer pays mu k C;
+- gguf: the kept count m (per group) and the global k are enumerated; per layer the stacked
+  formats c (one per kind) are enumerated: keeping the m cheapest experts of each group under c
+  is a price-independent table T[l,c,m], and the layer pays (lambda G m + mu k) bytes(c).
+
+The relaxed solution at the smallest price that satisfies the budgets is a plan; a greedy fill
+then spends the budget it leaves (upgrades with the largest damage reduction that fit). The gap
+reported is plan - max L, so it is proven.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from sensitivity.inventory import Target
+
+from .problem import Assignment, Problem, pareto
+
+INF = math.inf
+
+
+@dataclass
+class _Relaxed:
+    """The minimizer of the relaxed problem at some prices: its damage and its use of the two rows."""
+
+    damage: float
+    bytes: int
+    read: int  # as priced: for the free target with speed, k x the layer's cap
+    a: Assignment
+    lam: float = 0.0
+    mu: float = 0.0
+
+    def dual(self, W: float, R: float) -> float:
+        value = self.damage + self.lam * (self.bytes - W)
+        return value + self.mu * (self.read - R) if self.mu else value
+
+
+# ---------------------------------------------------------------------------------------------
+# non-expert items
+
+class _Items:
+    def __init__(self, p: Problem):
+        self.c, self.b, self.r = p.item_damage, p.item_bytes, p.item_read
+        self.idx = np.arange(len(p.items))
+
+    def at(self, lam: float, mu: float):
+        f = (self.c + lam * self.b + mu * self.r).argmin(axis=1) if len(self.idx) else np.zeros(0, dtype=np.int64)
+        return f, float(self.c[self.idx, f].sum()), int(self.b[self.idx, f].sum()), int(self.r[self.idx, f].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# free target
+
+class _FreeLayers:
+    """Per-layer exact minimization for the free target (no speed row, or mu priced on router rows only)."""
+
+    def __init__(self, p: Problem):
+        self.p = p
+        self.G = p.n_group if p.n_group > 1 else 1
+        self.size = p.E // self.G if p.E else 0
+        self.mlo = [(p.kept_per_group_options(int(k)) or [self.size + 1])[0] for k in p.topk_values]
+
+    def at(self, lam: float, mu: float = 0.0):
+        p, G, size = self.p, self.G, self.size
+        L, E, J = p.L, p.E, p.J
+        cost = p.exp_damage + lam * p.exp_bytes[:, None, :, :]  # (L, E, J, F)
+        f = cost.argmin(axis=-1)  # (L, E, J)
+        delta = np.take_along_axis(cost, f[..., None], -1)[..., 0].sum(-1) - p.removal  # (L, E)
+        keep, k, m = self._keep(delta, lam + mu)
+        efmt = np.where(keep[..., None], f, -1)
+        return self._totals(keep, efmt, k)
+
+    def _keep(self, delta: np.ndarray, router_price: float):
+        """Best (k, m) per layer and the kept experts: the m smallest delta of every group."""
+        p, G, size = self.p, self.G, self.size
+        L = p.L
+        d = delta.reshape(L, G, size)
+        order = np.argsort(d, axis=-1, kind="stable")
+        C = np.zeros((L, size + 1))
+        C[:, 1:] = np.cumsum(np.take_along_axis(d, order, -1), axis=-1).sum(axis=1)
+        C += router_price * (p.router_bytes * G)[:, None] * np.arange(size + 1)[None, :]
+        best = np.full((L, len(p.topk_values)), INF)
+        marg = np.zeros((L, len(p.topk_values)), dtype=np.int64)
+        for ki, lo in enumerate(self.mlo):
+            if lo > size:
+                continue
+            a = C[:, lo:].argmin(axis=1)
+            marg[:, ki] = lo + a
+            best[:, ki] = p.topk_cost[:, ki] + C[np.arange(L), lo + a]
+        ki = best.argmin(axis=1)
+        m = marg[np.arange(L), ki]
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(size), order.shape), -1)
+        keep = (rank < m[:, None, None]).reshape(L, G * size)
+        return keep, p.topk_values[ki], m
+
+    def _totals(self, keep, efmt, k, read_override=None):
+        p = self.p
+        li = np.arange(p.L)[:, None, None]
+        ei = np.arange(p.E)[None, :, None]
+        ji = np.arange(p.J)[None, None, :]
+        f0 = np.where(keep[..., None], efmt, 0)
+        dmg = float(np.where(keep[..., None], p.exp_damage[li, ei, ji, f0], 0.0).sum())
+        dmg += float(p.removal[~keep].sum()) + float(p.topk_cost[np.arange(p.L), np.searchsorted(p.topk_values, k)].sum())
+        eb = np.where(keep, p.exp_bytes[li, ji, f0].sum(-1), 0)  # (L, E)
+        nk = keep.sum(1)
+        nbytes = int(eb.sum() + (nk * p.router_bytes).sum())
+        read = int((nk * p.router_bytes).sum() + (k * eb.max(axis=1)).sum()) if read_override is None else read_override
+        return keep, efmt, k, dmg, nbytes, read
+
+
+class _FreeSpeedLayers(_FreeLayers):
+    """Free target with the speed row: each layer also picks a cap on its experts' bytes."""
+
+    def __init__(self, p: Problem):
+        super().__init__(p)
+        L, E, J, F = p.L, p.E, p.J, p.F
+        combos = np.array(list(itertools.product(range(F), repeat=J)), dtype=np.int64)  # (C, J)
+        self.combos = combos
+        Bc = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)  # (L, C)
+        self.order = np.argsort(Bc, axis=1, kind="stable")  # combos by bytes, per layer
+        self.Bs = np.take_along_axis(Bc, self.order, 1)  # (L, C) increasing
+        # a cap level = the bytes of some combination; its prefix of combos is what fits under it
+        levels, lastpos = [], []
+        for l in range(L):
+            u, idx = np.unique(self.Bs[l], return_index=True)
+            last = np.r_[idx[1:] - 1, len(self.Bs[l]) - 1]
+            levels.append(u)
+            lastpos.append(last)
+        Q = max(len(u) for u in levels)
+        self.level = np.array([np.r_[u, np.full(Q - len(u), u[-1])] for u in levels])  # (L, Q)
+        self.lastpos = np.array([np.r_[x, np.full(Q - len(x), x[-1])] for x in lastpos])  # (L, Q)
+        # damage of every combination for every expert, in the per-layer byte order: (L, E, C)
+        D = p.exp_damage[:, :, np.arange(J)[None, :], combos].sum(-1)  # (L, E, C)
+        self.Ds = np.take_along_axis(D, self.order[:, None, :], 2)
+        self._lam = None
+
+    def prepare(self, lam: float) -> None:
+        """The price-lambda part: best combination of every expert under every cap, sorted per group."""
+        p, G, size = self.p, self.G, self.size
+        L = p.L
+        V = self.Ds + lam * self.Bs[:, None, :]
+        PM = np.minimum.accumulate(V, axis=2)
+        PMq = np.take_along_axis(PM, self.lastpos[:, None, :], 2)  # (L, E, Q)
+        delta = PMq - p.removal[:, :, None]
+        d = np.moveaxis(delta.reshape(L, G, size, -1), 3, 1)  # (L, Q, G, size)
+        d = np.sort(d, axis=-1)
+        C0 = np.zeros(d.shape[:2] + (size + 1,))
+        C0[..., 1:] = np.cumsum(d, axis=-1).sum(axis=2)  # (L, Q, size + 1)
+        self._lam, self._V, self._C0 = lam, V, C0
+
+    def choose(self, mu: float):
+        """Best (q, k, m) per layer at the prepared lambda and this mu; read as priced (k x cap)."""
+        p, G, size = self.p, self.G, self.size
+        L, Q = self.level.shape
+        lam = self._lam
+        C = self._C0 + (lam + mu) * (p.router_bytes * G)[:, None, None] * np.arange(size + 1)[None, None, :]
+        best = np.full((L, Q, len(p.topk_values)), INF)
+        marg = np.zeros((L, Q, len(p.topk_values)), dtype=np.int64)
+        for ki, lo in enumerate(self.mlo):
+            if lo > size:
+                continue
+            a = C[:, :, lo:].argmin(axis=2)
+            marg[:, :, ki] = lo + a
+            k = p.topk_values[ki]
+            best[:, :, ki] = p.topk_cost[:, ki][:, None] + np.take_along_axis(C, (lo + a)[..., None], 2)[..., 0] \
+                + mu * k * self.level
+        flat = best.reshape(L, -1).argmin(axis=1)
+        q, ki = np.unravel_index(flat, (Q, len(p.topk_values)))
+        m = marg[np.arange(L), q, ki]
+        k = p.topk_values[ki]
+        read = int((k * self.level[np.arange(L), q]).sum() + (G * m * p.router_bytes).sum())
+        return q, k, m, read
+
+    def at(self, lam: float, mu: float = 0.0):
+        if self._lam != lam:
+            self.prepare(lam)
+        q, k, m, _ = self.choose(mu)
+        return self.solution(q, k, m)
+
+    def solution(self, q, k, m):
+        """The experts' formats under each layer's cap and the kept experts."""
+        p, G, size = self.p, self.G, self.size
+        L, E = p.L, p.E
+        fmt = np.zeros((L, E, p.J), dtype=np.int64)
+        delta = np.zeros((L, E))
+        for l in range(L):
+            pos = self.lastpos[l, q[l]] + 1
+            best = self._V[l, :, :pos].argmin(axis=1)  # (E,) position in the byte order
+            fmt[l] = self.combos[self.order[l, best]]
+            delta[l] = self._V[l, np.arange(E), best] - p.removal[l]
+        d = delta.reshape(L, G, size)
+        order = np.argsort(d, axis=-1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(size), order.shape), -1)
+        keep = (rank < m[:, None, None]).reshape(L, E)
+        efmt = np.where(keep[..., None], fmt, -1)
+        read = int((k * self.level[np.arange(L), q]).sum() + (keep.sum(1) * p.router_bytes).sum())
+        return self._totals(keep, efmt, k, read_override=read)
+
+
+# ---------------------------------------------------------------------------------------------
+# gguf target
+
+class _GGUFLayers:
+    """gguf: a stacked-format combination per layer; m kept per group and k are global."""
+
+    def __init__(self, p: Problem):
+        self.p = p
+        L, E, J, F = p.L, p.E, p.J, p.F
+        self.G = p.n_group if p.n_group > 1 else 1
+        self.size = E // self.G if E else 0
+        # stacked formats dominated for every expert of the layer never win (exact)
+        ok = np.stack([pareto(p.exp_bytes[l], p.exp_damage[l], across=0)[0] for l in range(L)]) if L else None
+        combos = np.array(list(itertools.product(range(F), repeat=J)), dtype=np.int64)
+        valid = np.ones((L, len(combos)), dtype=bool)
+        for j in range(J):
+            valid &= ok[:, j, :][:, combos[:, j]]
+        self.combos = combos
+        Bc = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1).astype(np.float64)  # (L, C) one expert
+        self.B = np.where(valid, Bc, INF)
+        self.Bint = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)
+        D = p.exp_damage[:, :, np.arange(J)[None, :], combos].sum(-1)  # (L, E, C)
+        delta = D - p.removal[:, :, None]
+        d = np.moveaxis(delta.reshape(L, self.G, self.size, -1), 3, 1)  # (L, C, G, size)
+        self.order = np.argsort(d, axis=-1, kind="stable")
+        ds = np.take_along_axis(d, self.order, -1)
+        T = np.zeros((L, len(combos), self.size + 1))
+        T[..., 1:] = np.cumsum(ds, axis=-1).sum(axis=2)
+        self.T = T + p.removal.sum(1)[:, None, None]  # damage of the layer (quant + removal) per (c, m)
+        self.T = np.where(valid[..., None], self.T, INF)
+
+    def at(self, lam: float, mu: float, m: int, k: int):
+        p, G = self.p, self.G
+        n = G * m
+        cost = self.T[:, :, m] + (lam * n + mu * k) * self.B
+        c = cost.argmin(axis=1)  # (L,)
+        li = np.arange(p.L)
+        dmg = float(self.T[li, c, m].sum())
+        eb = self.Bint[li, c]
+        nbytes = int((n * (eb + p.router_bytes)).sum())
+        read = int((k * eb + n * p.router_bytes).sum())
+        return c, dmg, nbytes, read
+
+    def assignment_part(self, c: np.ndarray, m: int, k: int):
+        p, G, size = self.p, self.G, self.size
+        L, E = p.L, p.E
+        keep = np.zeros((L, E), dtype=bool)
+        for l in range(L):
+            kept = self.order[l, c[l], :, :m]  # (G, m) positions within groups
+            keep[l, (np.arange(G)[:, None] * size + kept).ravel()] = True
+        efmt = np.where(keep[..., None], self.combos[c][:, None, :], -1)
+        return keep, efmt, np.full(L, k, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# moves: greedy fill (spend leftover budget) and repair (restore a violated budget)
+
+def _moves(p: Problem, a: Assignment):
+    """All single changes of a plan: (kind, index, new format, d damage, d bytes, d read)."""
+    out = []
+    n = len(p.items)
+    if n:
+        cur = a.item_fmt
+        ii = np.arange(n)
+        dd = p.item_damage - p.item_damage[ii, cur][:, None]
+        db = p.item_bytes - p.item_bytes[ii, cur][:, None]
+        dr = p.item_read - p.item_read[ii, cur][:, None]
+        out.append(("item", dd, db, dr))
+    if p.L == 0:
+        return out
+    L, E, J = p.L, p.E, p.J
+    li = np.arange(L)[:, None, None]
+    ji = np.arange(J)[None, None, :]
+    f0 = np.where(a.keep[..., None], a.expert_fmt, 0)
+    if p.target is Target.GGUF:
+        kept = a.keep
+        nk = kept.sum(1)  # (L,)
+        e0 = np.argmax(kept, axis=1)
+        cur = a.expert_fmt[np.arange(L), e0]  # (L, J)
+        dmg = np.where(kept[..., None, None], p.exp_damage, 0.0).sum(1)  # (L, J, F)
+        dd = dmg - np.take_along_axis(dmg, cur[..., None], 2)
+        db1 = p.exp_bytes - np.take_along_axis(p.exp_bytes, cur[..., None], 2)  # (L, J, F)
+        db = nk[:, None, None] * db1
+        dr = a.topk[:, None, None] * db1
+        out.append(("stacked", dd, db, dr))
+        return out
+    ei = np.arange(E)[None, :, None]
+    curd = p.exp_damage[li, ei, ji, f0]  # (L, E, J)
+    curb = p.exp_bytes[li, ji, f0]  # (L, E, J)
+    dd = p.exp_damage - curd[..., None]
+    db = p.exp_bytes[:, None, :, :] - curb[..., None]
+    B = np.where(a.keep, curb.sum(-1), 0)  # (L, E) expert bytes
+    srt = np.sort(B, axis=1)
+    max1, max2 = srt[:, -1], srt[:, -2] if E > 1 else np.zeros(L, dtype=np.int64)
+    others_max = np.where(B == max1[:, None], max2[:, None], max1[:, None])  # max of the other experts
+    # only ties at the max need care: with two experts at max1, max2 == max1 already
+    newB = B[..., None, None] + db
+    newmax = np.maximum(others_max[..., None, None], newB)
+    dr = a.topk[:, None, None, None] * (newmax - max1[:, None, None, None])
+    dd = np.where(a.keep[..., None, None], dd, INF)
+    out.append(("expert", dd, db, dr))
+    return out
+
+
+def _apply(a: Assignment, kind: str, idx: tuple) -> None:
+    if kind == "item":
+        i, f = idx
+        a.item_fmt[i] = f
+    elif kind == "stacked":
+        l, j, f = idx
+        a.expert_fmt[l, a.keep[l], j] = f
+    else:
+        l, e, j, f = idx
+        a.expert_fmt[l, e, j] = f
+
+
+def fill(p: Problem, a: Assignment, max_moves: int = 10_000) -> Assignment:
+    """Spend the budget a plan leaves: repeatedly apply the single change that lowers damage the most
+    among those that still fit the memory (and speed) budget."""
+    a = a.copy()
+    tot = p.evaluate(a)
+    slack_b = p.budget.weights - tot.weight_bytes
+    slack_r = (p.speed.max_read - tot.read_per_token) if p.speed is not None else INF
+    for _ in range(max_moves):
+        best = None
+        for kind, dd, db, dr in _moves(p, a):
+            ok = (dd < 0) & (db <= slack_b) & (dr <= slack_r)
+            if not ok.any():
+                continue
+            score = np.where(ok, dd, INF)
+            flat = int(score.argmin())
+            if best is None or score.flat[flat] < best[0]:
+                best = (score.flat[flat], kind, np.unravel_index(flat, score.shape), db.flat[flat], dr.flat[flat])
+        if best is None:
+            break
+        _, kind, idx, db_, dr_ = best
+        _apply(a, kind, tuple(int(i) for i in idx))
+        slack_b -= int(db_)
+        slack_r -= dr_
+    return a
+
+
+def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
+    """Restore the memory and speed budgets of a plan that exceeds them (a MIP solution within the
+    solver's tolerance): repeatedly apply the change with the least damage per byte saved."""
+    a = a.copy()
+    for _ in range(max_moves):
+        tot = p.evaluate(a)
+        over_b = tot.weight_bytes - p.budget.weights
+        over_r = (tot.read_per_token - p.speed.max_read) if p.speed is not None else -1
+        if over_b <= 0 and over_r <= 0:
+            return a
+        best = None
+        for kind, dd, db, dr in _moves(p, a):
+            saved = -db if over_b > 0 else -dr
+            ok = (saved > 0) & np.isfinite(dd)
+            if over_b > 0:
+                ok &= dr <= max(-over_r, 0) if over_r <= 0 else (dr <= 0)
+            if not ok.any():
+                continue
+            score = np.where(ok, np.maximum(dd, 0) / np.maximum(saved, 1), INF)
+            flat = int(score.argmin())
+            if best is None or score.flat[flat] < best[0]:
+                best = (score.flat[flat], kind, np.unravel_index(flat, score.shape))
+        if best is None:
+            raise RuntimeError("cannot repair the plan: no change saves bytes")
+        _apply(a, best[1], tuple(int(i) for i in best[2]))
+    raise RuntimeError("repair did not converge")
+
+
+# ---------------------------------------------------------------------------------------------
+# the price search
+
+def _search(evaluate, cap: float, scale: float, tol: float, max_iter: int = 80):
+    """Maximize a concave piecewise-linear dual over one price >= 0 by bisection on its supergradient.
+
+    `evaluate(price)` returns (bound, use, solution): a lower bound proven at that price, the priced
+    row's use by the relaxed solution, and the solution. Returns the best bound seen and the solution
+    at the smallest price whose use fits `cap` (a plan for that row)."""
+    b0, u0, s0 = evaluate(0.0)
+    if u0 <= cap:
+        return b0, s0  # the row is slack: the unpriced optimum fits
+    best = b0
+    lo, hi = 0.0, scale
+    while True:
+        bh, uh, sh = evaluate(hi)
+        best = max(best, bh)
+        if uh <= cap:
+            break
+        lo, hi = hi, hi * 8
+        if hi > 1e200:
+            raise RuntimeError("no price makes the relaxed plan fit: the budget is infeasible")
+    for _ in range(max_iter):
+        if hi - lo <= tol * hi or uh == cap:
+            break
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 64
+        bm, um, sm = evaluate(mid)
+        best = max(best, bm)
+        if um > cap:
+            lo = mid
+        else:
+            hi, uh, sh = mid, um, sm
+    return best, sh
+
+
+def _price_scale(p: Problem, W: float) -> float:
+    """A first price to try (nats per byte): damage between the smallest formats and the best ones,
+    per byte of the budget."""
+    n = len(p.items)
+    dmin = float(p.item_damage.min(axis=1).sum()) + float(p.exp_damage.min(axis=-1).sum())
+    dsmall = float(p.item_damage[np.arange(n), p.item_bytes.argmin(1)].sum()) if n else 0.0
+    if p.L:
+        small = p.exp_bytes.argmin(-1)  # (L, J)
+        dsmall += float(np.take_along_axis(p.exp_damage, small[:, None, :, None], -1).sum())
+    return max((dsmall - dmin) / max(W, 1.0), 1e-30)
+
+
+def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0):
+    """Feasible plan + proven lower bound (see the module docstring)."""
+    from .solvers import Solution, Status
+
+    t0 = time.perf_counter()
+    W = float(p.budget.weights - p.fixed_bytes)
+    R = float(p.speed.max_read - p.fixed_read) if p.speed is not None else INF
+    items = _Items(p)
+    solve = _solve_gguf if p.target is Target.GGUF else _solve_free
+    bound, a, log = solve(p, items, W, R)
+    log["relaxed_objective"] = p.objective(a)
+    a = fill(p, a)
+    obj = p.objective(a)
+    bound = min(bound, obj)
+    gap = (obj - bound) / obj if obj else 0.0
+    status = Status.OPTIMAL if gap <= rel_gap else Status.FEASIBLE
+    return Solution("lagrangian", status, obj, bound, time.perf_counter() - t0, a, time_limit=time_limit, log=log)
+
+
+TOL_LAMBDA = 1e-9  # relative width at which a price bisection stops
+
+
+def _two_prices(relaxed, read_of, W: float, R: float, scale: float, log: dict):
+    """max over (lambda, mu) of the dual, with mu searched for every lambda.
+
+    relaxed(lam, mu) -> _Relaxed (the full relaxed solution); read_of(lam, mu) -> its read (cheap).
+    Returns (bound, solution feasible in both rows)."""
+    if not math.isfinite(R):
+        def ev(lam):
+            s = relaxed(lam, 0.0)
+            return s.dual(W, R), s.bytes, s
+
+        return _search(ev, W, scale, TOL_LAMBDA)
+
+    def inner(lam):
+        def ev_mu(mu):
+            return 0.0, read_of(lam, mu), mu
+
+        _, mu_hi = _search(ev_mu, R, scale, TOL_LAMBDA)
+        s = relaxed(lam, mu_hi)
+        bound = s.dual(W, R)
+        if mu_hi > 0:
+            # the other side of the breakpoint can prove more
+            s_lo = relaxed(lam, mu_hi * (1 - 2 * TOL_LAMBDA))
+            bound = max(bound, s_lo.dual(W, R))
+        log["mu"] = mu_hi
+        return bound, s.bytes, s
+
+    return _search(inner, W, scale, TOL_LAMBDA * 10, max_iter=60)
+
+
+def _solve_free(p: Problem, items: _Items, W: float, R: float):
+    speed = p.speed is not None
+    layers = (_FreeSpeedLayers(p) if speed else _FreeLayers(p)) if p.L else None
+    log: dict = {"evaluations": 0}
+
+    def relaxed(lam, mu):
+        log["evaluations"] += 1
+        f, d_i, b_i, r_i = items.at(lam, mu)
+        if layers is None:
+            z = np.zeros((0, 0), dtype=bool)
+            return _Relaxed(d_i, b_i, r_i, Assignment(f, z, np.zeros((0, 0, 0), np.int64), np.zeros(0, np.int64)), lam, mu)
+        keep, efmt, k, d_l, b_l, r_l = layers.at(lam, mu)
+        return _Relaxed(d_i + d_l, b_i + b_l, r_i + r_l, Assignment(f, keep, efmt, np.asarray(k, np.int64)), lam, mu)
+
+    def read_of(lam, mu):
+        log["evaluations"] += 1
+        _, _, _, r_i = items.at(lam, mu)
+        if layers is None:
+            return r_i
+        if layers._lam != lam:
+            layers.prepare(lam)
+        return r_i + layers.choose(mu)[3]
+
+    bound, s = _two_prices(relaxed, read_of, W, R, _price_scale(p, W), log)
+    log["lambda"] = s.lam
+    return bound, s.a, log
+
+
+def _solve_gguf(p: Problem, items: _Items, W: float, R: float):
+    """Enumerate the global kept count m (per group) and top-k k; a price search for each pair whose
+    bound can still beat the best plan found (pairs in increasing order of a cheaper bound)."""
+    if not p.L:
+        return _solve_free(p, items, W, R)
+    layers = _GGUFLayers(p)
+    log: dict = {"evaluations": 0, "pairs_solved": 0}
+    scale = _price_scale(p, W)
+    ks = p.global_topk_options()
+    A = {k: float(p.topk_cost[:, p.topk_index(k)].sum()) for k in ks}
+    pairs = [(m, k) for k in ks for m in p.kept_per_group_options(k)]
+    if not pairs:
+        raise RuntimeError("no (kept count, top-k) pair is allowed")
+
+    def relaxed_for(m, k):
+        def relaxed(lam, mu):
+            log["evaluations"] += 1
+            f, d_i, b_i, r_i = items.at(lam, mu)
+            c, d_l, b_l, r_l = layers.at(lam, mu, m, k)
+            return _Relaxed(d_i + d_l + A[k], b_i + b_l, r_i + r_l, (f, c), lam, mu)
+
+        def read_of(lam, mu):
+            log["evaluations"] += 1
+            return items.at(lam, mu)[3] + layers.at(lam, mu, m, k)[3]
+
+        return relaxed, read_of
+
+    # without the speed row, k adds only A[k]: one memory-price search per m serves every k
+    by_m: dict[int, tuple[float, _Relaxed]] = {}
+    for m in sorted({m for m, _ in pairs}):
+        k0 = min(k for mm, k in pairs if mm == m)
+        relaxed, _ = relaxed_for(m, k0)
+        try:
+            b, s = _two_prices(relaxed, None, W, INF, scale, {})
+        except RuntimeError:
+            continue  # even the smallest formats do not fit with m kept per group
+        by_m[m] = (b - A[k0], s)
+    bound_of = {(m, k): by_m[m][0] + A[k] for m, k in pairs if m in by_m}
+    bounds = dict(bound_of)
+    best_obj, best_a = INF, None
+    for m, k in sorted(bound_of, key=bound_of.get):
+        if bound_of[m, k] >= best_obj:
+            break  # every remaining pair has a bound no better than the best plan
+        if p.speed is None:
+            s = by_m[m][1]
+        else:
+            relaxed, read_of = relaxed_for(m, k)
+            try:
+                bounds[m, k], s = _two_prices(relaxed, read_of, W, R, scale, {})
+            except RuntimeError:
+                bounds[m, k] = INF  # this pair cannot meet the speed row
+                continue
+        log["pairs_solved"] += 1
+        f, c = s.a
+        keep, efmt, topk = layers.assignment_part(c, m, k)
+        a = Assignment(f, keep, efmt, topk)
+        if p.check(a):
+            continue
+        a = fill(p, a)
+        obj = p.objective(a)
+        if obj < best_obj:
+            best_obj, best_a = obj, a
+            log.update(kept_per_group=m, top_k=k, **{"lambda": s.lam, "mu": s.mu})
+    if best_a is None:
+        raise RuntimeError("no (kept count, top-k) pair has a plan within the budgets")
+    return min(bounds.values()), best_a, log
