@@ -178,16 +178,18 @@ class _FreeSpeedLayers(_FreeLayers):
         L, Q = self.level.shape
         lam = self._lam
         C = self._C0 + (lam + mu) * (p.router_bytes * G)[:, None, None] * np.arange(size + 1)[None, None, :]
+        # C is convex in m (partial sums of sorted costs plus a linear term), so the best m >= m_lo(k)
+        # is max(unconstrained argmin, m_lo(k))
+        m_free = C.argmin(axis=2)  # (L, Q)
         best = np.full((L, Q, len(p.topk_values)), INF)
         marg = np.zeros((L, Q, len(p.topk_values)), dtype=np.int64)
         for ki, lo in enumerate(self.mlo):
             if lo > size:
                 continue
-            a = C[:, :, lo:].argmin(axis=2)
-            marg[:, :, ki] = lo + a
-            k = p.topk_values[ki]
-            best[:, :, ki] = p.topk_cost[:, ki][:, None] + np.take_along_axis(C, (lo + a)[..., None], 2)[..., 0] \
-                + mu * k * self.level
+            mk = np.maximum(m_free, lo)
+            marg[:, :, ki] = mk
+            best[:, :, ki] = p.topk_cost[:, ki][:, None] + np.take_along_axis(C, mk[..., None], 2)[..., 0] \
+                + mu * p.topk_values[ki] * self.level
         flat = best.reshape(L, -1).argmin(axis=1)
         q, ki = np.unravel_index(flat, (Q, len(p.topk_values)))
         m = marg[np.arange(L), q, ki]
@@ -231,48 +233,54 @@ class _GGUFLayers:
     def __init__(self, p: Problem):
         self.p = p
         L, E, J, F = p.L, p.E, p.J, p.F
-        self.G = p.n_group if p.n_group > 1 else 1
-        self.size = E // self.G if E else 0
+        G = self.G = p.n_group if p.n_group > 1 else 1
+        size = self.size = E // G if E else 0
         # stacked formats dominated for every expert of the layer never win (exact)
-        ok = np.stack([pareto(p.exp_bytes[l], p.exp_damage[l], across=0)[0] for l in range(L)]) if L else None
-        combos = np.array(list(itertools.product(range(F), repeat=J)), dtype=np.int64)
+        ok = np.stack([pareto(p.exp_bytes[l], p.exp_damage[l], across=0)[0] for l in range(L)])  # (L, J, F)
+        combos = np.array(list(itertools.product(range(F), repeat=J)), dtype=np.int64)  # (C, J), last kind fastest
         valid = np.ones((L, len(combos)), dtype=bool)
         for j in range(J):
             valid &= ok[:, j, :][:, combos[:, j]]
         self.combos = combos
-        Bc = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1).astype(np.float64)  # (L, C) one expert
-        self.B = np.where(valid, Bc, INF)
-        self.Bint = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)
-        D = p.exp_damage[:, :, np.arange(J)[None, :], combos].sum(-1)  # (L, E, C)
-        delta = D - p.removal[:, :, None]
-        d = np.moveaxis(delta.reshape(L, self.G, self.size, -1), 3, 1)  # (L, C, G, size)
-        self.order = np.argsort(d, axis=-1, kind="stable")
-        ds = np.take_along_axis(d, self.order, -1)
-        T = np.zeros((L, len(combos), self.size + 1))
-        T[..., 1:] = np.cumsum(ds, axis=-1).sum(axis=2)
-        self.T = T + p.removal.sum(1)[:, None, None]  # damage of the layer (quant + removal) per (c, m)
-        self.T = np.where(valid[..., None], self.T, INF)
+        self.Bint = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)  # (L, C) bytes of one expert
+        self.B = np.where(valid, self.Bint.astype(np.float64), INF)
+        # net cost of keeping each expert under each combination, delta = damage - removal: (L, E, C),
+        # built as an outer sum over the kinds (the removal cost split evenly over them)
+        ec = p.exp_damage - p.removal[:, :, None, None] / J  # (L, E, J, F)
+        D = ec[:, :, 0, :]
+        for j in range(1, J):
+            D = (D[..., :, None] + ec[:, :, j, None, :]).reshape(L, E, -1)
+        D = D.reshape(L, G, size, -1)
+        # T[m, l, c]: damage of layer l keeping the m cheapest experts of every group under c (plus
+        # every expert's removal cost): sort each group, then running sums over m
+        D.sort(axis=2)
+        for i in range(1, size):
+            D[:, :, i] += D[:, :, i - 1]
+        T = np.zeros((size + 1, L, len(combos)))
+        T[1:] = np.moveaxis(D.sum(axis=1), 1, 0)
+        T += p.removal.sum(1)[None, :, None]
+        self.T = np.where(valid[None], T, INF)
 
     def at(self, lam: float, mu: float, m: int, k: int):
-        p, G = self.p, self.G
-        n = G * m
-        cost = self.T[:, :, m] + (lam * n + mu * k) * self.B
-        c = cost.argmin(axis=1)  # (L,)
+        p = self.p
+        n = self.G * m
+        Tm = self.T[m]
+        c = (Tm + (lam * n + mu * k) * self.B).argmin(axis=1)  # (L,)
         li = np.arange(p.L)
-        dmg = float(self.T[li, c, m].sum())
         eb = self.Bint[li, c]
-        nbytes = int((n * (eb + p.router_bytes)).sum())
-        read = int((k * eb + n * p.router_bytes).sum())
-        return c, dmg, nbytes, read
+        return c, float(Tm[li, c].sum()), int((n * (eb + p.router_bytes)).sum()), int((k * eb + n * p.router_bytes).sum())
 
     def assignment_part(self, c: np.ndarray, m: int, k: int):
         p, G, size = self.p, self.G, self.size
-        L, E = p.L, p.E
-        keep = np.zeros((L, E), dtype=bool)
-        for l in range(L):
-            kept = self.order[l, c[l], :, :m]  # (G, m) positions within groups
-            keep[l, (np.arange(G)[:, None] * size + kept).ravel()] = True
-        efmt = np.where(keep[..., None], self.combos[c][:, None, :], -1)
+        L, E, J = p.L, p.E, p.J
+        fmt = self.combos[c]  # (L, J)
+        delta = p.exp_damage[np.arange(L)[:, None, None], np.arange(E)[None, :, None], np.arange(J)[None, None, :],
+                             fmt[:, None, :]].sum(-1) - p.removal  # (L, E)
+        order = np.argsort(delta.reshape(L, G, size), axis=-1, kind="stable")[:, :, :m]  # (L, G, m)
+        keep = np.zeros((L, G, size), dtype=bool)
+        np.put_along_axis(keep, order, True, axis=-1)
+        keep = keep.reshape(L, E)
+        efmt = np.where(keep[..., None], fmt[:, None, :], -1)
         return keep, efmt, np.full(L, k, dtype=np.int64)
 
 
@@ -395,35 +403,70 @@ def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
 # ---------------------------------------------------------------------------------------------
 # the price search
 
-def _search(evaluate, cap: float, scale: float, tol: float, max_iter: int = 80):
-    """Maximize a concave piecewise-linear dual over one price >= 0 by bisection on its supergradient.
+def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80):
+    """Maximize a concave piecewise-linear dual over one price >= 0 through the root of its
+    supergradient use(price) - cap, a decreasing step function.
 
     `evaluate(price)` returns (bound, use, solution): a lower bound proven at that price, the priced
-    row's use by the relaxed solution, and the solution. Returns the best bound seen and the solution
-    at the smallest price whose use fits `cap` (a plan for that row)."""
+    row's use by the relaxed solution, and the solution. `start` is a first guess of the price.
+    The root is bracketed by factors of 8 from `start`, then narrowed by regula falsi on log(price)
+    with the Illinois rule (a bisection step whenever interpolation stalls) until the bracket is
+    `tol` wide. Returns the best bound seen and the solution at the smallest price found whose use
+    fits `cap` (a plan for that row)."""
     b0, u0, s0 = evaluate(0.0)
     if u0 <= cap:
         return b0, s0  # the row is slack: the unpriced optimum fits
     best = b0
-    lo, hi = 0.0, scale
-    while True:
-        bh, uh, sh = evaluate(hi)
-        best = max(best, bh)
-        if uh <= cap:
-            break
-        lo, hi = hi, hi * 8
-        if hi > 1e200:
-            raise RuntimeError("no price makes the relaxed plan fit: the budget is infeasible")
+    lo, ulo = 0.0, u0
+    hi = start
+    bh, uh, sh = evaluate(hi)
+    best = max(best, bh)
+    if uh <= cap:  # bracket downwards
+        while True:
+            mid = hi / 8
+            if mid < 1e-300:
+                return best, sh
+            bm, um, sm = evaluate(mid)
+            best = max(best, bm)
+            if um > cap:
+                lo, ulo = mid, um
+                break
+            hi, uh, sh = mid, um, sm
+    else:  # bracket upwards
+        while uh > cap:
+            lo, ulo = hi, uh
+            hi *= 8
+            if hi > 1e200:
+                raise RuntimeError("no price makes the relaxed plan fit: the budget is infeasible")
+            bh, uh, sh = evaluate(hi)
+            best = max(best, bh)
+    if lo == 0.0:
+        lo = hi / 8
+        bl, ulo, _ = evaluate(lo)
+        best = max(best, bl)
+        if ulo <= cap:
+            return best, sh  # cannot happen for a monotone use; keep the feasible side
+    glo, ghi = ulo - cap, uh - cap  # > 0, <= 0
+    side = 0
     for _ in range(max_iter):
-        if hi - lo <= tol * hi or uh == cap:
+        if hi - lo <= tol * hi or ghi == 0:
             break
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 64
+        a, b = math.log(lo), math.log(hi)
+        t = glo / (glo - ghi) if glo != ghi else 0.5
+        t = min(max(t, 0.02), 0.98)  # stay strictly inside the bracket
+        mid = math.exp(a + t * (b - a))
         bm, um, sm = evaluate(mid)
         best = max(best, bm)
         if um > cap:
-            lo = mid
+            lo, glo = mid, um - cap
+            if side == -1:
+                ghi /= 2  # Illinois: the other end was kept twice
+            side = -1
         else:
-            hi, uh, sh = mid, um, sm
+            hi, uh, sh, ghi = mid, um, sm, um - cap
+            if side == 1:
+                glo /= 2
+            side = 1
     return best, sh
 
 
@@ -458,11 +501,13 @@ def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0
     return Solution("lagrangian", status, obj, bound, time.perf_counter() - t0, a, time_limit=time_limit, log=log)
 
 
-TOL_LAMBDA = 1e-9  # relative width at which a price bisection stops
+# Relative width at which a price search stops. The bound lost by stopping is second order in the
+# width (the supergradient vanishes at the optimum), and the fill spends the slack it leaves.
+TOL_PRICE = 1e-7
 
 
-def _two_prices(relaxed, read_of, W: float, R: float, scale: float, log: dict):
-    """max over (lambda, mu) of the dual, with mu searched for every lambda.
+def _two_prices(relaxed, read_of, W: float, R: float, start: tuple[float, float], log: dict):
+    """max over (lambda, mu) of the dual, mu searched for every lambda (warm-started from the last).
 
     relaxed(lam, mu) -> _Relaxed (the full relaxed solution); read_of(lam, mu) -> its read (cheap).
     Returns (bound, solution feasible in both rows)."""
@@ -471,66 +516,103 @@ def _two_prices(relaxed, read_of, W: float, R: float, scale: float, log: dict):
             s = relaxed(lam, 0.0)
             return s.dual(W, R), s.bytes, s
 
-        return _search(ev, W, scale, TOL_LAMBDA)
+        return _search(ev, W, start[0], TOL_PRICE)
+
+    last = {"mu": start[1]}
 
     def inner(lam):
         def ev_mu(mu):
             return 0.0, read_of(lam, mu), mu
 
-        _, mu_hi = _search(ev_mu, R, scale, TOL_LAMBDA)
+        _, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE)
+        if mu_hi > 0:
+            last["mu"] = mu_hi
         s = relaxed(lam, mu_hi)
         bound = s.dual(W, R)
         if mu_hi > 0:
             # the other side of the breakpoint can prove more
-            s_lo = relaxed(lam, mu_hi * (1 - 2 * TOL_LAMBDA))
-            bound = max(bound, s_lo.dual(W, R))
-        log["mu"] = mu_hi
+            bound = max(bound, relaxed(lam, mu_hi * (1 - TOL_PRICE)).dual(W, R))
         return bound, s.bytes, s
 
-    return _search(inner, W, scale, TOL_LAMBDA * 10, max_iter=60)
+    return _search(inner, W, start[0], TOL_PRICE)
 
 
 def _solve_free(p: Problem, items: _Items, W: float, R: float):
-    speed = p.speed is not None
-    layers = (_FreeSpeedLayers(p) if speed else _FreeLayers(p)) if p.L else None
     log: dict = {"evaluations": 0}
+    scale = _price_scale(p, W)
 
-    def relaxed(lam, mu):
-        log["evaluations"] += 1
-        f, d_i, b_i, r_i = items.at(lam, mu)
-        if layers is None:
-            z = np.zeros((0, 0), dtype=bool)
-            return _Relaxed(d_i, b_i, r_i, Assignment(f, z, np.zeros((0, 0, 0), np.int64), np.zeros(0, np.int64)), lam, mu)
-        keep, efmt, k, d_l, b_l, r_l = layers.at(lam, mu)
-        return _Relaxed(d_i + d_l, b_i + b_l, r_i + r_l, Assignment(f, keep, efmt, np.asarray(k, np.int64)), lam, mu)
+    def relaxed_with(layers):
+        def relaxed(lam, mu):
+            log["evaluations"] += 1
+            f, d_i, b_i, r_i = items.at(lam, mu)
+            if layers is None:
+                z = np.zeros((0, 0), dtype=bool)
+                return _Relaxed(d_i, b_i, r_i, Assignment(f, z, np.zeros((0, 0, 0), np.int64), np.zeros(0, np.int64)),
+                                lam, mu)
+            keep, efmt, k, d_l, b_l, r_l = layers.at(lam, mu)
+            return _Relaxed(d_i + d_l, b_i + b_l, r_i + r_l, Assignment(f, keep, efmt, np.asarray(k, np.int64)), lam, mu)
+        return relaxed
+
+    # the memory row alone first: its bound holds with the speed row too, and its plan may meet it
+    bound, s = _two_prices(relaxed_with(_FreeLayers(p) if p.L else None), None, W, INF, (scale, 0.0), log)
+    log["lambda"] = s.lam
+    if p.speed is None or p.read_per_token(s.a) <= p.speed.max_read:
+        return bound, s.a, log
+    log["speed_row"] = "active"
+    layers = _FreeSpeedLayers(p)
 
     def read_of(lam, mu):
         log["evaluations"] += 1
-        _, _, _, r_i = items.at(lam, mu)
-        if layers is None:
-            return r_i
         if layers._lam != lam:
             layers.prepare(lam)
-        return r_i + layers.choose(mu)[3]
+        return items.at(lam, mu)[3] + layers.choose(mu)[3]
 
-    bound, s = _two_prices(relaxed, read_of, W, R, _price_scale(p, W), log)
-    log["lambda"] = s.lam
+    bound, s = _two_prices(relaxed_with(layers), read_of, W, R, (s.lam, s.lam), log)
+    log["lambda"], log["mu"] = s.lam, s.mu
     return bound, s.a, log
 
 
 def _solve_gguf(p: Problem, items: _Items, W: float, R: float):
-    """Enumerate the global kept count m (per group) and top-k k; a price search for each pair whose
-    bound can still beat the best plan found (pairs in increasing order of a cheaper bound)."""
+    """Enumerate the global kept count m (per group) and top-k k (see _enumerate). The memory row is
+    solved first; with a speed row that its plan does not meet, the search is repeated with both
+    rows, starting from the memory-only optimum's pair and prices, with the memory-only bounds."""
     if not p.L:
         return _solve_free(p, items, W, R)
     layers = _GGUFLayers(p)
-    log: dict = {"evaluations": 0, "pairs_solved": 0}
-    scale = _price_scale(p, W)
+    log: dict = {"evaluations": 0, "pairs_searched": 0}
     ks = p.global_topk_options()
     A = {k: float(p.topk_cost[:, p.topk_index(k)].sum()) for k in ks}
     pairs = [(m, k) for k in ks for m in p.kept_per_group_options(k)]
     if not pairs:
         raise RuntimeError("no (kept count, top-k) pair is allowed")
+    # without the speed row k only adds A[k]: each m takes its cheapest allowed k
+    best_k: dict[int, int] = {}
+    for m, k in pairs:
+        if m not in best_k or A[k] < A[best_k[m]]:
+            best_k[m] = k
+    scale = _price_scale(p, W)
+    mem_pairs = sorted(best_k.items())
+    first = mem_pairs[len(mem_pairs) // 2]
+    p_mem = p.replace(speed=None) if p.speed is not None else p
+    bound, a, pair, prices, mem_bounds = _enumerate(p_mem, items, layers, A, mem_pairs, W, INF, first,
+                                                    (scale, 0.0), {}, log)
+    if p.speed is None or p.read_per_token(a) <= p.speed.max_read:
+        return bound, a, log
+    log["speed_row"] = "active"
+    # memory-only bounds hold with the speed row too: (m, k) costs what (m, best k) costs, moved by A
+    start = {(m, k): mem_bounds[m, best_k[m]] - A[best_k[m]] + A[k] for m, k in pairs}
+    bound, a, pair, prices, _ = _enumerate(p, items, layers, A, pairs, W, R, pair, (prices[0], prices[0]), start, log)
+    return bound, a, log
+
+
+def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: list, W: float, R: float,
+               first: tuple, prices: tuple, start_bounds: dict, log: dict):
+    """Branch and bound over (m, k) pairs. The open pair with the lowest bound is first tightened
+    cheaply (one evaluation at the best plan's prices; with the speed row, a search over mu alone),
+    and only if it still could beat the best plan gets a full price search and a plan. Any prices
+    give a valid bound, so every pair's bound is the best of what was computed for it. Stops when no
+    pair's bound is below the best plan. Returns (bound, plan, pair, prices, bounds)."""
+    speed = math.isfinite(R)
 
     def relaxed_for(m, k):
         def relaxed(lam, mu):
@@ -545,42 +627,53 @@ def _solve_gguf(p: Problem, items: _Items, W: float, R: float):
 
         return relaxed, read_of
 
-    # without the speed row, k adds only A[k]: one memory-price search per m serves every k
-    by_m: dict[int, tuple[float, _Relaxed]] = {}
-    for m in sorted({m for m, _ in pairs}):
-        k0 = min(k for mm, k in pairs if mm == m)
-        relaxed, _ = relaxed_for(m, k0)
+    def tighten(pair) -> float:
+        relaxed, read_of = relaxed_for(*pair)
+        lam = best_prices[0]
+        if not speed:
+            return relaxed(*best_prices).dual(W, R)
+        _, mu = _search(lambda u: (0.0, read_of(lam, u), u), R, best_prices[1] or lam, 1e-4)
+        value = relaxed(lam, mu).dual(W, R)
+        return max(value, relaxed(lam, mu * (1 - 1e-4)).dual(W, R)) if mu > 0 else value
+
+    bounds: dict = {pr: start_bounds.get(pr, -INF) for pr in pairs}
+    searched: set = set()
+    tightened: set = set()
+    best_obj, best_a, best_pair, best_prices = INF, None, first, prices
+    pair = first
+    while pair is not None:
+        relaxed, read_of = relaxed_for(*pair)
+        searched.add(pair)
         try:
-            b, s = _two_prices(relaxed, None, W, INF, scale, {})
+            b, s = _two_prices(relaxed, read_of if speed else None, W, R, best_prices, {})
         except RuntimeError:
-            continue  # even the smallest formats do not fit with m kept per group
-        by_m[m] = (b - A[k0], s)
-    bound_of = {(m, k): by_m[m][0] + A[k] for m, k in pairs if m in by_m}
-    bounds = dict(bound_of)
-    best_obj, best_a = INF, None
-    for m, k in sorted(bound_of, key=bound_of.get):
-        if bound_of[m, k] >= best_obj:
-            break  # every remaining pair has a bound no better than the best plan
-        if p.speed is None:
-            s = by_m[m][1]
+            bounds[pair] = INF  # the pair cannot meet the rows
         else:
-            relaxed, read_of = relaxed_for(m, k)
+            log["pairs_searched"] += 1
+            bounds[pair] = max(b, bounds[pair])
+            f, c = s.a
+            a = Assignment(f, *layers.assignment_part(c, *pair))
+            if not p.check(a):
+                a = fill(p, a)
+                obj = p.objective(a)
+                if obj < best_obj:
+                    best_obj, best_a, best_pair = obj, a, pair
+                    best_prices = (s.lam, s.mu if speed else 0.0)
+        pair = None
+        while True:
+            open_pairs = [pr for pr in pairs if pr not in searched and bounds[pr] < best_obj]
+            if not open_pairs:
+                break
+            cand = min(open_pairs, key=bounds.get)
+            if cand in tightened:
+                pair = cand
+                break
+            tightened.add(cand)
             try:
-                bounds[m, k], s = _two_prices(relaxed, read_of, W, R, scale, {})
+                bounds[cand] = max(bounds[cand], tighten(cand))
             except RuntimeError:
-                bounds[m, k] = INF  # this pair cannot meet the speed row
-                continue
-        log["pairs_solved"] += 1
-        f, c = s.a
-        keep, efmt, topk = layers.assignment_part(c, m, k)
-        a = Assignment(f, keep, efmt, topk)
-        if p.check(a):
-            continue
-        a = fill(p, a)
-        obj = p.objective(a)
-        if obj < best_obj:
-            best_obj, best_a = obj, a
-            log.update(kept_per_group=m, top_k=k, **{"lambda": s.lam, "mu": s.mu})
+                bounds[cand] = INF
     if best_a is None:
         raise RuntimeError("no (kept count, top-k) pair has a plan within the budgets")
-    return min(bounds.values()), best_a, log
+    log.update(kept_per_group=best_pair[0], top_k=best_pair[1], **{"lambda": best_prices[0], "mu": best_prices[1]})
+    return min(bounds.values()), best_a, best_pair, best_prices, bounds

@@ -328,6 +328,7 @@ class Problem:
     top_k: int  # the model's original top-k
     fixed_bytes: int  # tensors never quantized, except router rows (those go with their experts)
     fixed_read: int  # bytes read per token that no decision changes: fixed tensors + KV cache at full context
+    fixed_params: int  # parameters of the fixed tensors
     # arrays the solvers read
     item_bytes: np.ndarray  # (n, F) int64
     item_damage: np.ndarray  # (n, F)
@@ -426,13 +427,14 @@ class Problem:
         # non-expert items and fixed tensors
         items: list[Item] = []
         ib, idm, ird, ipar = [], [], [], []
-        fixed = 0
+        fixed = fixed_params = 0
         moe_set = set(moe)
         for t in inventory.tensors:
             if t.role is Role.ROUTED_EXPERT or (t.role is Role.ROUTER and t.layer in moe_set):
                 continue  # routed experts are decided per layer; router rows go with their experts
             if not t.quantizable:
                 fixed += t.nbytes("F32")
+                fixed_params += t.numel
                 continue
             b = [t.nbytes(f, target, cfg) for f in menu]
             rows = t.shape[0] if t.role is Role.EMBEDDING else 1  # a token reads one embedding row
@@ -451,7 +453,7 @@ class Problem:
             raise ValueError(f"groups of {n_exp // n_group} expert(s): group-limited routing needs at least 2 per group")
         kv_read = budget.kv_cache  # decode reads the whole cache once per token (at full context)
         p = cls(inventory, profile, budget, target, menu, speed, items, layers, kinds, n_group, topk_group,
-                inventory.top_k or 1, fixed, fixed + kv_read,
+                inventory.top_k or 1, fixed, fixed + kv_read, fixed_params,
                 np.array(ib, dtype=np.int64).reshape(len(items), F), np.array(idm, dtype=np.float64).reshape(len(items), F),
                 np.array(ird, dtype=np.int64).reshape(len(items), F), np.array(ipar, dtype=np.int64),
                 exp_bytes, exp_damage, removal, router_bytes, topk_values, topk_cost)
@@ -547,7 +549,7 @@ class Problem:
         for it, b in zip(self.items, self.item_bytes[ii, a.item_fmt]):
             by_role[it.role.value] = by_role.get(it.role.value, 0) + int(b)
         dq = float(self.item_damage[ii, a.item_fmt].sum())
-        params = int(self.item_params.sum()) + self._fixed_params()
+        params = int(self.item_params.sum()) + self.fixed_params
         dp = dt = 0.0
         kept = 0
         if self.L:
@@ -570,11 +572,6 @@ class Problem:
         return Totals(total, by_role, params, 8.0 * total / max(params, 1), self.read_per_token(a),
                       dq + dp + dt, dq, dp, dt, kept, self.L * self.E)
 
-    def _fixed_params(self) -> int:
-        moe = {l.layer for l in self.layers}
-        return sum(t.numel for t in self.inventory.tensors
-                   if not t.quantizable and t.role is not Role.ROUTED_EXPERT
-                   and not (t.role is Role.ROUTER and t.layer in moe))
 
     def objective(self, a: Assignment) -> float:
         return self.evaluate(a).damage
