@@ -103,7 +103,7 @@ def paper_pipeline(p: Problem, keep_fraction: float = PAPER_KEEP) -> Assignment:
     return b.assignment
 
 
-def paper_baseline(p: Problem, keep_fraction: float = PAPER_KEEP) -> Baseline:
+def paper_baseline(p: Problem, keep_fraction: float = PAPER_KEEP, greedy_cache: dict | None = None) -> Baseline:
     name = "paper pipeline (2509.25689)"
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
@@ -126,109 +126,125 @@ def paper_baseline(p: Problem, keep_fraction: float = PAPER_KEEP) -> Baseline:
             return _finish(name, p, None, "no top-k option fits the kept experts")
         topk[li] = min(allowed, key=lambda k: (abs(k - want), -k))
     # step 3: every tensor at the smallest format, then greedy upgrades by damage saved per byte
-    a = _greedy_upgrade(p, keep, topk)
+    # (the order of upgrades does not depend on the budget: a sweep computes it once)
+    key = ("paper_greedy", id(p.exp_damage), id(p.item_damage), p.target.value, keep_fraction, p.speed)
+    store = {} if greedy_cache is None else greedy_cache
+    if key not in store:
+        store[key] = _Greedy(p, keep, topk)
+    a = store[key].plan(p.budget.weights)
     if a is None:
         return _finish(name, p, None, "the pruned model at the smallest formats does not fit the budget")
     return _finish(name, p, a)
 
 
-def _greedy_upgrade(p: Problem, keep: np.ndarray, topk: np.ndarray) -> Assignment | None:
-    """Start at the smallest format of every unit (a tensor; for gguf, a stacked expert tensor),
-    then repeatedly take the upgrade with the largest damage decrease per added byte that fits
-    the memory (and speed) budget. Each unit climbs the ladder of its undominated formats."""
-    n = len(p.items)
-    L, E, J = p.L, p.E, p.J
-    gguf = p.target is Target.GGUF
-    units: list[tuple] = []  # (kind, index), bytes (F,), damage (F,), read (F,)
-    ub, uc, ur = [], [], []
-    for i in range(n):
-        units.append(("item", (i,)))
-        ub.append(p.item_bytes[i]); uc.append(p.item_damage[i]); ur.append(p.item_read[i])
-    nk = keep.sum(1)
-    for l in range(L):
-        for j in range(J):
-            if gguf:
-                units.append(("stacked", (l, j)))
-                ub.append(nk[l] * p.exp_bytes[l, j])
-                uc.append(p.exp_damage[l, keep[l], j].sum(0))
-                ur.append(topk[l] * p.exp_bytes[l, j])
-            else:
-                for e in np.flatnonzero(keep[l]):
-                    units.append(("expert", (l, int(e), j)))
-                    ub.append(p.exp_bytes[l, j]); uc.append(p.exp_damage[l, e, j]); ur.append(p.exp_bytes[l, j])
-    ub, uc, ur = np.array(ub), np.array(uc), np.array(ur)
-    ok, _ = pareto(ub, uc)
-    order = np.lexsort((uc, ub), axis=-1)  # formats by bytes, then damage, per unit
-    ok_sorted = np.take_along_axis(ok, order, 1)
-    ladders = [o[k].tolist() for o, k in zip(order, ok_sorted)]
-    ub, uc, ur = ub.tolist(), uc.tolist(), ur.tolist()  # plain lists: the loop below is scalar
-    rung = [0] * len(units)
+class _Greedy:
+    """The pipeline's step 3 for fixed kept experts and top-k.
 
-    item_fmt = np.zeros(n, dtype=np.int64)
-    efmt = np.full((L, E, J), -1, dtype=np.int64)
-    for u, (kind, idx) in enumerate(units):
-        f = ladders[u][0]
+    Units are tensors (for gguf: stacked expert tensors); each climbs the ladder of its undominated
+    formats from the smallest. The greedy takes, among every unit's next step, the one with the
+    largest damage decrease per added byte, if it fits the budget; a unit whose step does not fit
+    stops there. The order in which steps come up does not depend on the budget (a stopped unit
+    only drops out), so it is computed once and each budget walks it (`plan`)."""
+
+    def __init__(self, p: Problem, keep: np.ndarray, topk: np.ndarray):
+        self.p, self.keep, self.topk = p, keep, topk
+        n = len(p.items)
+        L, J = p.L, p.J
+        gguf = p.target is Target.GGUF
+        units: list[tuple] = []
+        ub, uc = [], []
+        for i in range(n):
+            units.append(("item", (i,)))
+            ub.append(p.item_bytes[i]); uc.append(p.item_damage[i])
+        nk = keep.sum(1)
+        for l in range(L):
+            for j in range(J):
+                if gguf:
+                    units.append(("stacked", (l, j)))
+                    ub.append(nk[l] * p.exp_bytes[l, j]); uc.append(p.exp_damage[l, keep[l], j].sum(0))
+                else:
+                    for e in np.flatnonzero(keep[l]):
+                        units.append(("expert", (l, int(e), j)))
+                        ub.append(p.exp_bytes[l, j]); uc.append(p.exp_damage[l, e, j])
+        ub, uc = np.array(ub), np.array(uc)
+        ok, _ = pareto(ub, uc)
+        order = np.lexsort((uc, ub), axis=-1)  # formats by bytes, then damage, per unit
+        ladders = [o[k].tolist() for o, k in zip(order, np.take_along_axis(ok, order, 1))]
+        self.units, self.ladders = units, ladders
+        ubl, ucl = ub.tolist(), uc.tolist()
+        # the budget-independent order of steps: (unit, new format, added bytes)
+        heap = []
+        for u, lad in enumerate(ladders):
+            if len(lad) > 1:
+                heap.append((-(ucl[u][lad[0]] - ucl[u][lad[1]]) / max(ubl[u][lad[1]] - ubl[u][lad[0]], 1), u, 1))
+        heapq.heapify(heap)
+        steps = []
+        while heap:
+            _, u, r = heapq.heappop(heap)
+            lad = ladders[u]
+            steps.append((u, lad[r], ubl[u][lad[r]] - ubl[u][lad[r - 1]]))
+            if r + 1 < len(lad):
+                f0, f1 = lad[r], lad[r + 1]
+                heapq.heappush(heap, (-(ucl[u][f0] - ucl[u][f1]) / max(ubl[u][f1] - ubl[u][f0], 1), u, r + 1))
+        self.steps = steps
+
+    def base(self) -> Assignment:
+        p = self.p
+        item_fmt = np.zeros(len(p.items), dtype=np.int64)
+        efmt = np.full((p.L, p.E, p.J), -1, dtype=np.int64)
+        a = Assignment(item_fmt, self.keep.copy(), efmt, self.topk.copy())
+        for u, (kind, idx) in enumerate(self.units):
+            self._set(a, kind, idx, self.ladders[u][0])
+        return a
+
+    def _set(self, a: Assignment, kind: str, idx: tuple, f: int) -> None:
         if kind == "item":
-            item_fmt[idx[0]] = f
+            a.item_fmt[idx[0]] = f
         elif kind == "stacked":
-            efmt[idx[0], keep[idx[0]], idx[1]] = f
+            a.expert_fmt[idx[0], self.keep[idx[0]], idx[1]] = f
         else:
-            efmt[idx] = f
-    a = Assignment(item_fmt, keep.copy(), efmt, topk.copy())
-    tot = p.evaluate(a)
-    slack_b = p.budget.weights - tot.weight_bytes
-    slack_r = p.speed.max_read - tot.read_per_token if p.speed is not None else np.inf
-    if slack_b < 0 or slack_r < 0:
-        return None
-    # expert bytes per layer, to follow the worst-case read of the free target
-    eb = p.expert_total_bytes(a).tolist() if L else []
-    lmax = [max(row) for row in eb]
+            a.expert_fmt[idx] = f
 
-    def step(u):
-        r = rung[u]
-        if r + 1 >= len(ladders[u]):
+    def plan(self, weight_budget: int | None = None) -> Assignment | None:
+        p = self.p
+        a = self.base()
+        tot = p.evaluate(a)
+        slack = (p.budget.weights if weight_budget is None else weight_budget) - tot.weight_bytes
+        slack_r = p.speed.max_read - tot.read_per_token if p.speed is not None else None
+        if slack < 0 or (slack_r is not None and slack_r < 0):
             return None
-        f0, f1 = ladders[u][r], ladders[u][r + 1]
-        db = int(ub[u][f1] - ub[u][f0])
-        dc = float(uc[u][f0] - uc[u][f1])
-        return db, dc, f1
-
-    heap = []
-    for u in range(len(units)):
-        s = step(u)
-        if s is not None:
-            heapq.heappush(heap, (-s[1] / max(s[0], 1), u, rung[u]))
-    while heap:
-        _, u, r = heapq.heappop(heap)
-        if r != rung[u]:
-            continue
-        db, dc, f1 = step(u)
-        kind, idx = units[u]
-        if kind == "expert":
-            l, e, j = idx
-            newb = eb[l][e] + db
-            dr = int(topk[l] * max(0, newb - lmax[l]))
-        elif kind == "stacked":
-            dr = int(topk[idx[0]] * (p.exp_bytes[idx[0], idx[1], f1] - p.exp_bytes[idx[0], idx[1], ladders[u][r]]))
-        else:
-            dr = int(ur[u][f1] - ur[u][ladders[u][r]])
-        if db > slack_b or dr > slack_r:
-            continue  # this unit stops here; smaller upgrades of others may still fit
-        slack_b -= db
-        slack_r -= dr
-        rung[u] += 1
-        if kind == "item":
-            a.item_fmt[idx[0]] = f1
-        elif kind == "stacked":
-            a.expert_fmt[idx[0], keep[idx[0]], idx[1]] = f1
-        else:
-            a.expert_fmt[idx] = f1
-            eb[l][e] = newb
-            lmax[l] = max(lmax[l], newb)
-        s = step(u)
-        if s is not None:
-            heapq.heappush(heap, (-s[1] / max(s[0], 1), u, rung[u]))
-    return a
+        stopped = set()
+        if slack_r is not None:
+            eb = p.expert_total_bytes(a).tolist() if p.L else []
+            lmax = [max(row) for row in eb]
+        for u, f, db in self.steps:
+            if u in stopped:
+                continue
+            kind, idx = self.units[u]
+            if slack_r is not None:  # bytes read per token follow the step too
+                if kind == "expert":
+                    l, e, j = idx
+                    newb = eb[l][e] + db
+                    dr = int(self.topk[l] * max(0, newb - lmax[l]))
+                elif kind == "stacked":
+                    dr = int(self.topk[idx[0]] * db // max(int(self.keep[idx[0]].sum()), 1))
+                else:
+                    i = idx[0]
+                    dr = int(p.item_read[i, f] - p.item_read[i, a.item_fmt[i]])
+                if dr > slack_r:
+                    stopped.add(u)
+                    continue
+            if db > slack:
+                stopped.add(u)
+                continue
+            slack -= db
+            self._set(a, kind, idx, f)
+            if slack_r is not None:
+                slack_r -= dr
+                if kind == "expert":
+                    eb[l][e] = newb
+                    lmax[l] = max(lmax[l], newb)
+        return a
 
 
 # ---------------------------------------------------------------------------------------------

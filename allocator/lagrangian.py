@@ -418,20 +418,20 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80):
         return b0, s0  # the row is slack: the unpriced optimum fits
     best = b0
     lo, ulo = 0.0, u0
-    hi = start
+    hi = start if start > 0 else 1e-12  # any positive first guess: the bracket grows by 8 per step
     bh, uh, sh = evaluate(hi)
     best = max(best, bh)
     if uh <= cap:  # bracket downwards
-        while True:
+        for _ in range(40):  # down to start / 8^40; below that the price no longer matters
             mid = hi / 8
-            if mid < 1e-300:
-                return best, sh
             bm, um, sm = evaluate(mid)
             best = max(best, bm)
             if um > cap:
                 lo, ulo = mid, um
                 break
             hi, uh, sh = mid, um, sm
+        else:
+            return best, sh
     else:  # bracket upwards
         while uh > cap:
             lo, ulo = hi, uh
@@ -470,6 +470,27 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80):
     return best, sh
 
 
+class _Cache:
+    """Tables that depend on the problem's arrays but not on its budget, kept in a caller's dict."""
+
+    def __init__(self, p: Problem, store: dict | None):
+        self.store = {} if store is None else store
+        self.key = (id(p.exp_damage), id(p.item_damage), p.target.value, p.speed is not None)
+
+    def get(self, name: str, make):
+        k = (self.key, name)
+        if k not in self.store:
+            self.store[k] = make()
+        return self.store[k]
+
+    def price(self, name: str, default: float) -> float:
+        return self.store.get((self.key, "price", name), default)
+
+    def set_price(self, name: str, value: float) -> None:
+        if value > 0:
+            self.store[(self.key, "price", name)] = value
+
+
 def _price_scale(p: Problem, W: float) -> float:
     """A first price to try (nats per byte): damage between the smallest formats and the best ones,
     per byte of the budget."""
@@ -482,8 +503,9 @@ def _price_scale(p: Problem, W: float) -> float:
     return max((dsmall - dmin) / max(W, 1.0), 1e-30)
 
 
-def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0):
-    """Feasible plan + proven lower bound (see the module docstring)."""
+def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0, cache: dict | None = None):
+    """Feasible plan + proven lower bound (see the module docstring). `cache` keeps the
+    budget-independent tables (and the last prices) between solves of one problem's arrays."""
     from .solvers import Solution, Status
 
     t0 = time.perf_counter()
@@ -491,7 +513,7 @@ def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0
     R = float(p.speed.max_read - p.fixed_read) if p.speed is not None else INF
     items = _Items(p)
     solve = _solve_gguf if p.target is Target.GGUF else _solve_free
-    bound, a, log = solve(p, items, W, R)
+    bound, a, log = solve(p, items, W, R, _Cache(p, cache))
     log["relaxed_objective"] = p.objective(a)
     a = fill(p, a)
     obj = p.objective(a)
@@ -537,9 +559,9 @@ def _two_prices(relaxed, read_of, W: float, R: float, start: tuple[float, float]
     return _search(inner, W, start[0], TOL_PRICE)
 
 
-def _solve_free(p: Problem, items: _Items, W: float, R: float):
+def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
     log: dict = {"evaluations": 0}
-    scale = _price_scale(p, W)
+    scale = cache.price("lambda", _price_scale(p, W))
 
     def relaxed_with(layers):
         def relaxed(lam, mu):
@@ -554,12 +576,14 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float):
         return relaxed
 
     # the memory row alone first: its bound holds with the speed row too, and its plan may meet it
-    bound, s = _two_prices(relaxed_with(_FreeLayers(p) if p.L else None), None, W, INF, (scale, 0.0), log)
+    free_layers = cache.get("free_layers", lambda: _FreeLayers(p)) if p.L else None
+    bound, s = _two_prices(relaxed_with(free_layers), None, W, INF, (scale, 0.0), log)
     log["lambda"] = s.lam
+    cache.set_price("lambda", s.lam)
     if p.speed is None or p.read_per_token(s.a) <= p.speed.max_read:
         return bound, s.a, log
     log["speed_row"] = "active"
-    layers = _FreeSpeedLayers(p)
+    layers = cache.get("free_speed_layers", lambda: _FreeSpeedLayers(p))
 
     def read_of(lam, mu):
         log["evaluations"] += 1
@@ -572,13 +596,13 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float):
     return bound, s.a, log
 
 
-def _solve_gguf(p: Problem, items: _Items, W: float, R: float):
+def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
     """Enumerate the global kept count m (per group) and top-k k (see _enumerate). The memory row is
     solved first; with a speed row that its plan does not meet, the search is repeated with both
     rows, starting from the memory-only optimum's pair and prices, with the memory-only bounds."""
     if not p.L:
-        return _solve_free(p, items, W, R)
-    layers = _GGUFLayers(p)
+        return _solve_free(p, items, W, R, cache)
+    layers = cache.get("gguf_layers", lambda: _GGUFLayers(p))
     log: dict = {"evaluations": 0, "pairs_searched": 0}
     ks = p.global_topk_options()
     A = {k: float(p.topk_cost[:, p.topk_index(k)].sum()) for k in ks}
@@ -590,12 +614,16 @@ def _solve_gguf(p: Problem, items: _Items, W: float, R: float):
     for m, k in pairs:
         if m not in best_k or A[k] < A[best_k[m]]:
             best_k[m] = k
-    scale = _price_scale(p, W)
+    scale = cache.price("lambda", _price_scale(p, W))
     mem_pairs = sorted(best_k.items())
-    first = mem_pairs[len(mem_pairs) // 2]
+    first = cache.store.get((cache.key, "pair"), mem_pairs[len(mem_pairs) // 2])
+    if first not in mem_pairs:
+        first = mem_pairs[len(mem_pairs) // 2]
     p_mem = p.replace(speed=None) if p.speed is not None else p
     bound, a, pair, prices, mem_bounds = _enumerate(p_mem, items, layers, A, mem_pairs, W, INF, first,
                                                     (scale, 0.0), {}, log)
+    cache.set_price("lambda", prices[0])
+    cache.store[(cache.key, "pair")] = pair
     if p.speed is None or p.read_per_token(a) <= p.speed.max_read:
         return bound, a, log
     log["speed_row"] = "active"

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,11 +79,13 @@ class Solution:
 
 def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0, threads: int = 2,
           hint: Assignment | str | None = "lagrangian", rel_gap: float = 1e-6,
-          dump_model: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> Solution:
+          dump_model: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
+          cache: dict | None = None) -> Solution:
     """Solve `problem` with `solver`. Raises InfeasibleBudget (with the smallest feasible size) when
     no plan fits. `hint` is the exact solvers' starting plan: "lagrangian" (default), "greedy"
     (the seed paper's pipeline), an Assignment, or None. `dump_model` writes the integer program
-    (.lp or .mps, by extension) before solving."""
+    (.lp or .mps, by extension) before solving. `cache` (a dict kept between calls) lets repeated
+    solves of one problem at other budgets reuse the Lagrangian's tables and prices."""
     solver = solver.lower()
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -97,7 +100,7 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
     if solver == "lagrangian":
         from .lagrangian import solve_lagrangian
 
-        sol = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit)
+        sol = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache)
         sol.threads = threads
         sol.wall_s = time.perf_counter() - t0
         return _finish(problem, sol)
@@ -108,7 +111,7 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
             from .lagrangian import solve_lagrangian
 
             say("starting plan: Lagrangian")
-            start = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit).assignment
+            start = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache).assignment
         elif hint == "greedy":
             from .baselines import paper_pipeline
 
@@ -244,14 +247,13 @@ def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_ga
     import pulp
 
     mdl = form.model
-    cbc = pulp.PULP_CBC_CMD
     prob = pulp.LpProblem(mdl.name, pulp.LpMinimize)
     cols = []
     for c in range(mdl.n_cols):
         cat = pulp.LpInteger if mdl.integer[c] else pulp.LpContinuous
         if mdl.integer[c] and mdl.lb[c] == 0 and mdl.ub[c] == 1:
             cat = pulp.LpBinary
-        v = pulp.LpVariable(f"v{c}", lowBound=mdl.lb[c], upBound=mdl.ub[c], cat=cat)
+        v = prob.add_variable(f"v{c}", lowBound=mdl.lb[c], upBound=mdl.ub[c], cat=cat)
         if start is not None:
             v.setInitialValue(round(start[c]) if mdl.integer[c] else start[c])
         cols.append(v)
@@ -268,11 +270,11 @@ def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_ga
                 prob += expr <= hi
     with tempfile.TemporaryDirectory(prefix="moeplan-cbc-") as tmp:
         logpath = os.path.join(tmp, "cbc.log")
-        solver = cbc(msg=False, timeLimit=max(1, int(time_limit)), threads=int(threads), gapRel=float(rel_gap),
-                     gapAbs=0.0, warmStart=start is not None, logPath=logpath, path=None, keepFiles=False)
-        if not solver.available():
-            raise RuntimeError("CBC is not available: install pulp (it bundles CBC) or choose another solver")
-        prob.solve(solver)
+        solver = _cbc_command(msg=False, timeLimit=max(1, int(time_limit)), threads=int(threads),
+                              gapRel=float(rel_gap), gapAbs=0.0, warmStart=start is not None, logPath=logpath)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            prob.solve(solver)
         text = Path(logpath).read_text() if os.path.exists(logpath) else ""
     sol_status = prob.sol_status  # 1 optimal, 2 feasible (stopped), -1 infeasible, 0 none
     values = None
@@ -295,6 +297,21 @@ def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_ga
         status = Status.FEASIBLE if values is not None else Status.NO_SOLUTION
     log = {"pulp_status": pulp.LpStatus[prob.status], "cbc_result": _cbc_result(text)}
     return status, values, bound, log
+
+
+def _cbc_command(**options):
+    """PuLP's bundled CBC (PULP_CBC_CMD), or the CBC that `pulp[cbc]` installs (COIN_CMD)."""
+    import warnings
+
+    import pulp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # PuLP 3 announces PULP_CBC_CMD's retirement
+        for make in (pulp.PULP_CBC_CMD, pulp.COIN_CMD):
+            cmd = make(**options)
+            if cmd.available():
+                return cmd
+    raise RuntimeError("CBC is not available: install pulp[cbc] or choose another solver")
 
 
 def _cbc_bound(text: str) -> float | None:
