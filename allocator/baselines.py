@@ -294,18 +294,19 @@ def _llama_class(gguf_name: str) -> str | None:
     return None
 
 
-def llama_mix_types(p: Problem, preset: str) -> dict[str, str]:
+def llama_mix_types(inventory, preset: str) -> dict[str, str]:
     """GGUF tensor name -> the type llama.cpp's preset asks for (before the row-length fallback,
     which the byte model applies)."""
     if preset not in LLAMA_DEFAULT:
         raise ValueError(f"unknown llama.cpp preset {preset!r}; known: {', '.join(LLAMA_DEFAULT)}")
-    cfg = p.inventory.config
+    cfg = inventory.config
     n_layers = int(cfg.get("num_hidden_layers", 0) or 0)
     heads = int(cfg.get("num_attention_heads", 1) or 1)
     gqa = heads // int(cfg.get("num_key_value_heads") or heads)
-    experts8 = p.E == 8
+    moe = inventory.moe_layers
+    experts8 = bool(moe) and len(inventory.experts_in_layer(moe[0])) == 8
     names: list[str] = []
-    for t in p.inventory.tensors:
+    for t in inventory.tensors:
         if t.quantizable:
             for g in gguf_names(t.name):
                 if g not in names:
@@ -327,7 +328,7 @@ def llama_mix_types(p: Problem, preset: str) -> dict[str, str]:
 
 def llama_mix(p: Problem, preset: str) -> Baseline:
     """llama.cpp's preset mix: every expert kept, the original top-k, per-tensor types by its rules."""
-    types = llama_mix_types(p, preset)
+    types = llama_mix_types(p.inventory, preset)
     q = widen(p, sorted(set(types.values())))
     item_fmt = np.zeros(len(q.items), dtype=np.int64)
     for it in q.items:

@@ -52,7 +52,8 @@ def _say(msg: str) -> None:
 # shared arguments
 
 def _add_model(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("model", metavar="MODEL", help="checkpoint directory, config.json, or a bundled name (deepseek-v3)")
+    ap.add_argument("model", metavar="MODEL", help="checkpoint directory, config.json, an inventory JSON from "
+                    "`moeplan inventory --out`, or a bundled name (deepseek-v3)")
 
 
 def _add_problem(ap: argparse.ArgumentParser) -> None:
@@ -76,10 +77,15 @@ def _add_problem(ap: argparse.ArgumentParser) -> None:
 
 
 def _inventory(model: str):
-    from sensitivity.inventory import build_inventory
+    from sensitivity.inventory import Inventory, build_inventory
 
     t0 = time.perf_counter()
-    inv = build_inventory(model)
+    path = Path(model)
+    obj = json.loads(path.read_text()) if path.suffix == ".json" and path.is_file() else None
+    if isinstance(obj, dict) and "tensors" in obj and "fingerprint" in obj:
+        inv = Inventory.from_json(obj)  # an inventory saved by `moeplan inventory --out`
+    else:
+        inv = build_inventory(model)
     _say(f"inventory: {inv.model_type}, {len(inv):,} tensors, {inv.params() / 1e9:.1f}B parameters "
          f"({time.perf_counter() - t0:.1f} s)")
     return inv
@@ -105,7 +111,7 @@ def _speed(args):
     from .problem import Speed
 
     if (args.bandwidth is None) != (args.tokens_per_s is None):
-        raise SystemExit("moeplan: --bandwidth and --tokens-per-s go together (the speed constraint needs both)")
+        raise ValueError("--bandwidth and --tokens-per-s go together (the speed constraint needs both)")
     return Speed.of(args.bandwidth, args.tokens_per_s) if args.bandwidth is not None else None
 
 
@@ -115,7 +121,7 @@ def _menu(args) -> list[str]:
     try:
         return [fmts.get(f.strip()).name for f in args.formats.split(",") if f.strip()]
     except ValueError as exc:
-        raise SystemExit(f"moeplan: --formats: {exc}") from None
+        raise ValueError(f"--formats: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def _solve_run(args) -> int:
         budget = Budget.of(args.memory, inv, args.context, args.reserve)
         problem = Problem.build(inv, prof, budget, args.target, menu, _speed(args))
     except ValueError as exc:
-        raise SystemExit(f"moeplan solve: {exc}") from None
+        raise ValueError(str(exc)) from None
     _say(problem.describe())
     try:
         sol = solve(problem, args.solver, time_limit=args.time_limit, threads=args.threads,
@@ -250,7 +256,7 @@ def _sweep_run(args) -> int:
         budgets = [parse_size(b) for b in args.budgets.split(",") if b.strip()]
     else:
         if not args.hi:
-            raise SystemExit("moeplan sweep: --from needs --to")
+            raise ValueError("--from needs --to")
         budgets = budgets_between(args.lo, args.hi, args.steps)
     factory = ProblemFactory(inv, prof, args.target, menu, args.context, args.reserve, _speed(args))
     t0 = time.perf_counter()
