@@ -372,6 +372,47 @@ def fill(p: Problem, a: Assignment, max_moves: int = 10_000) -> Assignment:
     return a
 
 
+def swap(p: Problem, a: Assignment, max_rounds: int = 200, max_moves: int = 20_000) -> Assignment:
+    """Pairs of changes where one pays for the other: an upgrade that does not fit alone together
+    with the cheapest change (of another unit) that frees what it lacks, in memory and in reads.
+    Applies the best improving pair until none is left, then fills. For plans with few, coarse
+    units (the gguf target's stacked tensors), where the leftover of two budgets is too small for
+    any single upgrade."""
+    a = fill(p, a)
+    for _ in range(max_rounds):
+        tot = p.evaluate(a)
+        slack_b = p.budget.weights - tot.weight_bytes
+        slack_r = (p.speed.max_read - tot.read_per_token) if p.speed is not None else INF
+        kinds, dd, db, dr, idx = [], [], [], [], []
+        for kind, d_, b_, r_ in _moves(p, a):
+            flat = np.isfinite(d_).ravel()
+            kinds += [kind] * int(flat.sum())
+            dd.append(d_.ravel()[flat])
+            db.append(b_.ravel()[flat].astype(np.float64))
+            dr.append(np.asarray(r_, dtype=np.float64).ravel()[flat])
+            idx += [(kind, np.unravel_index(i, d_.shape)) for i in np.flatnonzero(flat)]
+        dd, db, dr = np.concatenate(dd), np.concatenate(db), np.concatenate(dr)
+        if len(dd) > max_moves:
+            return a  # too many single changes for the quadratic search: the fill already ran
+        unit = np.array([(k, tuple(int(x) for x in ix[:-1])) .__hash__() for k, ix in idx])
+        up = np.flatnonzero(dd < 0)
+        if not len(up):
+            return a
+        # pair (u, v): u's extra bytes/reads beyond the slack must be freed by v
+        need_b = db[up][:, None] + db[None, :] <= slack_b
+        need_r = dr[up][:, None] + dr[None, :] <= slack_r
+        gain = np.where(need_b & need_r & (unit[up][:, None] != unit[None, :]), dd[up][:, None] + dd[None, :], INF)
+        flat = int(gain.argmin())
+        if not gain.flat[flat] < -1e-15:
+            return a
+        i, j = np.unravel_index(flat, gain.shape)
+        for k in (up[i], j):
+            kind, ix = idx[k]
+            _apply(a, kind, tuple(int(x) for x in ix))
+        a = fill(p, a)
+    return a
+
+
 def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
     """Restore the memory and speed budgets of a plan that exceeds them (a MIP solution within the
     solver's tolerance): repeatedly apply the change with the least damage per byte saved."""
@@ -403,13 +444,13 @@ def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
 # ---------------------------------------------------------------------------------------------
 # the price search
 
-def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80):
+def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0):
     """Maximize a concave piecewise-linear dual over one price >= 0 through the root of its
     supergradient use(price) - cap, a decreasing step function.
 
     `evaluate(price)` returns (bound, use, solution): a lower bound proven at that price, the priced
     row's use by the relaxed solution, and the solution. `start` is a first guess of the price.
-    The root is bracketed by factors of 8 from `start`, then narrowed by regula falsi on log(price)
+    The root is bracketed by factors of `step` from `start`, then narrowed by regula falsi on log(price)
     with the Illinois rule (a bisection step whenever interpolation stalls) until the bracket is
     `tol` wide. Returns the best bound seen and the solution at the smallest price found whose use
     fits `cap` (a plan for that row)."""
@@ -422,8 +463,8 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80):
     bh, uh, sh = evaluate(hi)
     best = max(best, bh)
     if uh <= cap:  # bracket downwards
-        for _ in range(40):  # down to start / 8^40; below that the price no longer matters
-            mid = hi / 8
+        for _ in range(int(80 / math.log2(step)) + 1):  # down to start / 2^80; the price no longer matters
+            mid = hi / step
             bm, um, sm = evaluate(mid)
             best = max(best, bm)
             if um > cap:
@@ -435,13 +476,13 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80):
     else:  # bracket upwards
         while uh > cap:
             lo, ulo = hi, uh
-            hi *= 8
+            hi *= step
             if hi > 1e200:
                 raise RuntimeError("no price makes the relaxed plan fit: the budget is infeasible")
             bh, uh, sh = evaluate(hi)
             best = max(best, bh)
     if lo == 0.0:
-        lo = hi / 8
+        lo = hi / step
         bl, ulo, _ = evaluate(lo)
         best = max(best, bl)
         if ulo <= cap:
@@ -546,7 +587,8 @@ def _two_prices(relaxed, read_of, W: float, R: float, start: tuple[float, float]
         def ev_mu(mu):
             return 0.0, read_of(lam, mu), mu
 
-        _, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE)
+        # warm start: the best mu moves little between neighbouring lambdas
+        _, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE, step=2.0 if last["mu"] else 8.0)
         if mu_hi > 0:
             last["mu"] = mu_hi
         s = relaxed(lam, mu_hi)
@@ -556,7 +598,7 @@ def _two_prices(relaxed, read_of, W: float, R: float, start: tuple[float, float]
             bound = max(bound, relaxed(lam, mu_hi * (1 - TOL_PRICE)).dual(W, R))
         return bound, s.bytes, s
 
-    return _search(inner, W, start[0], TOL_PRICE)
+    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0)
 
 
 def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
@@ -703,5 +745,7 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
                 bounds[cand] = INF
     if best_a is None:
         raise RuntimeError("no (kept count, top-k) pair has a plan within the budgets")
+    if speed:
+        best_a = swap(p, best_a)  # two binding rows: a single upgrade rarely fits what is left
     log.update(kept_per_group=best_pair[0], top_k=best_pair[1], **{"lambda": best_prices[0], "mu": best_prices[1]})
     return min(bounds.values()), best_a, best_pair, best_prices, bounds
