@@ -243,7 +243,6 @@ class _GGUFLayers:
             valid &= ok[:, j, :][:, combos[:, j]]
         self.combos = combos
         self.Bint = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)  # (L, C) bytes of one expert
-        self.B = np.where(valid, self.Bint.astype(np.float64), INF)
         # net cost of keeping each expert under each combination, delta = damage - removal: (L, E, C),
         # built as an outer sum over the kinds (the removal cost split evenly over them)
         ec = p.exp_damage - p.removal[:, :, None, None] / J  # (L, E, J, F)
@@ -265,7 +264,7 @@ class _GGUFLayers:
         p = self.p
         n = self.G * m
         Tm = self.T[m]
-        c = (Tm + (lam * n + mu * k) * self.B).argmin(axis=1)  # (L,)
+        c = (Tm + (lam * n + mu * k) * self.Bint).argmin(axis=1)  # (L,); T is +inf for dominated combos
         li = np.arange(p.L)
         eb = self.Bint[li, c]
         return c, float(Tm[li, c].sum()), int((n * (eb + p.router_bytes)).sum()), int((k * eb + n * p.router_bytes).sum())

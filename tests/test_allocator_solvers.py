@@ -153,6 +153,8 @@ CASES = {
     "free_groups": dict(target="free", groups=True),
     "gguf": dict(target="gguf", groups=False, kinds=("gate_proj", "down_proj")),
     "gguf_groups": dict(target="gguf", groups=True),
+    # Q3_K and IQ3_S have the same bytes and IQ3_S the lower error: a stacked format dominated for every expert
+    "gguf_dominated": dict(target="gguf", groups=False, formats=("Q3_K", "IQ3_S", "Q8_0")),
 }
 _BRUTE: dict = {}
 
