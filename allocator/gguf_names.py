@@ -1,0 +1,76 @@
+"""Checkpoint tensor names -> the names llama.cpp's GGUF files use (blk.N.ffn_down_exps, ...).
+
+Used to export a plan as llama-quantize arguments and to apply llama.cpp's per-tensor type rules
+(which match on these names). Routed experts map to their layer's stacked tensor; DeepSeek's
+kv_b_proj is stored split as attn_k_b and attn_v_b (llama.cpp's MLA layout).
+"""
+
+from __future__ import annotations
+
+import re
+
+# model_type -> GGUF architecture name (the prefix of the metadata keys, e.g. deepseek2.expert_count)
+GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_moe": "qwen3moe",
+             "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
+_IN_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+        "model.norm.weight": "output_norm.weight"}
+
+
+def gguf_names(name: str) -> list[str]:
+    """The GGUF tensor(s) a checkpoint tensor is stored as (two for DeepSeek's kv_b_proj; a routed
+    expert's tensor maps to its layer's stacked tensor). Unknown names raise."""
+    if name in _TOP:
+        return [_TOP[name]]
+    m = _LAYER.match(name)
+    if m:
+        layer, rest = m.group(1), m.group(2)
+        e = _EXPERT.match(rest)
+        if e:
+            return [f"blk.{layer}.ffn_{e.group(1).removesuffix('_proj')}_exps.weight"]
+        if rest == "self_attn.kv_b_proj.weight":
+            return [f"blk.{layer}.attn_k_b.weight", f"blk.{layer}.attn_v_b.weight"]
+        if rest in _IN_LAYER:
+            return [f"blk.{layer}.{_IN_LAYER[rest]}"]
+    raise ValueError(f"no GGUF name known for tensor {name!r}")
+
+
+def stacked_name(layer: int, kind: str) -> str:
+    """GGUF name of a layer's stacked routed-expert tensor of `kind` (gate_proj / up_proj / down_proj)."""
+    return f"blk.{layer}.ffn_{kind.removesuffix('_proj')}_exps.weight"
+
+
+def gguf_arch(model_type: str) -> str:
+    try:
+        return GGUF_ARCH[model_type]
+    except KeyError:
+        raise ValueError(f"no GGUF architecture known for model_type {model_type!r} "
+                         f"(known: {', '.join(sorted(GGUF_ARCH))})") from None

@@ -1,0 +1,393 @@
+"""One interface to every solver: `solve(problem, solver=...) -> Solution`.
+
+- "lagrangian" (default): the multiple-choice-knapsack Lagrangian of allocator/lagrangian.py: a
+  feasible plan and a proven lower bound in about a second at DeepSeek-V3 scale;
+- "highs", "cbc" (through PuLP), "cpsat" (OR-Tools): the exact integer program of
+  allocator/formulation.py, started from the Lagrangian plan (MIP start / hint), stopped at
+  `time_limit` with the best plan found and its proven gap.
+
+Every Solution reports status, objective (recomputed exactly from the plan by `Problem.evaluate`),
+best bound, relative gap, wall time, and the plan's size split. Every plan is checked against the
+problem's own definition of feasibility (`Problem.check`) before it is returned.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .formulation import Formulation, MipModel, build_model
+from .problem import Assignment, Problem, Totals
+
+SOLVERS = ("lagrangian", "highs", "cbc", "cpsat")
+
+
+class Status(str, enum.Enum):
+    OPTIMAL = "optimal"  # gap within the requested tolerance
+    FEASIBLE = "feasible"  # a plan, with a gap above the tolerance (time limit)
+    INFEASIBLE = "infeasible"
+    NO_SOLUTION = "no_solution"  # stopped before finding any plan
+
+
+@dataclass
+class Solution:
+    solver: str
+    status: Status
+    objective: float | None  # predicted damage of the plan, nats/token (exact, from Problem.evaluate)
+    bound: float | None  # proven lower bound on the optimum
+    wall_s: float
+    assignment: Assignment | None = None
+    totals: Totals | None = None
+    time_limit: float | None = None
+    threads: int | None = None
+    hint_s: float = 0.0  # part of wall_s spent on the starting plan
+    model_size: dict = field(default_factory=dict)
+    log: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        """(objective - bound) / objective; 0 when both are 0."""
+        if self.objective is None or self.bound is None:
+            return None
+        diff = max(self.objective - self.bound, 0.0)
+        return diff / abs(self.objective) if self.objective else (0.0 if diff == 0 else math.inf)
+
+    def report(self) -> dict:
+        out = {"solver": self.solver, "status": self.status.value, "objective": self.objective,
+               "bound": self.bound, "gap": self.gap, "wall_s": round(self.wall_s, 4), "hint_s": round(self.hint_s, 4),
+               "time_limit_s": self.time_limit, "threads": self.threads}
+        if self.model_size:
+            out["model"] = {k: v for k, v in self.model_size.items() if k != "rows_by_family"}
+        return out
+
+    def summary(self) -> str:
+        gap = "-" if self.gap is None else f"{self.gap:.2e}"
+        obj = "-" if self.objective is None else f"{self.objective:.6g}"
+        bnd = "-" if self.bound is None else f"{self.bound:.6g}"
+        return f"{self.solver}: {self.status.value}, objective {obj}, bound {bnd}, gap {gap}, {self.wall_s:.2f} s"
+
+
+def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0, threads: int = 2,
+          hint: Assignment | str | None = "lagrangian", rel_gap: float = 1e-6,
+          dump_model: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
+          cache: dict | None = None) -> Solution:
+    """Solve `problem` with `solver`. Raises InfeasibleBudget (with the smallest feasible size) when
+    no plan fits. `hint` is the exact solvers' starting plan: "lagrangian" (default), "greedy"
+    (the seed paper's pipeline), an Assignment, or None. `dump_model` writes the integer program
+    (.lp or .mps, by extension) before solving. `cache` (a dict kept between calls) lets repeated
+    solves of one problem at other budgets reuse the Lagrangian's tables and prices."""
+    solver = solver.lower()
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if time_limit <= 0 or threads < 1:
+        raise ValueError(f"time_limit must be positive and threads >= 1, got {time_limit}, {threads}")
+    problem.check_feasible()
+    say = progress or (lambda s: None)
+    t0 = time.perf_counter()
+    if dump_model is not None:
+        write_model(build_model(problem), dump_model)
+        say(f"wrote the integer program to {dump_model}")
+    if solver == "lagrangian":
+        from .lagrangian import solve_lagrangian
+
+        sol = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache)
+        sol.threads = threads
+        sol.wall_s = time.perf_counter() - t0
+        return _finish(problem, sol)
+
+    start = None
+    if isinstance(hint, str):
+        if hint == "lagrangian":
+            from .lagrangian import solve_lagrangian
+
+            say("starting plan: Lagrangian")
+            start = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache).assignment
+        elif hint == "greedy":
+            from .baselines import paper_pipeline
+
+            say("starting plan: the seed paper's pipeline")
+            try:
+                start = paper_pipeline(problem)
+            except ValueError:
+                start = None
+        else:
+            raise ValueError(f"hint must be 'lagrangian', 'greedy', an Assignment or None, not {hint!r}")
+    elif hint is not None:
+        start = hint
+    if start is not None and problem.check(start):
+        start = None  # an infeasible start helps no solver
+    hint_s = time.perf_counter() - t0
+    say(f"building the integer program ({solver})")
+    form = build_model(problem)
+    left = max(time_limit - (time.perf_counter() - t0), 1.0)
+    run = {"highs": _solve_highs, "cbc": _solve_cbc, "cpsat": _solve_cpsat}[solver]
+    say(f"solving with {solver} ({left:.0f} s limit, {threads} threads)")
+    status, values, bound, log = run(form, left, threads, form.values_of(start) if start is not None else None, rel_gap)
+    a = form.to_assignment(values) if values is not None else None
+    if a is not None and problem.check(a):
+        # solvers accept tiny tolerance violations; repair them exactly
+        from .lagrangian import repair
+
+        log["repaired"] = problem.check(a)
+        a = repair(problem, a)
+    if a is None and start is not None:
+        a = start
+        log["returned_start"] = True
+    obj = problem.objective(a) if a is not None else None
+    if status is Status.INFEASIBLE:
+        obj = None
+        a = None
+    sol = Solution(solver, status, obj, bound, time.perf_counter() - t0, a, time_limit=time_limit, threads=threads,
+                   hint_s=hint_s, model_size=form.model.summary(), log=log)
+    if sol.bound is not None and sol.objective is not None:
+        sol.bound = min(sol.bound, sol.objective)
+    return _finish(problem, sol)
+
+
+def _finish(problem: Problem, sol: Solution) -> Solution:
+    if sol.assignment is not None:
+        bad = problem.check(sol.assignment)
+        if bad:
+            raise AssertionError(f"{sol.solver} returned an invalid plan: {bad[:3]}")
+        sol.totals = problem.evaluate(sol.assignment)
+        if sol.status is Status.NO_SOLUTION:
+            sol.status = Status.FEASIBLE
+    return sol
+
+
+# ---------------------------------------------------------------------------------------------
+# HiGHS
+
+def _highs_model(mdl: MipModel, names: bool = False):
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    lp = highspy.HighsLp()
+    lp.num_col_ = mdl.n_cols
+    lp.num_row_ = mdl.n_rows
+    lp.col_cost_ = np.asarray(mdl.cost, dtype=np.float64)
+    lp.col_lower_ = np.asarray(mdl.lb, dtype=np.float64)
+    lp.col_upper_ = np.asarray(mdl.ub, dtype=np.float64)
+    lp.row_lower_ = np.asarray(mdl.row_lo, dtype=np.float64)
+    lp.row_upper_ = np.asarray(mdl.row_hi, dtype=np.float64)
+    lp.offset_ = float(mdl.offset)
+    start, idx, val = mdl.csr()
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = start.astype(np.int32)
+    lp.a_matrix_.index_ = idx.astype(np.int32)
+    lp.a_matrix_.value_ = val
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in mdl.integer]
+    if names:
+        lp.col_names_ = [mdl.col_name(c) for c in range(mdl.n_cols)]
+        counter: dict[str, int] = {}
+        rn = []
+        for fam in mdl.row_family:
+            counter[fam] = counter.get(fam, 0) + 1
+            rn.append(f"{fam}_{counter[fam]}")
+        lp.row_names_ = rn
+    h.passModel(lp)
+    return h
+
+
+def write_model(form: Formulation, path: str | os.PathLike) -> None:
+    """The integer program as an .lp or .mps file (HiGHS's writer, variables named x[i,f], ...)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".lp", ".mps"):
+        raise ValueError(f"model dumps are .lp or .mps files, not {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = _highs_model(form.model, names=True)
+    h.writeModel(str(path))
+
+
+def _solve_highs(form: Formulation, time_limit: float, threads: int, start, rel_gap: float):
+    import highspy
+
+    h = _highs_model(form.model)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("threads", int(threads))
+    h.setOptionValue("mip_rel_gap", float(rel_gap))
+    h.setOptionValue("mip_abs_gap", 0.0)
+    if start is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = list(map(float, start))
+        sol.value_valid = True
+        h.setSolution(sol)
+    h.run()
+    ms = h.getModelStatus()
+    info = h.getInfo()
+    has = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    values = np.array(h.getSolution().col_value) if has else None
+    bound = float(info.mip_dual_bound) if math.isfinite(info.mip_dual_bound) else None
+    log = {"model_status": h.modelStatusToString(ms), "nodes": int(info.mip_node_count),
+           "solver_objective": float(info.objective_function_value) if has else None}
+    if ms == highspy.HighsModelStatus.kOptimal:
+        status = Status.OPTIMAL
+    elif ms == highspy.HighsModelStatus.kInfeasible:
+        status = Status.INFEASIBLE
+    else:
+        status = Status.FEASIBLE if has else Status.NO_SOLUTION
+    return status, values, bound, log
+
+
+# ---------------------------------------------------------------------------------------------
+# CBC through PuLP
+
+def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_gap: float):
+    import pulp
+
+    mdl = form.model
+    prob = pulp.LpProblem(mdl.name, pulp.LpMinimize)
+    cols = []
+    for c in range(mdl.n_cols):
+        cat = pulp.LpInteger if mdl.integer[c] else pulp.LpContinuous
+        if mdl.integer[c] and mdl.lb[c] == 0 and mdl.ub[c] == 1:
+            cat = pulp.LpBinary
+        v = prob.add_variable(f"v{c}", lowBound=mdl.lb[c], upBound=mdl.ub[c], cat=cat)
+        if start is not None:
+            v.setInitialValue(round(start[c]) if mdl.integer[c] else start[c])
+        cols.append(v)
+    prob += pulp.LpAffineExpression([(cols[c], w) for c, w in enumerate(mdl.cost) if w]) + mdl.offset
+    for r in range(mdl.n_rows):
+        expr = pulp.LpAffineExpression([(cols[c], float(w)) for c, w in zip(mdl.row_cols[r], mdl.row_vals[r])])
+        lo, hi = mdl.row_lo[r], mdl.row_hi[r]
+        if lo == hi:
+            prob += expr == lo
+        else:
+            if lo > -math.inf:
+                prob += expr >= lo
+            if hi < math.inf:
+                prob += expr <= hi
+    with tempfile.TemporaryDirectory(prefix="moeplan-cbc-") as tmp:
+        logpath = os.path.join(tmp, "cbc.log")
+        solver = _cbc_command(msg=False, timeLimit=max(1, int(time_limit)), threads=int(threads),
+                              gapRel=float(rel_gap), gapAbs=0.0, warmStart=start is not None, logPath=logpath)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            prob.solve(solver)
+        text = Path(logpath).read_text() if os.path.exists(logpath) else ""
+    sol_status = prob.sol_status  # 1 optimal, 2 feasible (stopped), -1 infeasible, 0 none
+    values = None
+    if sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        values = np.array([v.varValue if v.varValue is not None else 0.0 for v in cols])
+    # CBC's log leaves out the objective's constant (PuLP keeps it): shift by it
+    shift = mdl.offset
+    m = re.search(r"Objective value:\s*([-+0-9.eE]+)", text)
+    if m and values is not None:
+        shift = float(pulp.value(prob.objective)) - float(m.group(1))
+    bound = _cbc_bound(text)
+    bound = bound + shift if bound is not None else None
+    if sol_status == pulp.LpSolutionOptimal:
+        status = Status.OPTIMAL
+        if bound is None:
+            bound = float(pulp.value(prob.objective))
+    elif sol_status == pulp.LpSolutionInfeasible:
+        status = Status.INFEASIBLE
+    else:
+        status = Status.FEASIBLE if values is not None else Status.NO_SOLUTION
+    log = {"pulp_status": pulp.LpStatus[prob.status], "cbc_result": _cbc_result(text)}
+    return status, values, bound, log
+
+
+def _cbc_command(**options):
+    """PuLP's bundled CBC (PULP_CBC_CMD), or the CBC that `pulp[cbc]` installs (COIN_CMD)."""
+    import warnings
+
+    import pulp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # PuLP 3 announces PULP_CBC_CMD's retirement
+        for make in (pulp.PULP_CBC_CMD, pulp.COIN_CMD):
+            cmd = make(**options)
+            if cmd.available():
+                return cmd
+    raise RuntimeError("CBC is not available: install pulp[cbc] or choose another solver")
+
+
+def _cbc_bound(text: str) -> float | None:
+    """CBC's final best bound ("Lower bound:"), or the objective when it proved optimality."""
+    m = re.search(r"Lower bound:\s*([-+0-9.eE]+)", text)
+    if m:
+        return float(m.group(1))
+    if re.search(r"Result - Optimal solution found", text):
+        m = re.search(r"Objective value:\s*([-+0-9.eE]+)", text)
+        return float(m.group(1)) if m else None
+    return None
+
+
+def _cbc_result(text: str) -> str:
+    m = re.search(r"Result - (.*)", text)
+    return m.group(1).strip() if m else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# CP-SAT
+
+COST_DIGITS = 12  # CP-SAT's objective: costs x 10^(COST_DIGITS - ceil(log10(max |cost|))), rounded
+
+
+def cost_scale(mdl: MipModel) -> float:
+    """The one factor that turns the objective's costs (nats/token) into CP-SAT's integers: a power of
+    ten that puts the largest cost between 10^(COST_DIGITS-1) and 10^COST_DIGITS, so every cost keeps
+    about 12 significant digits (sums stay far inside int64)."""
+    biggest = max((abs(c) for c in mdl.cost), default=0.0)
+    if biggest == 0:
+        return 1.0
+    return 10.0 ** (COST_DIGITS - math.ceil(math.log10(biggest)))
+
+
+def _solve_cpsat(form: Formulation, time_limit: float, threads: int, start, rel_gap: float):
+    from ortools.sat.python import cp_model
+
+    mdl = form.model
+    scale = cost_scale(mdl)
+    model = cp_model.CpModel()
+    cols = []
+    for c in range(mdl.n_cols):
+        # continuous helpers (speed caps in bytes, the 0/1 products w) take integral values at
+        # every integral plan, so they are integers here
+        lo, hi = math.ceil(mdl.lb[c] - 1e-9), math.floor(mdl.ub[c] + 1e-9)
+        cols.append(model.NewBoolVar(f"v{c}") if (lo, hi) == (0, 1) else model.NewIntVar(lo, hi, f"v{c}"))
+    for r in range(mdl.n_rows):
+        vals = mdl.row_vals[r]
+        iv = np.rint(vals).astype(np.int64)
+        if not np.array_equal(iv, vals):
+            raise ValueError(f"row {r} ({mdl.row_family[r]}) has fractional coefficients; CP-SAT needs integers")
+        lo = -cp_model.INT_MAX if mdl.row_lo[r] == -math.inf else math.ceil(mdl.row_lo[r] - 1e-9)
+        hi = cp_model.INT_MAX if mdl.row_hi[r] == math.inf else math.floor(mdl.row_hi[r] + 1e-9)
+        expr = cp_model.LinearExpr.WeightedSum([cols[c] for c in mdl.row_cols[r]], iv.tolist())
+        model.AddLinearConstraint(expr, lo, hi)
+    icost = [int(round(c * scale)) for c in mdl.cost]
+    model.Minimize(cp_model.LinearExpr.WeightedSum(
+        [cols[c] for c, w in enumerate(icost) if w], [w for w in icost if w]))
+    if start is not None:
+        for c, v in enumerate(start):
+            model.AddHint(cols[c], int(round(v)))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit)
+    solver.parameters.num_workers = int(threads)
+    solver.parameters.relative_gap_limit = float(rel_gap)
+    st = solver.Solve(model)
+    values = None
+    if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        values = np.array([solver.Value(v) for v in cols], dtype=np.float64)
+    # the bound is proven for the rounded costs; every cost moved by at most 0.5 / scale, so subtracting
+    # that for every costed column keeps it a bound of the exact problem
+    rounding = 0.5 / scale * sum(1 for w in mdl.cost if w)
+    bound = (solver.BestObjectiveBound() / scale + mdl.offset - rounding
+             if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None)
+    status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
+              cp_model.INFEASIBLE: Status.INFEASIBLE}.get(st, Status.NO_SOLUTION)
+    log = {"cpsat_status": solver.StatusName(st), "cost_scale": scale,
+           "rounded_objective": solver.ObjectiveValue() / scale + mdl.offset if values is not None else None}
+    return status, values, bound, log
