@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 # modules that register subcommands of their own (imported if they exist)
-EXTENSION_MODULES: list[str] = []
+EXTENSION_MODULES: list[str] = ["sensitivity.commands", "kernels.materialize", "allocator.demo"]
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve others on a busy machine
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -103,7 +103,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
         rep = materialize(str(model_dir), plan, gguf_out=out / "model.gguf", progress=False)
         gguf_report = rep.gguf
         _say(f"[4/5] materialize: {gguf_report.path} ({gguf_report.file_size:,} bytes; tensor data "
-             f"{gguf_report.tensor_bytes:,}, plan predicted {plan.totals.weight_bytes:,})")
+             f"{gguf_report.total_tensor_bytes:,}, plan predicted {plan.totals.weight_bytes:,})")
 
     # 5. measure: moeplan's plan and the paper's pipeline at the same budget
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -166,7 +166,7 @@ def _run(args) -> int:
     rep = materialize(args.model, args.plan, gguf_out=args.gguf, hf_out=args.hf, importance_file=args.importance)
     if rep.gguf is not None:
         print(f"GGUF      {rep.gguf.path}: {rep.gguf.file_size:,} bytes "
-              f"(tensor data {rep.gguf.tensor_bytes:,}; the plan predicted {rep.predicted_bytes:,})")
+              f"(tensor data {rep.gguf.total_tensor_bytes:,}; the plan predicted {rep.predicted_bytes:,})")
     if rep.hf_dir is not None:
         print(f"safetensors checkpoint  {rep.hf_dir}")
     return 0

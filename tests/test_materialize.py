@@ -39,7 +39,7 @@ def test_gguf_bytes_equal_the_plan(setup, tmp_path):
     path, inv, plan = setup
     rep = materialize(str(path), plan, gguf_out=tmp_path / "m.gguf", progress=False)
     # the plan counts every tensor, the writer the tensors it stores: equal to the byte
-    assert rep.gguf.tensor_bytes == plan.totals.weight_bytes
+    assert rep.gguf.total_tensor_bytes == plan.totals.weight_bytes
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     assert sum(int(t.n_bytes) for t in reader.tensors) == plan.totals.weight_bytes
     n_kept = {len(l.kept) for l in plan.layers}.pop()
