@@ -34,7 +34,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     from allocator.plan import make_plan
     from allocator.sweep import ProblemFactory, sweep, write
     from sensitivity.compress import Decision, apply_decision
-    from sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate
+    from sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
     from sensitivity.inventory import build_inventory, resolve_model
     from sensitivity.profile import Profile
     from sensitivity.profiler import importance_path, load_importance, profile_model
@@ -107,8 +107,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
 
     # 5. measure: moeplan's plan and the paper's pipeline at the same budget
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    windows = chunk_tokens(tok((model_dir / "valid.txt").read_text(), add_special_tokens=False)["input_ids"],
-                           128, eval_tokens)
+    windows = chunk_tokens(encode_text(tok, (model_dir / "valid.txt").read_text()), 128, eval_tokens)
     original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ref = ReferenceLogits(original, windows)
     rows = []

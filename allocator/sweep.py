@@ -134,7 +134,7 @@ def plot(df, path: str | Path, bf16_bytes: int | None = None, title: str = "") -
     for method, grp in ok.groupby("method", sort=False):
         grp = grp.sort_values("weight_gb")
         if grp["memory_bytes"].notna().any() and len(grp) > 1:
-            style = dict(marker="o", ms=3, lw=2) if method == "moeplan" else dict(marker="s", ms=3, lw=1, ls="--")
+            style = dict(marker="o", ms=3, lw=2) if str(method).startswith("moeplan") else dict(marker="s", ms=3, lw=1, ls="--")
             ax.plot(grp["weight_gb"], grp["damage"], label=method, **style)
         else:
             ax.scatter(grp["weight_gb"], grp["damage"], label=method, marker="^", zorder=3)

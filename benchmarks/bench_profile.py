@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from sensitivity.adapters import adapter_for  # noqa: E402
 from sensitivity.compress import Decision, apply_decision, predicted_damage  # noqa: E402
-from sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate  # noqa: E402
+from sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate  # noqa: E402
 from sensitivity.inventory import MODELS_DIR, build_inventory  # noqa: E402
 from sensitivity.profiler import Profiler, importance_path, save_importance  # noqa: E402
 
@@ -82,8 +82,8 @@ def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: b
 
     path = models_dir / name
     tok = AutoTokenizer.from_pretrained(str(path))
-    calib = tok((path / "calib.txt").read_text(), add_special_tokens=False)["input_ids"]
-    valid = tok((path / "valid.txt").read_text(), add_special_tokens=False)["input_ids"]
+    calib = encode_text(tok, (path / "calib.txt").read_text())
+    valid = encode_text(tok, (path / "valid.txt").read_text())
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     inv = build_inventory(path)
 

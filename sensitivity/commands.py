@@ -62,7 +62,7 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .compress import Decision, apply_decision
-    from .evaluate import ReferenceLogits, chunk_tokens, evaluate
+    from .evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
     from .inventory import build_inventory, resolve_model
     from .profiler import load_importance
 
@@ -75,7 +75,7 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
             raise FileNotFoundError(f"{path} ships no valid.txt; pass --text FILE")
         text = vpath.read_text()
     tok = AutoTokenizer.from_pretrained(str(path))
-    windows = chunk_tokens(tok(text, add_special_tokens=False)["input_ids"], seq_len, tokens)
+    windows = chunk_tokens(encode_text(tok, text), seq_len, tokens)
     original = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     ref = ReferenceLogits(original, windows)
     model_ = original

@@ -32,6 +32,17 @@ class EvalResult:
         return asdict(self)
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a long text (no special tokens); the tokenizer's model_max_length is about single
+    model inputs, not about a corpus that is cut into windows afterwards."""
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e12)
+    try:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        tokenizer.model_max_length = saved
+
+
 def chunk_tokens(token_ids: Sequence[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping (n, seq_len) windows of the token stream (the tail shorter than seq_len is dropped)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

@@ -31,7 +31,7 @@ import kernels
 from kernels import formats as fmts
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
-from .evaluate import ReferenceLogits, chunk_tokens, evaluate
+from .evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
 from .inventory import build_inventory, resolve_model
 from .profile import ExpertStats, Profile
 
@@ -317,7 +317,7 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
             raise FileNotFoundError(f"{path} ships no calib.txt; pass --calib FILE")
         calib_text = cpath.read_text()
     tok = AutoTokenizer.from_pretrained(str(path))
-    ids = tok(calib_text, add_special_tokens=False)["input_ids"]
+    ids = encode_text(tok, calib_text)
     m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     fingerprint = build_inventory(path).fingerprint
     prof, importance = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
