@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on a busy machine
 
 import argparse
+import json
 import copy
 import platform
 import sys
@@ -119,13 +120,15 @@ def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: b
     from scipy.stats import pearsonr, spearmanr
 
     rho = float(spearmanr(df.predicted_kld, df.measured_kld).statistic)
+    no_prune = df[df.pruned_experts == 0]
+    rho_np = float(spearmanr(no_prune.predicted_kld, no_prune.measured_kld).statistic) if len(no_prune) > 2 else float("nan")
     pr = float(pearsonr(df.predicted_kld, df.measured_kld).statistic)
     ratio = float(np.median(df.predicted_kld / df.measured_kld.clip(lower=1e-12)))
     _atomic_csv(df, RESULTS / f"profile-{name}.csv")
     _scatter(df, name, rho, RESULTS / f"profile-{name}.png")
     return {"model": name, "profile_seconds": profile_s, "profile_breakdown": profile.meta["seconds"],
             "calibration_tokens": profile.meta["calibration_tokens"], "validation_tokens": ref.n_tokens,
-            "plans": n_plans, "spearman": rho, "pearson": pr, "median_pred_over_meas": ratio,
+            "plans": n_plans, "spearman": rho, "spearman_no_pruning": rho_np, "pearson": pr, "median_pred_over_meas": ratio,
             "reference_ppl_valid": ref.perplexity}
 
 
@@ -157,6 +160,41 @@ def _scatter(df: pd.DataFrame, name: str, rho: float, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _markdown(summaries: list[dict]) -> list[str]:
+    lines = [
+        "# Profiling time and predictor fidelity",
+        "",
+        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}. "
+        "Other jobs on the machine slow the timings (the load average at the end of each run is given), not "
+        "the fidelity figures.",
+        "",
+        "Predicted KL: the profile's additive prediction (sum of tensor damages, expert removal costs and "
+        "top-k costs). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
+        "evaluated against the original on the held-out validation split. Spearman without pruning: the "
+        "same over the plans that prune no expert.",
+        "",
+        "| model | profile time (s) | load avg | calib tokens | valid tokens | plans | Spearman | Spearman without pruning | Pearson | median predicted/measured | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(f"| {s['model']} | {s['profile_seconds']:.0f} | {s['load_average_end']} | {s['calibration_tokens']} | "
+                     f"{s['validation_tokens']} | {s['plans']} | {s['spearman']:.3f} | {s['spearman_no_pruning']:.3f} | "
+                     f"{s['pearson']:.3f} | {s['median_pred_over_meas']:.2f} | `{s['command']}` |")
+    lines += ["", "Profile time breakdown (s):", ""]
+    for s in summaries:
+        lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
+    lines += ["", "Goals: Spearman >= 0.95, profiling under 3 minutes on 2 cores.",
+              "Per-plan rows: results/profile-<model>.csv; scatter: results/profile-<model>.png; "
+              "summary: results/profile-<model>.json.", ""]
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=None, help="reference model names (default: all shipped)")
@@ -179,33 +217,12 @@ def main(argv=None):
         summaries.append(run_model(name, args.plans, args.calib_tokens, args.valid_tokens, not args.no_ship,
                                    models_dir=args.models_dir))
     cmd = "python benchmarks/bench_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        "# Profiling time and predictor fidelity",
-        "",
-        f"Command: `{cmd.strip()}`  ",
-        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; load average at the end {os.getloadavg()[0]:.1f} "
-        "(other jobs on the machine slow the timings, not the fidelity figures).",
-        "",
-        "Predicted KL: the profile's additive prediction (sum of tensor damages, expert removal costs and "
-        "top-k costs). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
-        "evaluated against the original on the held-out validation split.",
-        "",
-        "| model | profile time (s) | calib tokens | valid tokens | plans | Spearman | Pearson | median predicted/measured |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    load = os.getloadavg()[0]
     for s in summaries:
-        lines.append(f"| {s['model']} | {s['profile_seconds']:.0f} | {s['calibration_tokens']} | {s['validation_tokens']} | "
-                     f"{s['plans']} | {s['spearman']:.3f} | {s['pearson']:.3f} | {s['median_pred_over_meas']:.2f} |")
-    lines += ["", "Profile time breakdown (s):", ""]
-    for s in summaries:
-        lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
-    lines += ["", "Goals: Spearman >= 0.95, profiling under 3 minutes on 2 cores.",
-              "Per-plan rows: results/profile-<model>.csv; scatter: results/profile-<model>.png.", ""]
-    out = RESULTS / "profile.md"
-    tmp = out.with_name(".profile.md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
+        s.update(command=cmd.strip(), load_average_end=round(load, 2))
+        _atomic_text(RESULTS / f"profile-{s['model']}.json", json.dumps(s, indent=1) + "\n")
+    lines = _markdown(sorted(json.loads(p.read_text()) for p in RESULTS.glob("profile-*.json")))
+    _atomic_text(RESULTS / "profile.md", "\n".join(lines))
     print("\n".join(lines))
 
 
