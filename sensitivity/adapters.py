@@ -41,6 +41,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .inventory import Role
+
 __all__ = [
     "ExpertInputStats",
     "ExpertKind",
@@ -63,15 +65,8 @@ class ScoreFunction(str, Enum):
     SIGMOID = "sigmoid"
 
 
-class TensorRole(str, Enum):
-    ATTENTION = "attention"
-    DENSE_MLP = "dense_mlp"
-    ROUTED_EXPERT = "routed_expert"
-    SHARED_EXPERT = "shared_expert"
-    ROUTER = "router"
-    EMBEDDING = "embedding"
-    HEAD = "head"
-    NORM = "norm"
+# one set of tensor roles for the whole package: the inventory's
+TensorRole = Role
 
 
 class ExpertKind(str, Enum):
