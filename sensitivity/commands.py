@@ -9,6 +9,8 @@ from pathlib import Path
 
 from allocator.cli import Command, register
 
+from .profiler import DEFAULT_FORMATS
+
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -22,7 +24,7 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", metavar="PROFILE", required=True, help="profile JSON to write (importance vectors go "
                     "next to it as PROFILE.importance.safetensors)")
     ap.add_argument("--formats", help="comma-separated format menu (default: %(default)s)",
-                    default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,IQ4_XS,BF16")
+                    default=",".join(DEFAULT_FORMATS))
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: %(default)s)")
     ap.add_argument("--seq-len", type=int, default=128, help="calibration window length (default: %(default)s)")
 

@@ -35,7 +35,7 @@ from .evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
 from .inventory import build_inventory, resolve_model
 from .profile import ExpertStats, Profile
 
-DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
+DEFAULT_FORMATS = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
 CALIBRATION_FORMAT = "Q3_K"
 QUANTIZABLE = {TensorRole.ATTENTION, TensorRole.DENSE_MLP, TensorRole.ROUTED_EXPERT, TensorRole.SHARED_EXPERT,
                TensorRole.EMBEDDING, TensorRole.HEAD}
