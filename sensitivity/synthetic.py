@@ -7,7 +7,7 @@ allocator can be planned, tested and benchmarked at DeepSeek-V3 scale where the 
 What is realistic about it, and where the numbers come from:
 
 - per-format error: the relative squared error (RMSE/std)^2 of each format on Gaussian data, from the
-  ggml reference figures (shared/reference/ggml_quant_reference.md: Q2_K 0.2966 ... Q8_0 0.00535;
+  ggml reference figures (ggml at llama.cpp commit 0c1e57098bba: Q2_K 0.2966 ... Q8_0 0.00535;
   IQ formats with an importance vector; TQ formats about 0.81). Formats the reference does not list
   were measured the same way with the `gguf` package's reference quantizer on
   `np.random.default_rng(0).standard_normal((4096, 4096))` (Q4_0 0.0859, Q4_1 0.0782, Q5_0 0.0427,

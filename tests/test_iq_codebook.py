@@ -1,7 +1,7 @@
 """The codebook formats IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M.
 
 The `gguf` package's decoder is the independent check of the byte layout; error bounds come from
-ggml's own figures (/work/shared/reference/ggml_quant_reference.md: RMSE/std on
+ggml's own figures (llama.cpp commit 0c1e57098bba: RMSE/std on
 W = default_rng(0).standard_normal((4096, 4096)), importance = ones).
 """
 

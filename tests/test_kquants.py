@@ -18,7 +18,7 @@ from kernels import ref_k
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 # ggml's RMSE/std on the 4096 x 4096 gaussian / Student-t(3) data
-# (/work/shared/reference/ggml_quant_reference.md): the kernels must do at least as well.
+# (llama.cpp commit 0c1e57098bba, one thread): the kernels must do at least as well.
 GGML_RMSE = {
     # fmt: (no importance, importance = ones, t3 no importance)
     "Q2_K": (0.2966, 0.2680, 0.349),
