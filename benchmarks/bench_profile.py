@@ -204,7 +204,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="8 plans, 1024 calibration and validation tokens")
     ap.add_argument("--no-ship", action="store_true", help="do not write the profile next to the model")
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where the models are (default: the shipped ones)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only rebuild results/profile.md from the per-model results/profile-<model>.json")
     args = ap.parse_args(argv)
+    if args.table_only:
+        print("\n".join(_write_table()))
+        return
     if args.quick:
         args.plans, args.calib_tokens, args.valid_tokens = 8, 1024, 1024
     names = args.models or sorted(d.name for d in args.models_dir.iterdir() if (d / "config.json").exists())
@@ -221,8 +226,14 @@ def main(argv=None):
     for s in summaries:
         s.update(command=cmd.strip(), load_average_end=round(load, 2))
         _atomic_text(RESULTS / f"profile-{s['model']}.json", json.dumps(s, indent=1) + "\n")
-    lines = _markdown(sorted(json.loads(p.read_text()) for p in RESULTS.glob("profile-*.json")))
+    lines = _write_table()
+
+
+def _write_table() -> list[str]:
+    summaries = sorted((json.loads(p.read_text()) for p in RESULTS.glob("profile-*.json")), key=lambda s: s["model"])
+    lines = _markdown(summaries)
     _atomic_text(RESULTS / "profile.md", "\n".join(lines))
+    return lines
     print("\n".join(lines))
 
 
