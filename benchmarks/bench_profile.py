@@ -226,7 +226,7 @@ def main(argv=None):
     for s in summaries:
         s.update(command=cmd.strip(), load_average_end=round(load, 2))
         _atomic_text(RESULTS / f"profile-{s['model']}.json", json.dumps(s, indent=1) + "\n")
-    lines = _write_table()
+    print("\n".join(_write_table()))
 
 
 def _write_table() -> list[str]:
@@ -234,7 +234,6 @@ def _write_table() -> list[str]:
     lines = _markdown(summaries)
     _atomic_text(RESULTS / "profile.md", "\n".join(lines))
     return lines
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
