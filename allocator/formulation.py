@@ -11,6 +11,7 @@ Variables (dicts keyed by index tuples, named after the math):
   t[l,k]      in {0,1}   layer l activates k experts (free)        T[k] one global k (gguf)
   m[l]        integer    experts kept per group of layer l (free)   m one global count (gguf)
   z[l,j,f]    in {0,1}   gguf: the stacked kind-j tensor of layer l is in format f
+  c[m], u[l,j,f,m]       gguf: one-hot kept count per group, and u = z AND c (see build_model)
   speed, free:  cap[l] >= bytes of every kept expert, split as cap[l] = sum_k capk[l,k]
   speed, gguf:  w[l,j,f,k] = z[l,j,f] AND T[k]  (continuous, exact: see the constraint)
 
@@ -34,7 +35,8 @@ from .problem import Assignment, Problem, pareto
 
 INF = float("inf")
 
-FAMILIES = ("one_format", "expert_format", "stacked_format", "gguf_uniform", "topk_choice", "keep_ge_topk",
+FAMILIES = ("one_format", "expert_format", "stacked_format", "gguf_uniform", "count_link", "topk_choice",
+            "keep_ge_topk",
             "kept_count", "group_reach", "memory", "speed", "speed_cap", "speed_split", "speed_link")
 
 
@@ -178,6 +180,11 @@ class Formulation:
             elif name == "w":
                 l, j, f, k = key
                 val[c] = 1.0 if (zf.get((l, j)) == f and int(a.topk[0]) == k) else 0.0
+            elif name == "c":
+                val[c] = 1.0 if key[0] == counts[0, 0] else 0.0
+            elif name == "u":
+                l, j, f, mm = key
+                val[c] = 1.0 if (zf.get((l, j)) == f and mm == counts[0, 0]) else 0.0
         return val
 
 
@@ -193,9 +200,21 @@ def _expert_bytes_max(p: Problem, a: Assignment, l: int, dominator: dict) -> flo
     return float(best)
 
 
-def build_model(p: Problem, drop: Iterable[str] = (), prune_dominated: bool = True) -> Formulation:
+GGUF_LINKING = ("count", "expert")
+
+
+def build_model(p: Problem, drop: Iterable[str] = (), prune_dominated: bool = True,
+                gguf_linking: str = "count") -> Formulation:
     """The integer program of `p`. `drop` leaves constraint families out (only to show, in tests,
-    that each family matters); `prune_dominated=False` keeps every candidate."""
+    that each family matters); `prune_dominated=False` keeps every candidate.
+
+    `gguf_linking` chooses how the gguf target ties each kept expert to its layer's stacked format
+    (both exact): "expert" writes y[l,e,j,f] <= z[l,j,f] for every expert (tight, 356k rows at
+    DeepSeek-V3 scale); "count" (default) counts instead: the experts of layer l in format f number
+    n z[l,j,f], with n = G m the kept count, linearized through u[l,j,f,m] = z[l,j,f] AND c[m] over
+    the one-hot count c (a few thousand rows)."""
+    if gguf_linking not in GGUF_LINKING:
+        raise ValueError(f"gguf_linking must be one of {GGUF_LINKING}, not {gguf_linking!r}")
     drop = tuple(drop)
     unknown = set(drop) - set(FAMILIES)
     if unknown:
@@ -253,6 +272,8 @@ def build_model(p: Problem, drop: Iterable[str] = (), prune_dominated: bool = Tr
                         else:
                             dominator["y", l, e, j, f] = int(dom_y[e, j, f])
 
+    # (the objective's costs sit on the variables: c on x and y, -p on keep with sum p as a constant
+    # offset, so that p (1 - keep) is paid for every pruned expert, and a on t / T)
     t: dict = {}
     m: dict = {}
     m_lo = 2 if G > 1 else 1
@@ -293,10 +314,37 @@ def build_model(p: Problem, drop: Iterable[str] = (), prune_dominated: bool = Tr
             for l in range(L):
                 for j in range(J):
                     mdl.add("stacked_format", {z[l, j, f]: 1.0 for f in range(F) if (l, j, f) in z}, 1.0, 1.0)
-        # gguf_uniform: every kept expert of a layer uses the stacked format: y[l,e,j,f] <= z[l,j,f]
-        if use("gguf_uniform"):
-            for (l, e, j, f), c in y.items():
-                mdl.add("gguf_uniform", {c: 1.0, z[l, j, f]: -1.0}, hi=0.0)
+        if gguf_linking == "expert":
+            # gguf_uniform: every kept expert of a layer uses the stacked format: y[l,e,j,f] <= z[l,j,f]
+            if use("gguf_uniform"):
+                for (l, e, j, f), c in y.items():
+                    mdl.add("gguf_uniform", {c: 1.0, z[l, j, f]: -1.0}, hi=0.0)
+        elif L:
+            # c[m]: the model keeps m experts per group (one-hot; sum_m c[m] = 1 and m = sum_m m c[m]
+            # follow from the rows below with stacked_format and kept_count, so they are not written)
+            ms = list(range(m_lo, size + 1))
+            cnt = {mm: mdl.var("c", (mm,)) for mm in ms}
+            # count_link: u[l,j,f,m] = z[l,j,f] AND c[m], exactly (c is one-hot): sum_f u[l,j,f,m] = c[m]
+            # zeroes every count but the chosen one, and sum_m u[l,j,f,m] = z[l,j,f] copies z into it
+            u = {(l, j, f, mm): mdl.var("u", (l, j, f, mm), integer=False) for (l, j, f) in z for mm in ms}
+            if use("count_link"):
+                for (l, j, f), zc in z.items():
+                    row = {u[l, j, f, mm]: 1.0 for mm in ms}
+                    row[zc] = -1.0
+                    mdl.add("count_link", row, 0.0, 0.0)
+                for l in range(L):
+                    for j in range(J):
+                        for mm in ms:
+                            row = {u[l, j, f, mm]: 1.0 for f in range(F) if (l, j, f) in z}
+                            row[cnt[mm]] = -1.0
+                            mdl.add("count_link", row, 0.0, 0.0)
+            # gguf_uniform: the kept experts in format f number G m z[l,j,f]: all kept experts use the
+            # stacked format: sum_e y[l,e,j,f] = sum_m G m u[l,j,f,m]
+            if use("gguf_uniform"):
+                for (l, j, f) in z:
+                    row = {y[l, e, j, f]: 1.0 for e in range(E)}
+                    row.update({u[l, j, f, mm]: -float(G * mm) for mm in ms})
+                    mdl.add("gguf_uniform", row, 0.0, 0.0)
 
     # topk_choice: each layer activates one k (gguf: one k for the model): sum_k t[l,k] = 1
     if use("topk_choice"):

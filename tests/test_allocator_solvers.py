@@ -289,6 +289,7 @@ FAMILY_CASES = {
     "expert_format": ("free", False),
     "stacked_format": ("gguf", False),
     "gguf_uniform": ("gguf", False),
+    "count_link": ("gguf", False),
     "topk_choice": ("free_prune", False),
     "keep_ge_topk": ("free_prune", False),
     "kept_count": ("free_groups", False),
@@ -331,6 +332,21 @@ def test_every_constraint_family_matters(family):
     if family in ("memory", "speed", "speed_cap", "speed_split", "speed_link", "kept_count", "group_reach",
                   "keep_ge_topk", "gguf_uniform", "stacked_format"):
         assert p.check(a), family
+
+
+def test_both_gguf_linkings_are_exact():
+    for name in ("gguf", "gguf_groups", "gguf_dominated"):
+        for speed in (False, True):
+            p, opt, _, _ = case(name, speed)
+            for linking in ("count", "expert"):
+                form = build_model(p, gguf_linking=linking)
+                v, values = _optimum(form)
+                assert v == pytest.approx(opt, rel=1e-9), (name, speed, linking)
+                assert p.check(form.to_assignment(values)) == []
+    p = case("gguf", False)[0]
+    assert "gguf_uniform" in build_model(p, gguf_linking="expert").model.row_family
+    with pytest.raises(ValueError, match="gguf_linking"):
+        build_model(p, gguf_linking="magic")
 
 
 def test_dominated_candidates_do_not_change_the_optimum():
