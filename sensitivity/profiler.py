@@ -8,9 +8,11 @@ E[x_i x_j] ~ 0 for i != j, its expected energy is sum_ij D_ij^2 E[x_j^2] -- the 
 squared error that the kernels' error kernel computes in one pass for every format (importance =
 the per-column mean of x^2, over the tokens routed to the expert for expert tensors). An expert's
 error is further scaled by its share of the tokens. A second-order expansion of the KL divergence
-makes KL proportional to that energy for small errors, with an unknown gain per tensor; the gain is
-calibrated once per tensor group (each non-expert tensor; each (layer, gate/up/down) of the routed
-experts) by really quantizing the group to a calibration format and measuring the KL.
+makes KL proportional to that energy for small errors, with an unknown gain per tensor group (each
+non-expert tensor; each (layer, gate/up/down) of the routed experts). The gain is measured by really
+quantizing the group to two calibration formats (IQ1_M and Q4_K: a large and a small error) and
+measuring the KL; for every other format it is interpolated log-log in the group's error energy,
+because at 1-2 bits per weight KL grows faster than the energy.
 
 Expert removal and top-k: measured directly, one forward pass each (remove one expert; set one
 layer's top-k to k), as KL against the original model on the calibration windows.
@@ -22,7 +24,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,7 +38,9 @@ from .inventory import build_inventory, resolve_model
 from .profile import ExpertStats, Profile
 
 DEFAULT_FORMATS = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
-CALIBRATION_FORMAT = "Q3_K"
+# Two error levels per group: KL grows faster than the error energy at 1-2 bits per weight, so one
+# gain measured at 3-4 bits underpredicts the codebook formats (and the solver would exploit that).
+CALIBRATION_FORMATS = ("IQ1_M", "Q4_K")
 QUANTIZABLE = {TensorRole.ATTENTION, TensorRole.DENSE_MLP, TensorRole.ROUTED_EXPERT, TensorRole.SHARED_EXPERT,
                TensorRole.EMBEDDING, TensorRole.HEAD}
 
@@ -63,13 +67,15 @@ def _menu(formats: Sequence[str] | None) -> list[str]:
 class Profiler:
     def __init__(self, model: torch.nn.Module, calib_ids: Sequence[int] | torch.Tensor, *, seq_len: int = 128,
                  max_tokens: int = 4096, batch_size: int = 8, formats: Sequence[str] | None = None,
-                 calibration_format: str = CALIBRATION_FORMAT, progress: bool = True):
+                 calibration_formats: Sequence[str] | str = CALIBRATION_FORMATS, progress: bool = True):
         self.model = model.eval()
         self.adapter: MoEAdapter = adapter_for(model)
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
         self.batch_size = batch_size
         self.formats = _menu(formats)
-        self.calibration_format = _menu([calibration_format])[0]
+        if isinstance(calibration_formats, str):
+            calibration_formats = [calibration_formats]
+        self.calibration_formats = _menu(list(calibration_formats))
         self.progress = progress
         self.reference: ReferenceLogits | None = None
         self.timings: dict[str, float] = {}
@@ -174,7 +180,7 @@ class Profiler:
             for r in refs:
                 w = r.get().detach().float().contiguous()
                 ncols = w.shape[-1]
-                stored = {f: fmts.resolve(f, ncols).name for f in {*self.formats, self.calibration_format}}
+                stored = {f: fmts.resolve(f, ncols).name for f in {*self.formats, *self.calibration_formats}}
                 uniq = sorted(set(stored.values()))
                 qe = kernels.quant_error(w, uniq, importance[r.name])
                 by_stored = dict(zip(uniq, qe.err[:, 0]))
@@ -188,27 +194,33 @@ class Profiler:
         for r in refs:
             key = (r.layer, "experts", r.kind.value) if r.role is TensorRole.ROUTED_EXPERT else (r.name,)
             groups.setdefault(key, []).append(r)
-        gain: dict[tuple, float] = {}
-        with self._bar(len(groups), "gain calibration") as bar:
+        # per group and calibration format c: energy E_c = sum of the members' errors, gain g_c = KL / E_c
+        points: dict[tuple, list[tuple[float, float]]] = {}
+        with self._bar(len(groups) * len(self.calibration_formats), "gain calibration") as bar:
             for key, members in groups.items():
                 saved = [r.get().detach().clone() for r in members]
-                predicted = 0.0
-                for r in members:
-                    w = r.get().detach().float().contiguous()
-                    f = fmts.resolve(self.calibration_format, w.shape[-1]).name
-                    q = kernels.quantize(w, f, importance[r.name])
-                    r.set(torch.from_numpy(kernels.dequantize(q, f, w.shape)))
-                    predicted += err[r.name][self.calibration_format]
-                kl = self._kl()
-                for r, s in zip(members, saved):
-                    r.set(s)
-                gain[key] = kl / predicted if predicted > 0 else 0.0
-                bar.update()
+                pts = []
+                for c in self.calibration_formats:
+                    energy = 0.0
+                    for r in members:
+                        w = r.get().detach().float().contiguous()
+                        f = fmts.resolve(c, w.shape[-1]).name
+                        q = kernels.quantize(w, f, importance[r.name])
+                        r.set(torch.from_numpy(kernels.dequantize(q, f, w.shape)))
+                        energy += err[r.name][c]
+                    kl = self._kl()
+                    for r, sv in zip(members, saved):
+                        r.set(sv)
+                    pts.append((energy, kl / energy if energy > 0 else 0.0))
+                    bar.update()
+                points[key] = sorted(pts)
         self.timings["gain_calibration"] = time.perf_counter() - t2
         damage = {}
+        gain: dict[tuple, dict[str, float]] = {}
         for key, members in groups.items():
+            gain[key] = {f: _interpolate_gain(points[key], sum(err[r.name][f] for r in members)) for f in self.formats}
             for r in members:
-                damage[r.name] = {f: gain[key] * err[r.name][f] for f in self.formats}
+                damage[r.name] = {f: gain[key][f] * err[r.name][f] for f in self.formats}
 
         # expert statistics and measured removal cost
         t3 = time.perf_counter()
@@ -251,13 +263,14 @@ class Profiler:
         self.timings["total"] = time.perf_counter() - t0
 
         meta = {
-            "method": "importance-weighted error kernel x per-group gain calibrated by "
-                      f"{self.calibration_format} quantization; measured expert removal and top-k KL",
+            "method": "importance-weighted error kernel x per-group gain, calibrated by quantizing each group to "
+                      f"{' and '.join(self.calibration_formats)} and interpolated log-log in the group's error "
+                      "energy; measured expert removal and top-k KL",
             "calibration_tokens": int(self.reference.n_tokens),
             "seq_len": int(self.windows.shape[1]),
             "reference_perplexity": self.reference.perplexity,
             "seconds": {k: round(v, 2) for k, v in self.timings.items()},
-            "gains": {"/".join(map(str, k)): g for k, g in gain.items()},
+            "gain_points": {"/".join(map(str, k)): v for k, v in points.items()},
         }
         return Profile(fingerprint, list(self.formats), damage, experts, topk, False, meta), importance
 
@@ -278,6 +291,21 @@ class Profiler:
         ad = adapter_for(m)
         ad.remove_experts(layer, [e for e in range(ad.n_experts(layer)) if e != expert])
         return self._kl(m)
+
+
+def _interpolate_gain(points: list[tuple[float, float]], energy: float) -> float:
+    """Gain at `energy` from calibration points (energy, gain) sorted by energy: piecewise linear in
+    log-log between them, constant beyond the outermost (no extrapolated power law)."""
+    pts = [(e, g) for e, g in points if e > 0 and g > 0]
+    if not pts:
+        return points[0][1] if points else 0.0
+    if energy <= pts[0][0] or len(pts) == 1:
+        return pts[0][1] if energy <= pts[0][0] else pts[-1][1]
+    for (e0, g0), (e1, g1) in zip(pts, pts[1:]):
+        if energy <= e1:
+            t = (np.log(energy) - np.log(e0)) / (np.log(e1) - np.log(e0))
+            return float(np.exp(np.log(g0) + t * (np.log(g1) - np.log(g0))))
+    return pts[-1][1]
 
 
 def save_importance(importance: dict[str, np.ndarray], path: str | Path) -> None:

@@ -34,7 +34,8 @@ def _tiny(family):
 def profiled(request):
     model = _tiny(request.param)
     ids = torch.randint(0, 256, (8 * 32,), generator=torch.Generator().manual_seed(0))
-    prof = Profiler(model, ids, seq_len=32, formats=FORMATS, calibration_format="Q4_0", progress=False)
+    prof = Profiler(model, ids, seq_len=32, formats=FORMATS, calibration_formats=("Q4_0", "Q8_0"),
+                    progress=False)
     profile, importance = prof.run("fp-test")
     return model, prof, profile, importance
 
@@ -55,13 +56,24 @@ def test_structure(profiled):
         assert profile.topk_cost[layer][2] == 0.0 and profile.topk_cost[layer][1] > 0
 
 
-def test_gain_calibration_reproduces_its_own_measurement(profiled):
-    # quantizing exactly one calibration group to the calibration format: predicted == measured
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0"])
+def test_gain_calibration_reproduces_its_own_measurements(profiled, fmt):
+    # quantizing exactly one calibration group to either calibration format: predicted == measured
     model, prof, profile, importance = profiled
     name = next(n for n in profile.tensor_damage if "o_proj" in n)
-    d = Decision(formats={name: "Q4_0"})
+    d = Decision(formats={name: fmt})
     measured = evaluate(apply_decision(copy.deepcopy(model), d, importance), prof.reference).kld_mean
     assert predicted_damage(profile, d) == pytest.approx(measured, rel=1e-6)
+
+
+def test_gain_interpolation():
+    from sensitivity.profiler import _interpolate_gain
+
+    pts = [(1.0, 2.0), (100.0, 8.0)]
+    assert _interpolate_gain(pts, 1.0) == pytest.approx(2.0)
+    assert _interpolate_gain(pts, 100.0) == pytest.approx(8.0)
+    assert _interpolate_gain(pts, 10.0) == pytest.approx(4.0)  # halfway in log-log
+    assert _interpolate_gain(pts, 0.01) == 2.0 and _interpolate_gain(pts, 1e6) == 8.0
 
 
 def test_prediction_orders_random_plans(profiled):
