@@ -264,7 +264,12 @@ def _solve_cbc(form: Formulation, deadline: float, threads: int, start, rel_gap:
         if start is not None:
             v.setInitialValue(round(start[c]) if mdl.integer[c] else start[c])
         cols.append(v)
-    prob += pulp.LpAffineExpression([(cols[c], w) for c, w in enumerate(mdl.cost) if w]) + mdl.offset
+    # CBC drops an objective's constant (and would measure its gap without it): carry the constant on
+    # a column fixed at 1
+    one = prob.add_variable("one", lowBound=1, upBound=1, cat=pulp.LpContinuous)
+    if start is not None:
+        one.setInitialValue(1)
+    prob += pulp.LpAffineExpression([(cols[c], w) for c, w in enumerate(mdl.cost) if w] + [(one, mdl.offset)])
     for r in range(mdl.n_rows):
         expr = pulp.LpAffineExpression([(cols[c], float(w)) for c, w in zip(mdl.row_cols[r], mdl.row_vals[r])])
         lo, hi = mdl.row_lo[r], mdl.row_hi[r]
@@ -297,9 +302,9 @@ def _solve_cbc(form: Formulation, deadline: float, threads: int, start, rel_gap:
     if sol_status == pulp.LpSolutionOptimal:
         status = Status.OPTIMAL
         if bound is None:
-            # "optimal" means within CBC's relative gap of its own objective (without the constant)
+            # "optimal" means within the relative gap CBC was given
             obj = float(pulp.value(prob.objective))
-            bound = obj - float(rel_gap) * abs(obj - shift)
+            bound = obj - float(rel_gap) * abs(obj)
     elif sol_status == pulp.LpSolutionInfeasible:
         status = Status.INFEASIBLE
     else:
