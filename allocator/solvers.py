@@ -129,10 +129,12 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
     hint_s = time.perf_counter() - t0
     say(f"building the integer program ({solver})")
     form = build_model(problem)
-    left = max(time_limit - (time.perf_counter() - t0), 1.0)
+    # the time limit is wall time from the call: the start plan and the model building count
+    deadline = t0 + time_limit
     run = {"highs": _solve_highs, "cbc": _solve_cbc, "cpsat": _solve_cpsat}[solver]
-    say(f"solving with {solver} ({left:.0f} s limit, {threads} threads)")
-    status, values, bound, log = run(form, left, threads, form.values_of(start) if start is not None else None, rel_gap)
+    say(f"solving with {solver} ({deadline - time.perf_counter():.0f} s left, {threads} threads)")
+    status, values, bound, log = run(form, deadline, threads, form.values_of(start) if start is not None else None,
+                                     rel_gap)
     a = form.to_assignment(values) if values is not None else None
     if a is not None and problem.check(a):
         # solvers accept tiny tolerance violations; repair them exactly
@@ -210,11 +212,16 @@ def write_model(form: Formulation, path: str | os.PathLike) -> None:
     h.writeModel(str(path))
 
 
-def _solve_highs(form: Formulation, time_limit: float, threads: int, start, rel_gap: float):
+def _left(deadline: float) -> float:
+    """Seconds to the deadline, at least 1 (a solver always gets to look at its start plan)."""
+    return max(deadline - time.perf_counter(), 1.0)
+
+
+def _solve_highs(form: Formulation, deadline: float, threads: int, start, rel_gap: float):
     import highspy
 
     h = _highs_model(form.model)
-    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("time_limit", _left(deadline))
     h.setOptionValue("threads", int(threads))
     h.setOptionValue("mip_rel_gap", float(rel_gap))
     h.setOptionValue("mip_abs_gap", 0.0)
@@ -243,7 +250,7 @@ def _solve_highs(form: Formulation, time_limit: float, threads: int, start, rel_
 # ---------------------------------------------------------------------------------------------
 # CBC through PuLP
 
-def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_gap: float):
+def _solve_cbc(form: Formulation, deadline: float, threads: int, start, rel_gap: float):
     import pulp
 
     mdl = form.model
@@ -257,7 +264,12 @@ def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_ga
         if start is not None:
             v.setInitialValue(round(start[c]) if mdl.integer[c] else start[c])
         cols.append(v)
-    prob += pulp.LpAffineExpression([(cols[c], w) for c, w in enumerate(mdl.cost) if w]) + mdl.offset
+    # CBC drops an objective's constant (and would measure its gap without it): carry the constant on
+    # a column fixed at 1
+    one = prob.add_variable("one", lowBound=1, upBound=1, cat=pulp.LpContinuous)
+    if start is not None:
+        one.setInitialValue(1)
+    prob += pulp.LpAffineExpression([(cols[c], w) for c, w in enumerate(mdl.cost) if w] + [(one, mdl.offset)])
     for r in range(mdl.n_rows):
         expr = pulp.LpAffineExpression([(cols[c], float(w)) for c, w in zip(mdl.row_cols[r], mdl.row_vals[r])])
         lo, hi = mdl.row_lo[r], mdl.row_hi[r]
@@ -270,7 +282,7 @@ def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_ga
                 prob += expr <= hi
     with tempfile.TemporaryDirectory(prefix="moeplan-cbc-") as tmp:
         logpath = os.path.join(tmp, "cbc.log")
-        solver = _cbc_command(msg=False, timeLimit=max(1, int(time_limit)), threads=int(threads),
+        solver = _cbc_command(msg=False, timeLimit=max(1, int(_left(deadline))), threads=int(threads),
                               gapRel=float(rel_gap), gapAbs=0.0, warmStart=start is not None, logPath=logpath)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -290,7 +302,9 @@ def _solve_cbc(form: Formulation, time_limit: float, threads: int, start, rel_ga
     if sol_status == pulp.LpSolutionOptimal:
         status = Status.OPTIMAL
         if bound is None:
-            bound = float(pulp.value(prob.objective))
+            # "optimal" means within the relative gap CBC was given
+            obj = float(pulp.value(prob.objective))
+            bound = obj - float(rel_gap) * abs(obj)
     elif sol_status == pulp.LpSolutionInfeasible:
         status = Status.INFEASIBLE
     else:
@@ -315,14 +329,9 @@ def _cbc_command(**options):
 
 
 def _cbc_bound(text: str) -> float | None:
-    """CBC's final best bound ("Lower bound:"), or the objective when it proved optimality."""
+    """CBC's final best bound ("Lower bound:" in its log, without the objective's constant)."""
     m = re.search(r"Lower bound:\s*([-+0-9.eE]+)", text)
-    if m:
-        return float(m.group(1))
-    if re.search(r"Result - Optimal solution found", text):
-        m = re.search(r"Objective value:\s*([-+0-9.eE]+)", text)
-        return float(m.group(1)) if m else None
-    return None
+    return float(m.group(1)) if m else None
 
 
 def _cbc_result(text: str) -> str:
@@ -346,7 +355,7 @@ def cost_scale(mdl: MipModel) -> float:
     return 10.0 ** (COST_DIGITS - math.ceil(math.log10(biggest)))
 
 
-def _solve_cpsat(form: Formulation, time_limit: float, threads: int, start, rel_gap: float):
+def _solve_cpsat(form: Formulation, deadline: float, threads: int, start, rel_gap: float):
     from ortools.sat.python import cp_model
 
     mdl = form.model
@@ -374,7 +383,7 @@ def _solve_cpsat(form: Formulation, time_limit: float, threads: int, start, rel_
         for c, v in enumerate(start):
             model.AddHint(cols[c], int(round(v)))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit)
+    solver.parameters.max_time_in_seconds = _left(deadline)
     solver.parameters.num_workers = int(threads)
     solver.parameters.relative_gap_limit = float(rel_gap)
     st = solver.Solve(model)

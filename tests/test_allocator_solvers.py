@@ -244,7 +244,7 @@ class SolverContract:
         opt = brute_force(roomy)[0]
         sol = self._solve(roomy)
         assert sol.objective == pytest.approx(opt, rel=1e-9)
-        assert sol.gap <= 1e-6
+        assert sol.gap <= 1.01e-6  # solvers stop at a relative gap of 1e-6 by default
 
 
 class TestLagrangian(SolverContract):
