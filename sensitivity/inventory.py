@@ -353,7 +353,7 @@ def build_inventory(model: str | os.PathLike) -> Inventory:
 
 def checkpoint_shards(path: Path) -> list[Path]:
     """The weight files of a checkpoint directory: those its model.safetensors.index.json names, else
-    model.safetensors, else every *.safetensors but moeplan's own side files (importance vectors)."""
+    every *.safetensors but moeplan's own side files (importance vectors)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -361,8 +361,6 @@ def checkpoint_shards(path: Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
         return [path / n for n in names]
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
     return sorted(p for p in path.glob("*.safetensors") if not p.name.endswith(".importance.safetensors"))
 
 
