@@ -60,25 +60,13 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
     """Perplexity, KL to the original and top-1 agreement of MODEL compressed under a plan (API)."""
     import copy
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .compress import Decision, apply_decision
-    from .evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-    from .inventory import build_inventory, resolve_model
+    from .evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
+    from .inventory import build_inventory
     from .profiler import load_importance
 
-    path = resolve_model(model)
-    if not path.is_dir():
-        raise ValueError(f"evaluation needs weights: {path} is not a checkpoint directory")
-    if text is None:
-        vpath = path / "valid.txt"
-        if not vpath.exists():
-            raise FileNotFoundError(f"{path} ships no valid.txt; pass --text FILE")
-        text = vpath.read_text()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    windows = chunk_tokens(encode_text(tok, text), seq_len, tokens)
-    original = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    path, original, ids = load_model_and_text(model, text, "valid", "evaluation", "--text")
+    windows = chunk_tokens(ids, seq_len, tokens)
     ref = ReferenceLogits(original, windows)
     model_ = original
     if plan_path is not None:

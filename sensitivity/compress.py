@@ -9,7 +9,7 @@ top-k is set. For the `gguf` target, DeepSeek's kv_b_proj is quantized the way l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 import kernels
 from kernels import formats as fmts
 
-from .adapters import TensorRole, adapter_for
+from .adapters import adapter_for
 from .inventory import Target
 
 _NO_OP = {"BF16", "F32"}  # the reference checkpoints are BF16: storing BF16 (or F32) changes nothing

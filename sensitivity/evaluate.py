@@ -43,6 +43,26 @@ def encode_text(tokenizer, text: str) -> list[int]:
         tokenizer.model_max_length = saved
 
 
+def load_model_and_text(model, text: str | None, split: str, purpose: str, option: str):
+    """(checkpoint dir, float32 model, token ids) for `purpose` ("profiling", "evaluation"): `text`,
+    or else the checkpoint's shipped split file (calib.txt / valid.txt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .inventory import resolve_model
+
+    path = resolve_model(model)
+    if not path.is_dir():
+        raise ValueError(f"{purpose} needs weights: {path} is not a checkpoint directory")
+    if text is None:
+        split_file = path / f"{split}.txt"
+        if not split_file.exists():
+            raise FileNotFoundError(f"{path} ships no {split}.txt; pass {option} FILE")
+        text = split_file.read_text()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ids = encode_text(tok, text)
+    return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), ids
+
+
 def chunk_tokens(token_ids: Sequence[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping (n, seq_len) windows of the token stream (the tail shorter than seq_len is dropped)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

@@ -33,8 +33,8 @@ import kernels
 from kernels import formats as fmts
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
-from .evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-from .inventory import build_inventory, resolve_model
+from .evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
+from .inventory import build_inventory
 from .profile import ExpertStats, Profile
 
 DEFAULT_FORMATS = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
@@ -334,19 +334,7 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
     """Profile a checkpoint directory or a shipped reference model on calibration text
     (default: the model's shipped calibration split). Writes PROFILE (json) and its importance
     vectors (PROFILE.importance.safetensors) when `out` is given."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(model)
-    if not path.is_dir():
-        raise ValueError(f"profiling needs weights: {path} is not a checkpoint directory")
-    if calib_text is None:
-        cpath = path / "calib.txt"
-        if not cpath.exists():
-            raise FileNotFoundError(f"{path} ships no calib.txt; pass --calib FILE")
-        calib_text = cpath.read_text()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    ids = encode_text(tok, calib_text)
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    path, m, ids = load_model_and_text(model, calib_text, "calib", "profiling", "--calib")
     fingerprint = build_inventory(path).fingerprint
     prof, importance = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
                                 progress=progress).run(fingerprint)

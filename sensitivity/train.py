@@ -634,7 +634,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
         "or `from_pretrained` on that folder).",
         "",
         f"Every number below under \"measured\" was produced by `{cmd}` on the shipped bf16 weights",
-        f"(loaded as float32); numbers under \"training\" were recorded by the training run",
+        "(loaded as float32); numbers under \"training\" were recorded by the training run",
         f"`{tlog['command']}` in `training_log.json` next to the weights.",
         "",
         "## Architecture (config.json)",
