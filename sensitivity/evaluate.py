@@ -64,14 +64,23 @@ def load_model_and_text(model, text: str | None, split: str, purpose: str, optio
 
 
 def chunk_tokens(token_ids: Sequence[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping (n, seq_len) windows of the token stream (the tail shorter than seq_len is dropped)."""
+    """Non-overlapping (n, seq_len) windows of the token stream.
+
+    With `max_tokens` below the stream's length, the max_tokens // seq_len windows are spread evenly
+    over the whole stream rather than taken from its start: a text made of documents of several
+    kinds (prose, code) is then sampled in all of them, not only in the first few documents."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = ids.numel() // seq_len
-    if n == 0:
+    total = ids.numel() // seq_len
+    if total == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
+    windows = ids[: total * seq_len].view(total, seq_len)
+    if max_tokens is None or max_tokens >= total * seq_len:
+        return windows
+    n = max_tokens // seq_len
+    if n == 0:
+        raise ValueError(f"max_tokens={max_tokens} is less than one window of {seq_len} tokens")
+    pick = (torch.arange(n, dtype=torch.float64) * total / n).long()  # evenly spaced, distinct
+    return windows[pick].contiguous()
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -45,3 +45,14 @@ def test_perturbed_model_has_positive_kl(tiny_moe):
 def test_too_short_text_errors():
     with pytest.raises(ValueError, match="fewer than one window"):
         chunk_tokens([1, 2, 3], 16)
+
+
+def test_windows_spread_over_the_whole_text():
+    ids = torch.arange(100 * 10)
+    w = chunk_tokens(ids, 10, 40)  # 4 of the 100 windows, evenly spaced
+    assert w.shape == (4, 10)
+    assert w[:, 0].tolist() == [0, 250, 500, 750]
+    assert torch.equal(chunk_tokens(ids, 10, 5000), ids.view(100, 10))  # everything when it fits
+    assert torch.equal(chunk_tokens(ids[:95], 10), ids[:90].view(9, 10))  # the short tail is dropped
+    with pytest.raises(ValueError, match="less than one window"):
+        chunk_tokens(ids, 10, 5)
