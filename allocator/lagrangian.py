@@ -84,8 +84,7 @@ class _FreeLayers:
         self.mlo = [(p.kept_per_group_options(int(k)) or [self.size + 1])[0] for k in p.topk_values]
 
     def at(self, lam: float, mu: float = 0.0):
-        p, G, size = self.p, self.G, self.size
-        L, E, J = p.L, p.E, p.J
+        p = self.p
         cost = p.exp_damage + lam * p.exp_bytes[:, None, :, :]  # (L, E, J, F)
         f = cost.argmin(axis=-1)  # (L, E, J)
         delta = np.take_along_axis(cost, f[..., None], -1)[..., 0].sum(-1) - p.removal  # (L, E)
@@ -137,7 +136,7 @@ class _FreeSpeedLayers(_FreeLayers):
 
     def __init__(self, p: Problem):
         super().__init__(p)
-        L, E, J, F = p.L, p.E, p.J, p.F
+        L, J, F = p.L, p.J, p.F
         combos = np.array(list(itertools.product(range(F), repeat=J)), dtype=np.int64)  # (C, J)
         self.combos = combos
         Bc = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)  # (L, C)
