@@ -143,33 +143,47 @@ class _FreeSpeedLayers(_FreeLayers):
         self.order = np.argsort(Bc, axis=1, kind="stable")  # combos by bytes, per layer
         self.Bs = np.take_along_axis(Bc, self.order, 1)  # (L, C) increasing
         # a cap level = the bytes of some combination; its prefix of combos is what fits under it
-        levels, lastpos = [], []
+        levels, self.firstpos = [], []
         for l in range(L):
             u, idx = np.unique(self.Bs[l], return_index=True)
-            last = np.r_[idx[1:] - 1, len(self.Bs[l]) - 1]
             levels.append(u)
-            lastpos.append(last)
+            self.firstpos.append(idx)  # where each level's run of combinations starts
         Q = max(len(u) for u in levels)
         self.level = np.array([np.r_[u, np.full(Q - len(u), u[-1])] for u in levels])  # (L, Q)
-        self.lastpos = np.array([np.r_[x, np.full(Q - len(x), x[-1])] for x in lastpos])  # (L, Q)
-        # damage of every combination for every expert, in the per-layer byte order: (L, E, C)
-        D = p.exp_damage[:, :, np.arange(J)[None, :], combos].sum(-1)  # (L, E, C)
-        self.Ds = np.take_along_axis(D, self.order[:, None, :], 2)
+        # damage of every combination for every expert, in the per-layer byte order: (L, E, C), as an
+        # outer sum over the kinds (the combinations run with the last kind fastest)
+        D = p.exp_damage[:, :, 0, :]
+        for j in range(1, J):
+            D = (D[..., :, None] + p.exp_damage[:, :, j, None, :]).reshape(L, p.E, -1)
+        Ds = np.moveaxis(np.take_along_axis(D, self.order[:, None, :], 2), 2, 1)  # (L, C, E)
+        # combinations of one level weigh the same at any price: only the least damaging one of each
+        # level can win, for every expert (Dq, and its position in the byte order, Pq: (L, Q, E))
+        self.Dq = np.empty((L, Q, p.E))
+        self.Pq = np.empty((L, Q, p.E), dtype=np.int64)
+        for l in range(L):
+            first, n_l = self.firstpos[l], len(self.firstpos[l])
+            runs = np.repeat(np.arange(n_l), np.diff(np.r_[first, len(self.Bs[l])]))  # level of each position
+            self.Dq[l, :n_l] = np.minimum.reduceat(Ds[l], first, axis=0)
+            hit = Ds[l] == self.Dq[l, runs]  # (C, E): the positions that reach their level's minimum
+            pos = np.where(hit, np.arange(len(runs))[:, None], len(runs))
+            self.Pq[l, :n_l] = np.minimum.reduceat(pos, first, axis=0)
+            self.Dq[l, n_l:] = self.Dq[l, n_l - 1]
+            self.Pq[l, n_l:] = self.Pq[l, n_l - 1]
+        self.removal_total = float(p.removal.sum())
         self._lam = None
 
     def prepare(self, lam: float) -> None:
         """The price-lambda part: best combination of every expert under every cap, sorted per group."""
         p, G, size = self.p, self.G, self.size
-        L = p.L
-        V = self.Ds + lam * self.Bs[:, None, :]
-        PM = np.minimum.accumulate(V, axis=2)
-        PMq = np.take_along_axis(PM, self.lastpos[:, None, :], 2)  # (L, E, Q)
-        delta = PMq - p.removal[:, :, None]
-        d = np.moveaxis(delta.reshape(L, G, size, -1), 3, 1)  # (L, Q, G, size)
+        L, Q = self.level.shape
+        # best priced combination of every expert within every cap: (L, Q, E)
+        PMq = np.minimum.accumulate(self.Dq + lam * self.level[:, :, None], axis=1)
+        delta = PMq - p.removal[:, None, :]
+        d = delta.reshape(L, Q, G, size)
         d = np.sort(d, axis=-1)
         C0 = np.zeros(d.shape[:2] + (size + 1,))
         C0[..., 1:] = np.cumsum(d, axis=-1).sum(axis=2)  # (L, Q, size + 1)
-        self._lam, self._V, self._C0 = lam, V, C0
+        self._lam, self._C0 = lam, C0
 
     def choose(self, mu: float):
         """Best (q, k, m) per layer at the prepared lambda and this mu; read as priced (k x cap)."""
@@ -194,12 +208,14 @@ class _FreeSpeedLayers(_FreeLayers):
         m = marg[np.arange(L), q, ki]
         k = p.topk_values[ki]
         read = int((k * self.level[np.arange(L), q]).sum() + (G * m * p.router_bytes).sum())
-        return q, k, m, read
+        # the layers' part of the Lagrangian: every expert's removal cost plus the best choice's net cost
+        value = float(best.reshape(L, -1)[np.arange(L), flat].sum() + self.removal_total)
+        return q, k, m, read, value
 
     def at(self, lam: float, mu: float = 0.0):
         if self._lam != lam:
             self.prepare(lam)
-        q, k, m, _ = self.choose(mu)
+        q, k, m, _, _ = self.choose(mu)
         return self.solution(q, k, m)
 
     def solution(self, q, k, m):
@@ -209,10 +225,10 @@ class _FreeSpeedLayers(_FreeLayers):
         fmt = np.zeros((L, E, p.J), dtype=np.int64)
         delta = np.zeros((L, E))
         for l in range(L):
-            pos = self.lastpos[l, q[l]] + 1
-            best = self._V[l, :, :pos].argmin(axis=1)  # (E,) position in the byte order
-            fmt[l] = self.combos[self.order[l, best]]
-            delta[l] = self._V[l, np.arange(E), best] - p.removal[l]
+            V = self.Dq[l, :q[l] + 1] + self._lam * self.level[l, :q[l] + 1, None]  # (levels under the cap, E)
+            best = V.argmin(axis=0)  # (E,) level
+            fmt[l] = self.combos[self.order[l, self.Pq[l, best, np.arange(E)]]]
+            delta[l] = V[best, np.arange(E)] - p.removal[l]
         d = delta.reshape(L, G, size)
         order = np.argsort(d, axis=-1, kind="stable")
         rank = np.empty_like(order)
@@ -442,7 +458,8 @@ def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
 # ---------------------------------------------------------------------------------------------
 # the price search
 
-def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0):
+def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0,
+            rtol_dual: float = 0.0):
     """Maximize a concave piecewise-linear dual over one price >= 0 through the root of its
     supergradient use(price) - cap, a decreasing step function.
 
@@ -450,13 +467,16 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
     row's use by the relaxed solution, and the solution. `start` is a first guess of the price.
     The root is bracketed by factors of `step` from `start`, then narrowed by regula falsi on log(price)
     with the Illinois rule (a bisection step whenever interpolation stalls) until the bracket is
-    `tol` wide. Returns the best bound seen and the solution at the smallest price found whose use
-    fits `cap` (a plan for that row)."""
+    `tol` wide, or until the dual cannot exceed the best bound seen by more than `rtol_dual`
+    (relative): the
+    supporting lines at the two ends of the bracket (slopes use - cap) meet at the highest value
+    a concave function through both ends can reach. Returns the best bound seen and the solution at
+    the smallest price found whose use fits `cap` (a plan for that row)."""
     b0, u0, s0 = evaluate(0.0)
     if u0 <= cap:
         return b0, s0  # the row is slack: the unpriced optimum fits
     best = b0
-    lo, ulo = 0.0, u0
+    lo, ulo, bl_val = 0.0, u0, b0
     hi = start if start > 0 else 1e-12  # any positive first guess: the bracket grows by 8 per step
     bh, uh, sh = evaluate(hi)
     best = max(best, bh)
@@ -466,14 +486,14 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
             bm, um, sm = evaluate(mid)
             best = max(best, bm)
             if um > cap:
-                lo, ulo = mid, um
+                lo, ulo, bl_val = mid, um, bm
                 break
-            hi, uh, sh = mid, um, sm
+            hi, uh, sh, bh = mid, um, sm, bm
         else:
             return best, sh
     else:  # bracket upwards
         while uh > cap:
-            lo, ulo = hi, uh
+            lo, ulo, bl_val = hi, uh, bh
             hi *= step
             if hi > 1e200:
                 raise RuntimeError("no price makes the relaxed plan fit: the budget is infeasible")
@@ -482,13 +502,17 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
     if lo == 0.0:
         lo = hi / step
         bl, ulo, _ = evaluate(lo)
+        bl_val = bl
         best = max(best, bl)
         if ulo <= cap:
             return best, sh  # cannot happen for a monotone use; keep the feasible side
     glo, ghi = ulo - cap, uh - cap  # > 0, <= 0
+    vlo, vhi = bl_val, bh  # the dual at both ends
     side = 0
     for _ in range(max_iter):
         if hi - lo <= tol * hi or ghi == 0:
+            break
+        if rtol_dual > 0 and _ceiling(lo, vlo, ulo - cap, hi, vhi, uh - cap) - best <= rtol_dual * abs(best):
             break
         a, b = math.log(lo), math.log(hi)
         t = glo / (glo - ghi) if glo != ghi else 0.5
@@ -497,16 +521,26 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
         bm, um, sm = evaluate(mid)
         best = max(best, bm)
         if um > cap:
-            lo, glo = mid, um - cap
+            lo, glo, ulo, vlo = mid, um - cap, um, bm
             if side == -1:
                 ghi /= 2  # Illinois: the other end was kept twice
             side = -1
         else:
-            hi, uh, sh, ghi = mid, um, sm, um - cap
+            hi, uh, sh, ghi, vhi = mid, um, sm, um - cap, bm
             if side == 1:
                 glo /= 2
             side = 1
     return best, sh
+
+
+def _ceiling(x0: float, v0: float, g0: float, x1: float, v1: float, g1: float) -> float:
+    """Highest value of a concave function with value v0 and supergradient g0 > 0 at x0, v1 and
+    g1 <= 0 at x1 > x0: where its two supporting lines meet."""
+    if g0 <= g1:
+        return max(v0, v1)
+    y = (v1 - v0 + g0 * x0 - g1 * x1) / (g0 - g1)
+    y = min(max(y, x0), x1)
+    return v0 + g0 * (y - x0)
 
 
 class _Cache:
@@ -565,38 +599,46 @@ def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0
 # Relative width at which a price search stops. The bound lost by stopping is second order in the
 # width (the supergradient vanishes at the optimum), and the fill spends the slack it leaves.
 TOL_PRICE = 1e-7
+# A gguf pair's price search also stops once the dual provably cannot rise by more than this
+# fraction (its plan comes from the layer frontier, which needs good prices, not exact ones).
+DUAL_TOL = 1e-7
 
 
-def _two_prices(relaxed, read_of, W: float, R: float, start: tuple[float, float], log: dict):
+def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, float], log: dict,
+                rtol_dual: float = 0.0):
     """max over (lambda, mu) of the dual, mu searched for every lambda (warm-started from the last).
 
-    relaxed(lam, mu) -> _Relaxed (the full relaxed solution); read_of(lam, mu) -> its read (cheap).
+    relaxed(lam, mu) -> _Relaxed (the full relaxed solution); dual_read(lam, mu) -> (L(lam, mu), the
+    relaxed solution's read) (cheap). Every bound is L at prices that were evaluated. With
+    `rtol_dual` the searches also stop once the dual cannot rise by more than that fraction (a
+    bound found faster, from prices less precise: for callers that do not take the plan from them).
     Returns (bound, solution feasible in both rows)."""
     if not math.isfinite(R):
         def ev(lam):
             s = relaxed(lam, 0.0)
             return s.dual(W, R), s.bytes, s
 
-        return _search(ev, W, start[0], TOL_PRICE)
+        return _search(ev, W, start[0], TOL_PRICE, rtol_dual=rtol_dual)
 
     last = {"mu": start[1]}
 
     def inner(lam):
         def ev_mu(mu):
-            return 0.0, read_of(lam, mu), mu
+            return (*dual_read(lam, mu), mu)
 
         # warm start: the best mu moves little between neighbouring lambdas
-        _, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE, step=2.0 if last["mu"] else 8.0)
+        bound, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE, step=2.0 if last["mu"] else 8.0,
+                               rtol_dual=rtol_dual)
         if mu_hi > 0:
             last["mu"] = mu_hi
         s = relaxed(lam, mu_hi)
-        bound = s.dual(W, R)
-        if mu_hi > 0:
-            # the other side of the breakpoint can prove more
-            bound = max(bound, relaxed(lam, mu_hi * (1 - TOL_PRICE)).dual(W, R))
-        return bound, s.bytes, s
+        return max(bound, s.dual(W, R)), s.bytes, s
 
-    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0)
+    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0, rtol_dual=rtol_dual)
+
+
+# Relative price step below the search's final prices at which the free target's second plan is taken.
+OVERSHOOT = 1e-5
 
 
 def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
@@ -625,15 +667,30 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
     log["speed_row"] = "active"
     layers = cache.get("free_speed_layers", lambda: _FreeSpeedLayers(p))
 
-    def read_of(lam, mu):
+    def dual_read(lam, mu):
         log["evaluations"] += 1
         if layers._lam != lam:
             layers.prepare(lam)
-        return items.at(lam, mu)[3] + layers.choose(mu)[3]
+        _, d_i, b_i, r_i = items.at(lam, mu)
+        *_, read, value = layers.choose(mu)
+        return d_i + lam * (b_i - W) + mu * (r_i - R) + value, r_i + read
 
-    bound, s = _two_prices(relaxed_with(layers), read_of, W, R, (s.lam, s.lam), log)
+    relaxed = relaxed_with(layers)
+    bound, s = _two_prices(relaxed, dual_read, W, R, (s.lam, s.lam), log)
     log["lambda"], log["mu"] = s.lam, s.mu
-    return bound, s.a, log
+    # The plan at the prices found leaves slack in both rows; the relaxed plan just below them (the
+    # other side of the breakpoint) overshoots them a little. Both become plans (fill; repair, then
+    # fill) and the better one is kept.
+    best = fill(p, s.a)
+    best_obj = p.objective(best)
+    over = relaxed(s.lam * (1 - OVERSHOOT), s.mu * (1 - OVERSHOOT)).a
+    try:
+        a = fill(p, repair(p, over))
+    except RuntimeError:
+        a = None
+    if a is not None and not p.check(a) and p.objective(a) < best_obj:
+        best, log["plan_from"] = a, "repaired overshoot"
+    return bound, best, log
 
 
 def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
@@ -689,20 +746,21 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
             c, d_l, b_l, r_l = layers.at(lam, mu, m, k)
             return _Relaxed(d_i + d_l + A[k], b_i + b_l, r_i + r_l, (f, c), lam, mu)
 
-        def read_of(lam, mu):
+        def dual_read(lam, mu):
             log["evaluations"] += 1
-            return items.at(lam, mu)[3] + layers.at(lam, mu, m, k)[3]
+            _, d_i, b_i, r_i = items.at(lam, mu)
+            _, d_l, b_l, r_l = layers.at(lam, mu, m, k)
+            return d_i + d_l + A[k] + lam * (b_i + b_l - W) + mu * (r_i + r_l - R), r_i + r_l
 
-        return relaxed, read_of
+        return relaxed, dual_read
 
     def tighten(pair) -> float:
-        relaxed, read_of = relaxed_for(*pair)
+        relaxed, dual_read = relaxed_for(*pair)
         lam = best_prices[0]
         if not speed:
             return relaxed(*best_prices).dual(W, R)
-        _, mu = _search(lambda u: (0.0, read_of(lam, u), u), R, best_prices[1] or lam, 1e-4)
-        value = relaxed(lam, mu).dual(W, R)
-        return max(value, relaxed(lam, mu * (1 - 1e-4)).dual(W, R)) if mu > 0 else value
+        value, _ = _search(lambda u: (*dual_read(lam, u), u), R, best_prices[1] or lam, 1e-4, rtol_dual=DUAL_TOL)
+        return value
 
     bounds: dict = {pr: start_bounds.get(pr, -INF) for pr in pairs}
     pair_prices: dict = {}
@@ -711,10 +769,10 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
     best_obj, best_a, best_pair, best_prices = INF, None, first, prices
     pair = first
     while pair is not None:
-        relaxed, read_of = relaxed_for(*pair)
+        relaxed, dual_read = relaxed_for(*pair)
         searched.add(pair)
         try:
-            b, s = _two_prices(relaxed, read_of if speed else None, W, R, best_prices, {})
+            b, s = _two_prices(relaxed, dual_read if speed else None, W, R, best_prices, {}, DUAL_TOL)
         except RuntimeError:
             bounds[pair] = INF  # the pair cannot meet the rows
         else:
