@@ -22,8 +22,13 @@ by bisection on its supergradient (bytes - W, read - R). The relaxed problem sep
   is a price-independent table T[l,c,m], and the layer pays (lambda G m + mu k) bytes(c).
 
 The relaxed solution at the smallest price that satisfies the budgets is a plan; a greedy fill
-then spends the budget it leaves (upgrades with the largest damage reduction that fit). The gap
-reported is plan - max L, so it is proven.
+then spends the budget it leaves (upgrades with the largest damage reduction that fit). With the
+speed row (free target) the relaxed plan just below the final prices, which overshoots the rows a
+little, is repaired and filled as a second candidate. For gguf, every (kept count, top-k) pair whose
+bound is still below the best plan gets a frontier over its layers (`_pair_frontier`): with the pair
+fixed all layers move the two rows along one direction, so an exact (bytes, damage) frontier over
+the layers, pruned by reduced costs, gives a near-exact bound and plan for the pair. The gap
+reported is plan - (best proven bound), so it is proven.
 """
 
 from __future__ import annotations
