@@ -129,7 +129,7 @@ def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: b
     return {"model": name, "profile_seconds": profile_s, "profile_breakdown": profile.meta["seconds"],
             "calibration_tokens": profile.meta["calibration_tokens"], "validation_tokens": ref.n_tokens,
             "plans": n_plans, "spearman": rho, "spearman_no_pruning": rho_np, "pearson": pr, "median_pred_over_meas": ratio,
-            "reference_ppl_valid": ref.perplexity}
+            "reference_ppl_valid": ref.perplexity, "joint_correction": profile.meta.get("joint_correction", {})}
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
@@ -175,7 +175,8 @@ def _markdown(summaries: list[dict]) -> list[str]:
         "the fidelity figures.",
         "",
         "Predicted KL: the profile's additive prediction (sum of tensor damages, expert removal costs and "
-        "top-k costs). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
+        "top-k costs; tensor damages are per-group gains calibrated at Q4_K, scaled per format by the "
+        "joint correction, see sensitivity/profiler.py). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
         "evaluated against the original on the held-out validation split. Spearman without pruning: the "
         "same over the plans that prune no expert.",
         "",
@@ -189,6 +190,11 @@ def _markdown(summaries: list[dict]) -> list[str]:
     lines += ["", "Profile time breakdown (s):", ""]
     for s in summaries:
         lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
+    lines += ["", "Joint correction per format (measured KL of the uniformly quantized model / sum of the groups' "
+              "predictions):", ""]
+    for s in summaries:
+        if s.get("joint_correction"):
+            lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v:.2f}" for k, v in s["joint_correction"].items()))
     lines += ["", "Goals: Spearman >= 0.95, profiling under 3 minutes on 2 cores.",
               "Per-plan rows: results/profile-<model>.csv; scatter: results/profile-<model>.png; "
               "summary: results/profile-<model>.json.", ""]
