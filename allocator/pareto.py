@@ -69,15 +69,21 @@ class Evaluator:
     tokens of held-out text (the checkpoint's valid.txt, or `eval_text`) in windows of `seq_len`, and
     the importance vectors the quantizers use (`importance`: a path, a loaded dict, or None for the
     checkpoint's shipped profile.importance.safetensors when there is one). Calling it on a Plan
-    returns the plan's EvalResult; identical plans are evaluated once."""
+    returns the plan's EvalResult; identical plans are evaluated once.
+
+    `sample="spread"` (default) takes the windows evenly spaced over the whole text, so that a few
+    thousand tokens still cover every kind of document in it (the shipped valid.txt holds code,
+    documentation and prose, one after the other); "head" takes the first eval_tokens tokens."""
 
     def __init__(self, model, *, eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128,
-                 importance=None, batch_size: int = 8):
-        from sensitivity.evaluate import ReferenceLogits, chunk_tokens, load_model_and_text
+                 importance=None, batch_size: int = 8, sample: str = "spread"):
+        from sensitivity.evaluate import ReferenceLogits, load_model_and_text
         from sensitivity.inventory import build_inventory, resolve_model
 
         if eval_tokens < seq_len:
             raise ValueError(f"eval_tokens ({eval_tokens}) must be at least one window of seq_len={seq_len} tokens")
+        if sample not in ("spread", "head"):
+            raise ValueError(f"sample must be 'spread' or 'head', got {sample!r}")
         path = resolve_model(model)
         if not path.is_dir():
             raise ValueError(f"measuring plans needs a checkpoint with weights; {path} is not a checkpoint directory "
@@ -85,7 +91,8 @@ class Evaluator:
         t0 = time.perf_counter()
         self.model_dir, self.original, ids = load_model_and_text(path, eval_text, "valid", "evaluation", "--eval-text")
         self.inventory: Inventory = build_inventory(self.model_dir)
-        self.reference = ReferenceLogits(self.original, chunk_tokens(ids, seq_len, eval_tokens), batch_size)
+        self.reference = ReferenceLogits(self.original, held_out_windows(ids, seq_len, eval_tokens, sample), batch_size)
+        self.sample = sample
         self.importance_file, self.importance = _importance(self.model_dir, importance)
         self.seconds = time.perf_counter() - t0
         self.evaluations = 0  # plans actually applied and evaluated (cache misses)
@@ -121,6 +128,19 @@ class Evaluator:
         return self._cache[key]
 
 
+def held_out_windows(ids, seq_len: int, eval_tokens: int, sample: str = "spread"):
+    """(n, seq_len) windows with n = eval_tokens // seq_len: the first ones ("head") or n of all the
+    text's windows, evenly spaced from the first to the last ("spread")."""
+    from sensitivity.evaluate import chunk_tokens
+
+    if sample == "head":
+        return chunk_tokens(ids, seq_len, eval_tokens)
+    every = chunk_tokens(ids, seq_len)
+    n = max(1, min(len(every), eval_tokens // seq_len))
+    idx = np.unique(np.linspace(0, len(every) - 1, n).round().astype(np.int64))
+    return every[idx]
+
+
 def _importance(model_dir: Path, importance):
     from sensitivity.profiler import load_importance
 
@@ -144,12 +164,13 @@ def decision_key(plan) -> str:
 
 def measure(table, plans: dict | None = None, model=None, *, evaluator: Evaluator | None = None,
             eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128, importance=None,
-            materialize_dir: str | Path | None = None, progress: Callable[[str], None] | None = None):
+            sample: str = "spread", materialize_dir: str | Path | None = None,
+            progress: Callable[[str], None] | None = None):
     """`table` with the measured columns (MEASURED_COLUMNS) filled for every row that has a plan.
 
     `table` is a sweep's DataFrame with `plans` (row index -> Plan, from `sweep(..., plans=d)`), or a
     list of Plans (a table of them is made). The plans are evaluated by `evaluator`, or by a new
-    Evaluator of checkpoint `model` (eval_tokens, eval_text, seq_len, importance: see Evaluator).
+    Evaluator of checkpoint `model` (eval_tokens, eval_text, seq_len, importance, sample: see Evaluator).
     With `materialize_dir`, every gguf-target plan is also written there as GGUF (columns gguf_file,
     gguf_bytes). Rows without a plan keep NaN. Returns a new DataFrame."""
     import pandas as pd
@@ -169,9 +190,9 @@ def measure(table, plans: dict | None = None, model=None, *, evaluator: Evaluato
     if evaluator is None:
         if model is None:
             raise ValueError("measure needs a checkpoint (model=...) or an Evaluator (evaluator=...)")
-        say(f"measure: reference logits of the original model on {eval_tokens} held-out tokens")
+        say(f"measure: reference logits of the original model on {eval_tokens} held-out tokens ({sample})")
         evaluator = Evaluator(model, eval_tokens=eval_tokens, eval_text=eval_text, seq_len=seq_len,
-                              importance=importance)
+                              importance=importance, sample=sample)
         say(f"measure: original model perplexity {evaluator.reference_perplexity:.2f} on {evaluator.n_tokens} "
             f"predicted tokens ({evaluator.seconds:.1f} s)")
     out = table.copy()
@@ -315,7 +336,7 @@ def default_uniform_formats(profile: Profile) -> list[str]:
 
 
 def pareto_curves(model, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, profile: Profile | str | Path | None = None,
-                  eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128,
+                  eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128, sample: str = "spread",
                   uniform_formats: Sequence[str] | None = None, quant_only: bool = True,
                   targets: Sequence[str] = ("free", "gguf"), solver: str = "lagrangian", time_limit: float = 60.0,
                   threads: int = 2, evaluator: Evaluator | None = None, materialize_dir: str | Path | None = None,
@@ -326,7 +347,8 @@ def pareto_curves(model, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, prof
     (gguf)" (with `quant_only`), the seed paper's pipeline at every budget (gguf target), llama.cpp's
     Q2_K / Q3_K_M / Q4_K_M mixes and the uniform formats (default: every quantized format of the
     profile's menu). The profile is the checkpoint's shipped profile.json unless `profile` is given.
-    Budgets are weight budgets (no KV cache, no runtime reserve). Returns one DataFrame (a row per
+    Budgets are weight budgets (no KV cache, no runtime reserve); eval_tokens, eval_text, seq_len and
+    sample choose the held-out windows (see Evaluator). Returns one DataFrame (a row per
     plan, measured columns included); df.attrs holds bf16_bytes, model, reference_perplexity,
     eval_tokens and timings; `plans` (a dict), when given, receives row index -> Plan."""
     from sensitivity.inventory import build_inventory, resolve_model
@@ -384,7 +406,7 @@ def pareto_curves(model, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, prof
     table["budget_fraction"] = table["weight_budget_bytes"] / bf16
     say(f"solve: {len(got)} plans in {solve_s:.1f} s")
     out = measure(table, got, model_dir, evaluator=evaluator, eval_tokens=eval_tokens, eval_text=eval_text,
-                  seq_len=seq_len, materialize_dir=materialize_dir, progress=say)
+                  seq_len=seq_len, sample=sample, materialize_dir=materialize_dir, progress=say)
     out.attrs.update({"model": model_dir.name, "bf16_bytes": bf16, "solve_s": solve_s,
                       "wall_s": time.perf_counter() - t_start, "profile_fingerprint": profile.fingerprint,
                       "synthetic_profile": bool(profile.synthetic)})
@@ -427,11 +449,15 @@ def goal_table(df, ratio: float = GOAL_RATIO, methods: Sequence[str] = (MOEPLAN_
             row[f"ratio {m}"] = r
             row[f"meets {m}"] = bool(r <= ratio) if np.isfinite(r) else None
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["ratio"] = ratio
+    return out
 
 
-def goal_markdown(goal, ratio: float = GOAL_RATIO, methods: Sequence[str] = (MOEPLAN_FREE, MOEPLAN_GGUF)) -> str:
-    """The goal table as Markdown, with a line per method saying where the goal is met."""
+def goal_markdown(goal, methods: Sequence[str] = (MOEPLAN_FREE, MOEPLAN_GGUF)) -> str:
+    """The goal table as Markdown (ratios within the goal in bold), with a line per method saying
+    where the goal is met."""
+    ratio = goal.attrs.get("ratio", GOAL_RATIO)
     def kld(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 

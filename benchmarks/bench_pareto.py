@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=11, help="budgets from --lo to --hi (default 11, plus 7.7%%)")
     ap.add_argument("--lo", type=float, default=0.06, help="smallest budget, fraction of BF16 (default 0.06)")
     ap.add_argument("--hi", type=float, default=0.35, help="largest budget, fraction of BF16 (default 0.35)")
+    ap.add_argument("--sample", choices=["spread", "head"], default="spread",
+                    help="held-out windows evenly spaced over valid.txt (default) or its first tokens")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default results/)")
     ap.add_argument("--materialize", type=Path, metavar="DIR", help="also write every gguf-target plan as GGUF")
     args = ap.parse_args(argv)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     for name in args.models:
         _say(f"== {name}: {len(fr)} budgets, {args.eval_tokens} held-out tokens")
         t0 = time.perf_counter()
-        df = pareto_curves(name, fr, eval_tokens=args.eval_tokens, progress=_say,
+        df = pareto_curves(name, fr, eval_tokens=args.eval_tokens, sample=args.sample, progress=_say,
                            materialize_dir=(args.materialize / name) if args.materialize else None)
         seconds = time.perf_counter() - t0
         write(df, args.out / f"pareto-{name}.csv", args.out / f"pareto-{name}.png",
@@ -146,7 +148,9 @@ def main(argv=None) -> int:
         + ", ".join(f"{100 * f:.1f}%" for f in fr) + " of each model's BF16 weight size (7.7% is the seed paper's "
         "103 GB / 1342 GB). Every plan is applied in memory (the dequantized weights of its formats, pruned experts "
         "removed, top-k set: what `moeplan materialize` writes) and compared with the original model on held-out "
-        "text the profile never saw.",
+        f"text the profile never saw: {args.eval_tokens // 128} windows of 128 tokens "
+        + ("evenly spaced over the model's valid.txt (code, documentation and prose)." if args.sample == "spread"
+           else "from the start of the model's valid.txt."),
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min for {len(args.models)} models).",
         f"Machine: {machine()}; load average {load0[0]:.2f} at start, {load1[0]:.2f} at the end "
