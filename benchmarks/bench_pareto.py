@@ -67,6 +67,11 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 2 else float("nan")
 
 
+def _line(method: str) -> str:
+    return "uniform formats" if method.startswith("uniform ") else "llama.cpp mixes" if method.startswith("llama.cpp ") \
+        else method
+
+
 def model_section(name: str, df, goal, seconds: float) -> str:
     a = df.attrs
     ok = df[df["measured_kld"].notna()]
@@ -84,10 +89,21 @@ def model_section(name: str, df, goal, seconds: float) -> str:
              "program without pruning or top-k changes (an ablation, not counted as a baseline).",
              "",
              goal_markdown(goal)]
-    # where moeplan's plans prune / change top-k, and how close the prediction is
+    # the ablation: where moeplan's own program without pruning / top-k measures lower than moeplan (gguf)
+    both = goal[goal[QUANT_ONLY].notna() & goal[MOEPLAN_GGUF].notna()]
+    lower = both[both[QUANT_ONLY] < both[MOEPLAN_GGUF]]
+    same = both[both[QUANT_ONLY] == both[MOEPLAN_GGUF]]
+    lines.append(f"Quantization only vs moeplan (gguf), at the {len(both)} budgets where both have a plan: the same "
+                 f"plan at {len(same)}; quantization only measures lower at {len(lower)}"
+                 + (" (" + ", ".join(f"{100 * r['budget_fraction']:.1f}%: {r[QUANT_ONLY]:.4f} vs {r[MOEPLAN_GGUF]:.4f}"
+                                     for _, r in lower.iterrows()) + ")" if len(lower) else "") + ".")
+    lines.append("")
+    # how close the prediction is
     pr = ok[ok["damage"].notna() & (ok["damage"] > 0)]
     lines.append(f"Predicted vs measured over all {len(pr)} measured plans: Spearman {spearman(pr['damage'], pr['measured_kld']):.3f}; "
-                 f"median measured / predicted {np.median(pr['measured_kld'] / pr['damage']):.2f}.")
+                 f"median measured / predicted {np.median(pr['measured_kld'] / pr['damage']):.2f}; by method: "
+                 + ", ".join(f"{m} {np.median(g['measured_kld'] / g['damage']):.2f}"
+                             for m, g in pr.assign(line=pr["method"].map(_line)).groupby("line", sort=True)) + ".")
     lines.append("")
     lines.append("| method | MB | % BF16 | kept experts | predicted | measured KLD | KLD p99 | top-1 | ppl |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
