@@ -252,7 +252,7 @@ def _sweep_args(ap):
 def _sweep_run(args) -> int:
     from sensitivity.synthetic import SYNTHETIC_FORMATS
 
-    from .problem import parse_size
+    from .problem import fmt_bytes, parse_size
     from .sweep import ProblemFactory, budgets_between, sweep, write
 
     if (args.materialize or args.eval_text) and not args.measure:
@@ -302,7 +302,7 @@ def _sweep_run(args) -> int:
     else:
         write(df, args.out_csv, args.out_png, inv.bytes_uniform("BF16"), title)
     shown = df[[c for c in cols if c in df]].copy()
-    shown["memory_bytes"] = shown["memory_bytes"].map(lambda v: "-" if v != v or v is None else f"{v / 1e9:.1f} GB")
+    shown["memory_bytes"] = shown["memory_bytes"].map(lambda v: "-" if v != v or v is None else fmt_bytes(v))
     print(shown.to_string(index=False))
     _say(f"wrote {args.out_csv} and {args.out_png}")
     return 0
