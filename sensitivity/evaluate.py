@@ -64,14 +64,23 @@ def load_model_and_text(model, text: str | None, split: str, purpose: str, optio
 
 
 def chunk_tokens(token_ids: Sequence[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping (n, seq_len) windows of the token stream (the tail shorter than seq_len is dropped)."""
+    """Non-overlapping (n, seq_len) windows of the token stream.
+
+    With `max_tokens` below the stream's length, the max_tokens // seq_len windows are spread evenly
+    over the whole stream rather than taken from its start: a text made of documents of several
+    kinds (prose, code) is then sampled in all of them, not only in the first few documents."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = ids.numel() // seq_len
-    if n == 0:
+    total = ids.numel() // seq_len
+    if total == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
+    windows = ids[: total * seq_len].view(total, seq_len)
+    if max_tokens is None or max_tokens >= total * seq_len:
+        return windows
+    n = max_tokens // seq_len
+    if n == 0:
+        raise ValueError(f"max_tokens={max_tokens} is less than one window of {seq_len} tokens")
+    pick = (torch.arange(n, dtype=torch.float64) * total / n).long()  # evenly spaced, distinct
+    return windows[pick].contiguous()
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -81,9 +90,78 @@ def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 @torch.inference_mode()
 def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=batch)
+    out = model(input_ids=batch, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
+    return _next_token_log_probs(logits)
+
+
+def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts tokens 1..T-1
+
+
+def _decoder_parts(model: torch.nn.Module):
+    """(decoder layers, final norm, output head) of a transformers causal LM, or None where the
+    model is not laid out as base.layers / base.norm / output embeddings."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers, norm = getattr(base, "layers", None), getattr(base, "norm", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(layers, torch.nn.ModuleList) or norm is None or head is None:
+        return None
+    return layers, norm, head
+
+
+class LayerInputs:
+    """Every decoder layer's input on the reference windows (hidden states and the keyword arguments
+    the model passed: mask, rotary embeddings), and the final norm's input.
+
+    A change confined to layers >= l (a tensor of layer l, an expert removal or top-k change in
+    layer l) leaves the inputs of layers 0..l unchanged, so the changed model's output follows from
+    running layers l.. only; `ReferenceLogits.evaluate_from(model, l)` does that. Costs
+    n_layers x tokens x hidden x 4 bytes."""
+
+    def __init__(self):
+        self.hidden: list[list[torch.Tensor]] = []  # per batch, per layer (+ the final norm's input)
+        self.kwargs: list[list[dict]] = []
+
+    @staticmethod
+    def nbytes_estimate(model: torch.nn.Module, n_tokens: int) -> int:
+        cfg = model.config
+        return int((cfg.num_hidden_layers + 1) * n_tokens * cfg.hidden_size * 4)
+
+    def capture(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """One reference forward pass over `batch` that records the layers' inputs; returns the logits."""
+        layers, norm, _ = _decoder_parts(model)
+        hidden: list = [None] * (len(layers) + 1)
+        kwargs: list = [None] * len(layers)
+        handles = []
+
+        def on_layer(mod, args, kw, i):
+            hidden[i] = args[0] if args else kw["hidden_states"]
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: on_layer(m, a, k, i), with_kwargs=True))
+        handles.append(norm.register_forward_pre_hook(lambda m, a: hidden.__setitem__(len(layers), a[0])))
+        try:
+            out = model(input_ids=batch, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if any(h is None for h in hidden):
+            raise RuntimeError(f"{type(model).__name__}: not every decoder layer ran; layer inputs cannot be cached")
+        self.hidden.append(hidden)
+        self.kwargs.append(kwargs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    @torch.inference_mode()
+    def log_probs_from(self, model: torch.nn.Module, b: int, start: int) -> torch.Tensor:
+        """Batch b's next-token log-probabilities of `model`, recomputed from layer `start` on."""
+        layers, norm, head = _decoder_parts(model)
+        h = self.hidden[b][start]
+        for i in range(start, len(layers)):
+            out = layers[i](h, **self.kwargs[b][i])
+            h = out[0] if isinstance(out, tuple) else out
+        return _next_token_log_probs(head(norm(h)))
 
 
 class ReferenceLogits:
@@ -92,15 +170,20 @@ class ReferenceLogits:
     about 1e-4 nats/token of spurious KL, the size of the effects being measured."""
 
     def __init__(self, model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, cache_layer_inputs: bool = False):
         self.windows = windows
         self.batch_size = batch_size
+        self.layer_inputs = LayerInputs() if cache_layer_inputs and _decoder_parts(model) is not None else None
         chunks = []
         top1 = []
         nll = 0.0
         n = 0
         for batch in _batches(windows, batch_size):
-            lp = _log_probs(model, batch)
+            if self.layer_inputs is not None:
+                with torch.inference_mode():
+                    lp = _next_token_log_probs(self.layer_inputs.capture(model, batch))
+            else:
+                lp = _log_probs(model, batch)
             tgt = batch[:, 1:]
             nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
             n += tgt.numel()
@@ -115,15 +198,20 @@ class ReferenceLogits:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, reference: ReferenceLogits) -> EvalResult:
-    """Perplexity, KL to the reference and top-1 agreement of `model` on the reference's windows."""
+def evaluate(model: torch.nn.Module, reference: ReferenceLogits, start_layer: int | None = None) -> EvalResult:
+    """Perplexity, KL to the reference and top-1 agreement of `model` on the reference's windows.
+
+    `start_layer`: the model differs from the reference only in decoder layers >= start_layer, so
+    only those are run, from the cached layer inputs (needs `cache_layer_inputs=True` on the
+    reference; without the cache the whole model runs)."""
+    cache = reference.layer_inputs if start_layer is not None else None
     kls = []
     agree = 0
     nll = 0.0
     n = 0
-    for batch, ref_lp, ref_top1 in zip(_batches(reference.windows, reference.batch_size), reference.log_probs,
-                                       reference.top1):
-        lp = _log_probs(model, batch)
+    for b, (batch, ref_lp, ref_top1) in enumerate(zip(_batches(reference.windows, reference.batch_size),
+                                                       reference.log_probs, reference.top1)):
+        lp = cache.log_probs_from(model, b, start_layer) if cache is not None else _log_probs(model, batch)
         ref = ref_lp
         kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0.0)  # KL(P_ref || P) per position
         kls.append(kl.flatten())

@@ -16,6 +16,9 @@ because at 1-2 bits per weight KL grows faster than the energy.
 
 Expert removal and top-k: measured directly, one forward pass each (remove one expert; set one
 layer's top-k to k), as KL against the original model on the calibration windows.
+
+Every measurement changes tensors of one decoder layer (or the head), so the forward pass starts at
+that layer from the cached inputs of the reference pass (evaluate.LayerInputs).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import kernels
 from kernels import formats as fmts
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
-from .evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
+from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
 from .inventory import build_inventory
 from .profile import ExpertStats, Profile
 
@@ -41,6 +44,9 @@ DEFAULT_FORMATS = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_
 # Two error levels per group: KL grows faster than the error energy at 1-2 bits per weight, so one
 # gain measured at 3-4 bits underpredicts the codebook formats (and the solver would exploit that).
 CALIBRATION_FORMATS = ("IQ1_M", "Q4_K")
+# Every decoder layer's input on the calibration windows is kept (when it fits under this), so that
+# a change in layer l reruns layers l.. only.
+CACHE_LIMIT_BYTES = 4 << 30
 QUANTIZABLE = {TensorRole.ATTENTION, TensorRole.DENSE_MLP, TensorRole.ROUTED_EXPERT, TensorRole.SHARED_EXPERT,
                TensorRole.EMBEDDING, TensorRole.HEAD}
 
@@ -67,7 +73,8 @@ def _menu(formats: Sequence[str] | None) -> list[str]:
 class Profiler:
     def __init__(self, model: torch.nn.Module, calib_ids: Sequence[int] | torch.Tensor, *, seq_len: int = 128,
                  max_tokens: int = 4096, batch_size: int = 8, formats: Sequence[str] | None = None,
-                 calibration_formats: Sequence[str] | str = CALIBRATION_FORMATS, progress: bool = True):
+                 calibration_formats: Sequence[str] | str = CALIBRATION_FORMATS, progress: bool = True,
+                 cache_layer_inputs: bool = True):
         self.model = model.eval()
         self.adapter: MoEAdapter = adapter_for(model)
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
@@ -77,6 +84,7 @@ class Profiler:
             calibration_formats = [calibration_formats]
         self.calibration_formats = _menu(list(calibration_formats))
         self.progress = progress
+        self.cache_layer_inputs = cache_layer_inputs
         self.reference: ReferenceLogits | None = None
         self.timings: dict[str, float] = {}
 
@@ -86,8 +94,18 @@ class Profiler:
 
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
-    def _kl(self, model: torch.nn.Module | None = None) -> float:
-        return evaluate(model if model is not None else self.model, self.reference).kld_mean
+    def _kl(self, model: torch.nn.Module | None = None, start: int | None = None) -> float:
+        """KL of `model` (default: self.model as currently modified) against the original; `start`: the
+        first decoder layer the modification touches (the layers before it are not rerun)."""
+        return evaluate(model if model is not None else self.model, self.reference, start_layer=start).kld_mean
+
+    def _start_layer(self, ref) -> int | None:
+        """The first decoder layer whose output a change of tensor `ref` alters (None: the embedding)."""
+        if ref.layer is not None:
+            return ref.layer
+        if ref.role is TensorRole.HEAD:
+            return self.adapter.n_layers()  # only the final norm and the head run
+        return None
 
     # ---- 1. statistics of one forward pass over the calibration windows ----
     def _collect(self) -> tuple[dict[int, _ExpertAccum], dict[str, np.ndarray]]:
@@ -140,8 +158,10 @@ class Profiler:
                     linear_n[key] = linear_n.get(key, 0) + x.shape[0]
 
                 handles.append(mod.register_forward_pre_hook(lin_hook))
+        n_tokens = self.windows.numel()
+        cache = self.cache_layer_inputs and LayerInputs.nbytes_estimate(self.model, n_tokens) <= CACHE_LIMIT_BYTES
         try:
-            self.reference = ReferenceLogits(self.model, self.windows, self.batch_size)
+            self.reference = ReferenceLogits(self.model, self.windows, self.batch_size, cache_layer_inputs=cache)
         finally:
             for h in handles:
                 h.remove()
@@ -208,7 +228,8 @@ class Profiler:
                         q = kernels.quantize(w, f, importance[r.name])
                         r.set(torch.from_numpy(kernels.dequantize(q, f, w.shape)))
                         energy += err[r.name][c]
-                    kl = self._kl()
+                    starts = [self._start_layer(r) for r in members]
+                    kl = self._kl(start=None if None in starts else min(starts))
                     for r, sv in zip(members, saved):
                         r.set(sv)
                     pts.append((energy, kl / energy if energy > 0 else 0.0))
@@ -254,7 +275,7 @@ class Profiler:
                 for k in range(1, k0):
                     ad.set_top_k(layer, k)
                     try:
-                        topk[layer][k] = self._kl()
+                        topk[layer][k] = self._kl(start=layer)
                     finally:
                         ad.set_top_k(layer, k0)
                     bar.update()
@@ -284,13 +305,13 @@ class Profiler:
             saved = bias[expert].item()
             bias[expert] = -1e9
             try:
-                return self._kl()
+                return self._kl(start=layer)
             finally:
                 bias[expert] = saved
         m = copy.deepcopy(self.model)
         ad = adapter_for(m)
         ad.remove_experts(layer, [e for e in range(ad.n_experts(layer)) if e != expert])
-        return self._kl(m)
+        return self._kl(m, start=layer)
 
 
 def _interpolate_gain(points: list[tuple[float, float]], energy: float) -> float:

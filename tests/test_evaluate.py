@@ -45,3 +45,37 @@ def test_perturbed_model_has_positive_kl(tiny_moe):
 def test_too_short_text_errors():
     with pytest.raises(ValueError, match="fewer than one window"):
         chunk_tokens([1, 2, 3], 16)
+
+
+def test_windows_spread_over_the_whole_text():
+    ids = torch.arange(100 * 10)
+    w = chunk_tokens(ids, 10, 40)  # 4 of the 100 windows, evenly spaced
+    assert w.shape == (4, 10)
+    assert w[:, 0].tolist() == [0, 250, 500, 750]
+    assert torch.equal(chunk_tokens(ids, 10, 5000), ids.view(100, 10))  # everything when it fits
+    assert torch.equal(chunk_tokens(ids[:95], 10), ids[:90].view(9, 10))  # the short tail is dropped
+    with pytest.raises(ValueError, match="less than one window"):
+        chunk_tokens(ids, 10, 5)
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_rerun_from_cached_layer_inputs_equals_full_forward(tiny_moe, start):
+    windows = chunk_tokens(torch.randint(0, 128, (4 * 33,), generator=torch.Generator().manual_seed(2)), 33)
+    ref = ReferenceLogits(tiny_moe, windows, batch_size=3, cache_layer_inputs=True)
+    plain = ReferenceLogits(tiny_moe, windows, batch_size=3)
+    assert ref.perplexity == pytest.approx(plain.perplexity, rel=1e-6)
+    assert evaluate(tiny_moe, ref, start_layer=start).kld_mean < 1e-9  # unchanged model
+    other = copy.deepcopy(tiny_moe)
+    layer = min(start, 1)
+    with torch.no_grad():
+        w = other.model.layers[layer].self_attn.o_proj.weight
+        w.add_(torch.randn_like(w, generator=torch.Generator().manual_seed(3)) * w.std())
+        if start == 2:  # a change in the head only
+            other = copy.deepcopy(tiny_moe)
+            h = other.lm_head.weight
+            h.add_(torch.randn_like(h, generator=torch.Generator().manual_seed(4)) * h.std())
+    full = evaluate(other, plain)
+    fast = evaluate(other, ref, start_layer=start)
+    assert full.kld_mean > 1e-4
+    assert fast.kld_mean == pytest.approx(full.kld_mean, rel=1e-4)
+    assert fast.top1_agreement == pytest.approx(full.top1_agreement, abs=1e-3)

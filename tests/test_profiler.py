@@ -66,6 +66,25 @@ def test_gain_calibration_reproduces_its_own_measurements(profiled, fmt):
     assert predicted_damage(profile, d) == pytest.approx(measured, rel=1e-6)
 
 
+def test_removal_and_topk_costs_equal_full_forward_measurements(profiled):
+    # the profiler reruns only the layers from the changed one on; a whole forward pass agrees
+    from sensitivity.adapters import adapter_for
+
+    model, prof, profile, importance = profiled
+    layer = max(profile.experts)
+    m = copy.deepcopy(model)
+    ad = adapter_for(m)
+    spec = ad.routing_spec(layer)
+    if spec.n_group > 1:
+        ad.e_score_correction_bias(layer)[1] = -1e9
+    else:
+        ad.remove_experts(layer, [0, 2, 3])
+    assert profile.experts[layer].removal_kl[1] == pytest.approx(evaluate(m, prof.reference).kld_mean, rel=1e-5)
+    m = copy.deepcopy(model)
+    adapter_for(m).set_top_k(layer, 1)
+    assert profile.topk_cost[layer][1] == pytest.approx(evaluate(m, prof.reference).kld_mean, rel=1e-5)
+
+
 def test_gain_interpolation():
     from sensitivity.profiler import _interpolate_gain
 
