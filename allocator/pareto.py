@@ -129,16 +129,13 @@ class Evaluator:
 
 
 def held_out_windows(ids, seq_len: int, eval_tokens: int, sample: str = "spread"):
-    """(n, seq_len) windows with n = eval_tokens // seq_len: the first ones ("head") or n of all the
-    text's windows, evenly spaced from the first to the last ("spread")."""
+    """(n, seq_len) windows with n = eval_tokens // seq_len: spread evenly over the whole text
+    (sensitivity.evaluate.chunk_tokens) or, with sample="head", the first ones."""
     from sensitivity.evaluate import chunk_tokens
 
     if sample == "head":
-        return chunk_tokens(ids, seq_len, eval_tokens)
-    every = chunk_tokens(ids, seq_len)
-    n = max(1, min(len(every), eval_tokens // seq_len))
-    idx = np.unique(np.linspace(0, len(every) - 1, n).round().astype(np.int64))
-    return every[idx]
+        return chunk_tokens(list(ids)[:eval_tokens], seq_len)
+    return chunk_tokens(ids, seq_len, eval_tokens)
 
 
 def _importance(model_dir: Path, importance):
