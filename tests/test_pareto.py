@@ -115,6 +115,31 @@ def test_a_plan_for_another_model_is_refused(shipped):
         ev(other)
 
 
+@pytest.mark.skipif(not (MODELS_DIR / "tiny-qwen3-moe" / "model.safetensors").exists(),
+                    reason="the shipped tiny-qwen3-moe checkpoint is not in this checkout")
+def test_a_layer_may_keep_fewer_experts_than_the_original_top_k():
+    """Free target, no expert groups: layer 0 keeps 3 of 16 experts with top-k 3 (< the original 4)."""
+    from allocator.baselines import uniform
+    from allocator.pareto import Evaluator
+    from sensitivity.profile import Profile
+
+    ev = Evaluator("tiny-qwen3-moe", eval_tokens=128)
+    prof = Profile.load(MODELS_DIR / "tiny-qwen3-moe" / "profile.json")
+    inv = ev.inventory
+    b = uniform(_factory(inv, prof, "free")(inv.bytes_uniform("BF16")), "Q8_0")
+    a = b.assignment.copy()
+    a.keep[0, 3:] = False
+    a.expert_fmt[0, 3:] = -1
+    a.topk[0] = 3
+    assert not b.problem.check(a)
+    from allocator.plan import make_plan
+
+    plan = make_plan(b.problem, a, {"solver": "test", "status": "baseline", "wall_s": 0.0})
+    assert plan.layers[0].kept == [0, 1, 2] and plan.layers[0].top_k == 3 < inv.top_k
+    r = ev(plan)
+    assert 0 < r.kld_mean < 10 and 0 < r.top1_agreement < 1
+
+
 def test_measuring_needs_a_checkpoint_with_weights(capsys):
     from allocator.cli import main
     from allocator.pareto import Evaluator
