@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels import formats as fmts
-from sensitivity.inventory import Role, Target
+from sensitivity.inventory import Target
 
 from .gguf_names import gguf_names
 from .problem import Assignment, Problem, Totals, pareto
@@ -107,7 +107,7 @@ def paper_baseline(p: Problem, keep_fraction: float = PAPER_KEEP, greedy_cache: 
     name = "paper pipeline (2509.25689)"
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    L, E, J = p.L, p.E, p.J
+    L, E = p.L, p.E
     keep = np.zeros((L, E), dtype=bool)
     topk = np.zeros(L, dtype=np.int64)
     G = p.n_group if p.n_group > 1 else 1

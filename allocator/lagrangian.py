@@ -22,8 +22,13 @@ by bisection on its supergradient (bytes - W, read - R). The relaxed problem sep
   is a price-independent table T[l,c,m], and the layer pays (lambda G m + mu k) bytes(c).
 
 The relaxed solution at the smallest price that satisfies the budgets is a plan; a greedy fill
-then spends the budget it leaves (upgrades with the largest damage reduction that fit). The gap
-reported is plan - max L, so it is proven.
+then spends the budget it leaves (upgrades with the largest damage reduction that fit). With the
+speed row (free target) the relaxed plan just below the final prices, which overshoots the rows a
+little, is repaired and filled as a second candidate. For gguf, every (kept count, top-k) pair whose
+bound is still below the best plan gets a frontier over its layers (`_pair_frontier`): with the pair
+fixed all layers move the two rows along one direction, so an exact (bytes, damage) frontier over
+the layers, pruned by reduced costs, gives a near-exact bound and plan for the pair. The gap
+reported is plan - (best proven bound), so it is proven.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 
 from sensitivity.inventory import Target
 
-from .problem import Assignment, Problem, pareto
+from .problem import Assignment, Problem, lower_hull, pareto
 
 INF = math.inf
 
@@ -84,8 +89,7 @@ class _FreeLayers:
         self.mlo = [(p.kept_per_group_options(int(k)) or [self.size + 1])[0] for k in p.topk_values]
 
     def at(self, lam: float, mu: float = 0.0):
-        p, G, size = self.p, self.G, self.size
-        L, E, J = p.L, p.E, p.J
+        p = self.p
         cost = p.exp_damage + lam * p.exp_bytes[:, None, :, :]  # (L, E, J, F)
         f = cost.argmin(axis=-1)  # (L, E, J)
         delta = np.take_along_axis(cost, f[..., None], -1)[..., 0].sum(-1) - p.removal  # (L, E)
@@ -137,40 +141,54 @@ class _FreeSpeedLayers(_FreeLayers):
 
     def __init__(self, p: Problem):
         super().__init__(p)
-        L, E, J, F = p.L, p.E, p.J, p.F
+        L, J, F = p.L, p.J, p.F
         combos = np.array(list(itertools.product(range(F), repeat=J)), dtype=np.int64)  # (C, J)
         self.combos = combos
         Bc = p.exp_bytes[:, np.arange(J)[None, :], combos].sum(-1)  # (L, C)
         self.order = np.argsort(Bc, axis=1, kind="stable")  # combos by bytes, per layer
         self.Bs = np.take_along_axis(Bc, self.order, 1)  # (L, C) increasing
         # a cap level = the bytes of some combination; its prefix of combos is what fits under it
-        levels, lastpos = [], []
+        levels, self.firstpos = [], []
         for l in range(L):
             u, idx = np.unique(self.Bs[l], return_index=True)
-            last = np.r_[idx[1:] - 1, len(self.Bs[l]) - 1]
             levels.append(u)
-            lastpos.append(last)
+            self.firstpos.append(idx)  # where each level's run of combinations starts
         Q = max(len(u) for u in levels)
         self.level = np.array([np.r_[u, np.full(Q - len(u), u[-1])] for u in levels])  # (L, Q)
-        self.lastpos = np.array([np.r_[x, np.full(Q - len(x), x[-1])] for x in lastpos])  # (L, Q)
-        # damage of every combination for every expert, in the per-layer byte order: (L, E, C)
-        D = p.exp_damage[:, :, np.arange(J)[None, :], combos].sum(-1)  # (L, E, C)
-        self.Ds = np.take_along_axis(D, self.order[:, None, :], 2)
+        # damage of every combination for every expert, in the per-layer byte order: (L, E, C), as an
+        # outer sum over the kinds (the combinations run with the last kind fastest)
+        D = p.exp_damage[:, :, 0, :]
+        for j in range(1, J):
+            D = (D[..., :, None] + p.exp_damage[:, :, j, None, :]).reshape(L, p.E, -1)
+        Ds = np.moveaxis(np.take_along_axis(D, self.order[:, None, :], 2), 2, 1)  # (L, C, E)
+        # combinations of one level weigh the same at any price: only the least damaging one of each
+        # level can win, for every expert (Dq, and its position in the byte order, Pq: (L, Q, E))
+        self.Dq = np.empty((L, Q, p.E))
+        self.Pq = np.empty((L, Q, p.E), dtype=np.int64)
+        for l in range(L):
+            first, n_l = self.firstpos[l], len(self.firstpos[l])
+            runs = np.repeat(np.arange(n_l), np.diff(np.r_[first, len(self.Bs[l])]))  # level of each position
+            self.Dq[l, :n_l] = np.minimum.reduceat(Ds[l], first, axis=0)
+            hit = Ds[l] == self.Dq[l, runs]  # (C, E): the positions that reach their level's minimum
+            pos = np.where(hit, np.arange(len(runs))[:, None], len(runs))
+            self.Pq[l, :n_l] = np.minimum.reduceat(pos, first, axis=0)
+            self.Dq[l, n_l:] = self.Dq[l, n_l - 1]
+            self.Pq[l, n_l:] = self.Pq[l, n_l - 1]
+        self.removal_total = float(p.removal.sum())
         self._lam = None
 
     def prepare(self, lam: float) -> None:
         """The price-lambda part: best combination of every expert under every cap, sorted per group."""
         p, G, size = self.p, self.G, self.size
-        L = p.L
-        V = self.Ds + lam * self.Bs[:, None, :]
-        PM = np.minimum.accumulate(V, axis=2)
-        PMq = np.take_along_axis(PM, self.lastpos[:, None, :], 2)  # (L, E, Q)
-        delta = PMq - p.removal[:, :, None]
-        d = np.moveaxis(delta.reshape(L, G, size, -1), 3, 1)  # (L, Q, G, size)
+        L, Q = self.level.shape
+        # best priced combination of every expert within every cap: (L, Q, E)
+        PMq = np.minimum.accumulate(self.Dq + lam * self.level[:, :, None], axis=1)
+        delta = PMq - p.removal[:, None, :]
+        d = delta.reshape(L, Q, G, size)
         d = np.sort(d, axis=-1)
         C0 = np.zeros(d.shape[:2] + (size + 1,))
         C0[..., 1:] = np.cumsum(d, axis=-1).sum(axis=2)  # (L, Q, size + 1)
-        self._lam, self._V, self._C0 = lam, V, C0
+        self._lam, self._C0 = lam, C0
 
     def choose(self, mu: float):
         """Best (q, k, m) per layer at the prepared lambda and this mu; read as priced (k x cap)."""
@@ -195,12 +213,14 @@ class _FreeSpeedLayers(_FreeLayers):
         m = marg[np.arange(L), q, ki]
         k = p.topk_values[ki]
         read = int((k * self.level[np.arange(L), q]).sum() + (G * m * p.router_bytes).sum())
-        return q, k, m, read
+        # the layers' part of the Lagrangian: every expert's removal cost plus the best choice's net cost
+        value = float(best.reshape(L, -1)[np.arange(L), flat].sum() + self.removal_total)
+        return q, k, m, read, value
 
     def at(self, lam: float, mu: float = 0.0):
         if self._lam != lam:
             self.prepare(lam)
-        q, k, m, _ = self.choose(mu)
+        q, k, m, _, _ = self.choose(mu)
         return self.solution(q, k, m)
 
     def solution(self, q, k, m):
@@ -210,10 +230,10 @@ class _FreeSpeedLayers(_FreeLayers):
         fmt = np.zeros((L, E, p.J), dtype=np.int64)
         delta = np.zeros((L, E))
         for l in range(L):
-            pos = self.lastpos[l, q[l]] + 1
-            best = self._V[l, :, :pos].argmin(axis=1)  # (E,) position in the byte order
-            fmt[l] = self.combos[self.order[l, best]]
-            delta[l] = self._V[l, np.arange(E), best] - p.removal[l]
+            V = self.Dq[l, :q[l] + 1] + self._lam * self.level[l, :q[l] + 1, None]  # (levels under the cap, E)
+            best = V.argmin(axis=0)  # (E,) level
+            fmt[l] = self.combos[self.order[l, self.Pq[l, best, np.arange(E)]]]
+            delta[l] = V[best, np.arange(E)] - p.removal[l]
         d = delta.reshape(L, G, size)
         order = np.argsort(d, axis=-1, kind="stable")
         rank = np.empty_like(order)
@@ -443,7 +463,8 @@ def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
 # ---------------------------------------------------------------------------------------------
 # the price search
 
-def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0):
+def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0,
+            rtol_dual: float = 0.0):
     """Maximize a concave piecewise-linear dual over one price >= 0 through the root of its
     supergradient use(price) - cap, a decreasing step function.
 
@@ -451,13 +472,16 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
     row's use by the relaxed solution, and the solution. `start` is a first guess of the price.
     The root is bracketed by factors of `step` from `start`, then narrowed by regula falsi on log(price)
     with the Illinois rule (a bisection step whenever interpolation stalls) until the bracket is
-    `tol` wide. Returns the best bound seen and the solution at the smallest price found whose use
-    fits `cap` (a plan for that row)."""
+    `tol` wide, or until the dual cannot exceed the best bound seen by more than `rtol_dual`
+    (relative): the
+    supporting lines at the two ends of the bracket (slopes use - cap) meet at the highest value
+    a concave function through both ends can reach. Returns the best bound seen and the solution at
+    the smallest price found whose use fits `cap` (a plan for that row)."""
     b0, u0, s0 = evaluate(0.0)
     if u0 <= cap:
         return b0, s0  # the row is slack: the unpriced optimum fits
     best = b0
-    lo, ulo = 0.0, u0
+    lo, ulo, bl_val = 0.0, u0, b0
     hi = start if start > 0 else 1e-12  # any positive first guess: the bracket grows by 8 per step
     bh, uh, sh = evaluate(hi)
     best = max(best, bh)
@@ -467,14 +491,14 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
             bm, um, sm = evaluate(mid)
             best = max(best, bm)
             if um > cap:
-                lo, ulo = mid, um
+                lo, ulo, bl_val = mid, um, bm
                 break
-            hi, uh, sh = mid, um, sm
+            hi, uh, sh, bh = mid, um, sm, bm
         else:
             return best, sh
     else:  # bracket upwards
         while uh > cap:
-            lo, ulo = hi, uh
+            lo, ulo, bl_val = hi, uh, bh
             hi *= step
             if hi > 1e200:
                 raise RuntimeError("no price makes the relaxed plan fit: the budget is infeasible")
@@ -483,13 +507,17 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
     if lo == 0.0:
         lo = hi / step
         bl, ulo, _ = evaluate(lo)
+        bl_val = bl
         best = max(best, bl)
         if ulo <= cap:
             return best, sh  # cannot happen for a monotone use; keep the feasible side
     glo, ghi = ulo - cap, uh - cap  # > 0, <= 0
+    vlo, vhi = bl_val, bh  # the dual at both ends
     side = 0
     for _ in range(max_iter):
         if hi - lo <= tol * hi or ghi == 0:
+            break
+        if rtol_dual > 0 and _ceiling(lo, vlo, ulo - cap, hi, vhi, uh - cap) - best <= rtol_dual * abs(best):
             break
         a, b = math.log(lo), math.log(hi)
         t = glo / (glo - ghi) if glo != ghi else 0.5
@@ -498,16 +526,26 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
         bm, um, sm = evaluate(mid)
         best = max(best, bm)
         if um > cap:
-            lo, glo = mid, um - cap
+            lo, glo, ulo, vlo = mid, um - cap, um, bm
             if side == -1:
                 ghi /= 2  # Illinois: the other end was kept twice
             side = -1
         else:
-            hi, uh, sh, ghi = mid, um, sm, um - cap
+            hi, uh, sh, ghi, vhi = mid, um, sm, um - cap, bm
             if side == 1:
                 glo /= 2
             side = 1
     return best, sh
+
+
+def _ceiling(x0: float, v0: float, g0: float, x1: float, v1: float, g1: float) -> float:
+    """Highest value of a concave function with value v0 and supergradient g0 > 0 at x0, v1 and
+    g1 <= 0 at x1 > x0: where its two supporting lines meet."""
+    if g0 <= g1:
+        return max(v0, v1)
+    y = (v1 - v0 + g0 * x0 - g1 * x1) / (g0 - g1)
+    y = min(max(y, x0), x1)
+    return v0 + g0 * (y - x0)
 
 
 class _Cache:
@@ -566,38 +604,46 @@ def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0
 # Relative width at which a price search stops. The bound lost by stopping is second order in the
 # width (the supergradient vanishes at the optimum), and the fill spends the slack it leaves.
 TOL_PRICE = 1e-7
+# A gguf pair's price search also stops once the dual provably cannot rise by more than this
+# fraction (its plan comes from the layer frontier, which needs good prices, not exact ones).
+DUAL_TOL = 1e-7
 
 
-def _two_prices(relaxed, read_of, W: float, R: float, start: tuple[float, float], log: dict):
+def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, float], log: dict,
+                rtol_dual: float = 0.0):
     """max over (lambda, mu) of the dual, mu searched for every lambda (warm-started from the last).
 
-    relaxed(lam, mu) -> _Relaxed (the full relaxed solution); read_of(lam, mu) -> its read (cheap).
+    relaxed(lam, mu) -> _Relaxed (the full relaxed solution); dual_read(lam, mu) -> (L(lam, mu), the
+    relaxed solution's read) (cheap). Every bound is L at prices that were evaluated. With
+    `rtol_dual` the searches also stop once the dual cannot rise by more than that fraction (a
+    bound found faster, from prices less precise: for callers that do not take the plan from them).
     Returns (bound, solution feasible in both rows)."""
     if not math.isfinite(R):
         def ev(lam):
             s = relaxed(lam, 0.0)
             return s.dual(W, R), s.bytes, s
 
-        return _search(ev, W, start[0], TOL_PRICE)
+        return _search(ev, W, start[0], TOL_PRICE, rtol_dual=rtol_dual)
 
     last = {"mu": start[1]}
 
     def inner(lam):
         def ev_mu(mu):
-            return 0.0, read_of(lam, mu), mu
+            return (*dual_read(lam, mu), mu)
 
         # warm start: the best mu moves little between neighbouring lambdas
-        _, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE, step=2.0 if last["mu"] else 8.0)
+        bound, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE, step=2.0 if last["mu"] else 8.0,
+                               rtol_dual=rtol_dual)
         if mu_hi > 0:
             last["mu"] = mu_hi
         s = relaxed(lam, mu_hi)
-        bound = s.dual(W, R)
-        if mu_hi > 0:
-            # the other side of the breakpoint can prove more
-            bound = max(bound, relaxed(lam, mu_hi * (1 - TOL_PRICE)).dual(W, R))
-        return bound, s.bytes, s
+        return max(bound, s.dual(W, R)), s.bytes, s
 
-    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0)
+    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0, rtol_dual=rtol_dual)
+
+
+# Relative price step below the search's final prices at which the free target's second plan is taken.
+OVERSHOOT = 1e-5
 
 
 def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
@@ -626,15 +672,30 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
     log["speed_row"] = "active"
     layers = cache.get("free_speed_layers", lambda: _FreeSpeedLayers(p))
 
-    def read_of(lam, mu):
+    def dual_read(lam, mu):
         log["evaluations"] += 1
         if layers._lam != lam:
             layers.prepare(lam)
-        return items.at(lam, mu)[3] + layers.choose(mu)[3]
+        _, d_i, b_i, r_i = items.at(lam, mu)
+        *_, read, value = layers.choose(mu)
+        return d_i + lam * (b_i - W) + mu * (r_i - R) + value, r_i + read
 
-    bound, s = _two_prices(relaxed_with(layers), read_of, W, R, (s.lam, s.lam), log)
+    relaxed = relaxed_with(layers)
+    bound, s = _two_prices(relaxed, dual_read, W, R, (s.lam, s.lam), log)
     log["lambda"], log["mu"] = s.lam, s.mu
-    return bound, s.a, log
+    # The plan at the prices found leaves slack in both rows; the relaxed plan just below them (the
+    # other side of the breakpoint) overshoots them a little. Both become plans (fill; repair, then
+    # fill) and the better one is kept.
+    best = fill(p, s.a)
+    best_obj = p.objective(best)
+    over = relaxed(s.lam * (1 - OVERSHOOT), s.mu * (1 - OVERSHOOT)).a
+    try:
+        a = fill(p, repair(p, over))
+    except RuntimeError:
+        a = None
+    if a is not None and not p.check(a) and p.objective(a) < best_obj:
+        best, log["plan_from"] = a, "repaired overshoot"
+    return bound, best, log
 
 
 def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
@@ -690,36 +751,39 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
             c, d_l, b_l, r_l = layers.at(lam, mu, m, k)
             return _Relaxed(d_i + d_l + A[k], b_i + b_l, r_i + r_l, (f, c), lam, mu)
 
-        def read_of(lam, mu):
+        def dual_read(lam, mu):
             log["evaluations"] += 1
-            return items.at(lam, mu)[3] + layers.at(lam, mu, m, k)[3]
+            _, d_i, b_i, r_i = items.at(lam, mu)
+            _, d_l, b_l, r_l = layers.at(lam, mu, m, k)
+            return d_i + d_l + A[k] + lam * (b_i + b_l - W) + mu * (r_i + r_l - R), r_i + r_l
 
-        return relaxed, read_of
+        return relaxed, dual_read
 
     def tighten(pair) -> float:
-        relaxed, read_of = relaxed_for(*pair)
+        relaxed, dual_read = relaxed_for(*pair)
         lam = best_prices[0]
         if not speed:
             return relaxed(*best_prices).dual(W, R)
-        _, mu = _search(lambda u: (0.0, read_of(lam, u), u), R, best_prices[1] or lam, 1e-4)
-        value = relaxed(lam, mu).dual(W, R)
-        return max(value, relaxed(lam, mu * (1 - 1e-4)).dual(W, R)) if mu > 0 else value
+        value, _ = _search(lambda u: (*dual_read(lam, u), u), R, best_prices[1] or lam, 1e-4, rtol_dual=DUAL_TOL)
+        return value
 
     bounds: dict = {pr: start_bounds.get(pr, -INF) for pr in pairs}
+    pair_prices: dict = {}
     searched: set = set()
     tightened: set = set()
     best_obj, best_a, best_pair, best_prices = INF, None, first, prices
     pair = first
     while pair is not None:
-        relaxed, read_of = relaxed_for(*pair)
+        relaxed, dual_read = relaxed_for(*pair)
         searched.add(pair)
         try:
-            b, s = _two_prices(relaxed, read_of if speed else None, W, R, best_prices, {})
+            b, s = _two_prices(relaxed, dual_read if speed else None, W, R, best_prices, {}, DUAL_TOL)
         except RuntimeError:
             bounds[pair] = INF  # the pair cannot meet the rows
         else:
             log["pairs_searched"] += 1
             bounds[pair] = max(b, bounds[pair])
+            pair_prices[pair] = (s.lam, s.mu if speed else 0.0)
             f, c = s.a
             a = Assignment(f, *layers.assignment_part(c, *pair))
             if not p.check(a):
@@ -744,7 +808,180 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
                 bounds[cand] = INF
     if best_a is None:
         raise RuntimeError("no (kept count, top-k) pair has a plan within the budgets")
+    # the pairs that could still beat the best plan: the layer frontier (near exact for a pair)
+    framed: set = set()
+    while True:
+        open_pairs = [pr for pr in pair_prices if pr not in framed and bounds[pr] < best_obj * (1 - FRONTIER_GAP)]
+        if not open_pairs:
+            break
+        pr = min(open_pairs, key=bounds.get)
+        framed.add(pr)
+        fb, plans = _pair_frontier(p, layers, *pr, A[pr[1]], *pair_prices[pr], W, R, best_obj)
+        log["frontiers"] = log.get("frontiers", 0) + 1
+        if fb is not None:
+            bounds[pr] = max(bounds[pr], fb)
+        for _, a in plans:
+            a = fill(p, a)
+            obj = p.objective(a)
+            if obj < best_obj:
+                best_obj, best_a, best_pair, best_prices = obj, a, pr, pair_prices[pr]
     if speed:
         best_a = swap(p, best_a)  # two binding rows: a single upgrade rarely fits what is left
     log.update(kept_per_group=best_pair[0], top_k=best_pair[1], **{"lambda": best_prices[0], "mu": best_prices[1]})
     return min(bounds.values()), best_a, best_pair, best_prices, bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# gguf: one (kept count, top-k) pair solved almost exactly by a frontier over the layers
+
+FRONTIER_GAP = 1e-7  # pairs whose Lagrangian bound is this close to the best plan are left as they are
+MAX_BIG_COMBOS = 64  # combinations of the large items' formats enumerated next to the layer frontier
+
+
+def _pair_frontier(p: Problem, layers: _GGUFLayers, m: int, k: int, A_k: float, lam: float, mu: float,
+                   W: float, R: float, upper: float, max_states: int = 200_000):
+    """A lower bound on the best plan of pair (m, k) that is much tighter than the Lagrangian's, and
+    plans found on the way.
+
+    With m and k fixed, a layer in stacked combination c adds n x (its expert bytes) to the memory
+    row and k x (the same bytes) to the read row (n = kept experts): every layer moves both rows
+    along one direction, so the layers' sum E of expert bytes is the one quantity they share. The
+    exact frontier (E, least layer damage) is built layer by layer. Reduced costs at the prices
+    (lambda, mu) prune it: any plan has objective >= L(lambda, mu) + sum of its units' reduced
+    costs (the slack terms are >= 0), so a plan using choices whose reduced costs add up to more than
+    D = upper - L cannot beat `upper` and is left out. The items whose read differs from their bytes
+    (the embedding) and the largest other items are enumerated; the rest (read = bytes) are relaxed
+    to the convex hull of their (bytes, damage) points, which they fill up to
+    min(memory left, read left): a relaxation, so the bound stays proven.
+
+    Returns (bound, [(value, assignment)]) with bound <= every plan of the pair (or None when the
+    prices prove nothing), and up to a few plans (feasible, before any fill)."""
+    n = layers.G * m
+    Tm = layers.T[m]
+    P = lam * n + mu * k
+    Vl = Tm + P * layers.Bint  # (L, C)
+    vmin_l = Vl.min(axis=1)
+    rl = Vl - vmin_l[:, None]
+    Vi = p.item_damage + lam * p.item_bytes + mu * p.item_read
+    vmin_i = Vi.min(axis=1) if len(p.items) else np.zeros(0)
+    ri = Vi - vmin_i[:, None]
+    rb = float((n * p.router_bytes).sum())
+    R_ = R if math.isfinite(R) else INF
+    lb = float(vmin_l.sum() + vmin_i.sum() + A_k + lam * (rb - W) + (mu * (rb - R_) if mu else 0.0))
+    D = upper - lb
+    if not D > 0:
+        return None, []
+    # ---- the large items: read != bytes (must be), then by the spread of their candidate bytes ----
+    n_items = len(p.items)
+    core_i = ri <= D
+    spread = np.where(core_i, p.item_bytes, -1).max(1) - np.where(core_i, p.item_bytes, np.iinfo(np.int64).max).min(1)
+    forced = [i for i in range(n_items) if (p.item_read[i] != p.item_bytes[i]).any()]
+    big, combos = [], 1
+    for i in forced + [int(i) for i in np.argsort(-spread, kind="stable") if int(i) not in forced]:
+        cnt = int(core_i[i].sum())
+        if combos * cnt > MAX_BIG_COMBOS:
+            continue
+        if i not in forced and spread[i] <= 0:
+            break
+        big.append(i)
+        combos *= cnt
+    small = np.setdiff1d(np.arange(n_items), big)
+    # ---- the small items: convex hull of (weight, damage), weight = min(bytes, read) (a relaxation
+    # when read != bytes); only candidates with reduced cost <= D ----
+    base_w, base_c = 0.0, 0.0
+    seg_w, seg_c, seg_item, seg_to = [], [], [], []
+    w_all = np.minimum(p.item_bytes, p.item_read)
+    for i in small.tolist():
+        opts = np.flatnonzero(core_i[i])
+        hull = [int(opts[h]) for h in lower_hull(w_all[i, opts].tolist(), p.item_damage[i, opts].tolist())]
+        base_w += float(w_all[i, hull[0]])
+        base_c += float(p.item_damage[i, hull[0]])
+        for a_, b_ in zip(hull, hull[1:]):
+            seg_w.append(float(w_all[i, b_] - w_all[i, a_]))
+            seg_c.append(float(p.item_damage[i, b_] - p.item_damage[i, a_]))
+            seg_item.append(i)
+            seg_to.append(b_)
+    seg_w, seg_c = np.array(seg_w), np.array(seg_c)
+    order = np.argsort(seg_c / np.maximum(seg_w, 1e-300), kind="stable")
+    seg_w, seg_c = seg_w[order], seg_c[order]
+    seg_item, seg_to = np.array(seg_item, dtype=np.int64)[order], np.array(seg_to, dtype=np.int64)[order]
+    cum_w = np.r_[0.0, np.cumsum(seg_w)]
+    cum_c = np.r_[0.0, np.cumsum(seg_c)]
+
+    def small_value(cap):
+        """Least damage of the small items' hull within `cap` bytes (inf below their smallest)."""
+        room = np.asarray(cap, dtype=np.float64) - base_w
+        j = np.clip(np.searchsorted(cum_w, room, side="right") - 1, 0, len(seg_w))  # whole segments taken
+        val = base_c + cum_c[j]
+        if len(seg_w):
+            jj = np.minimum(j, len(seg_w) - 1)
+            part = np.where(j < len(seg_w), np.clip((room - cum_w[j]) / seg_w[jj], 0.0, 1.0), 0.0)
+            val = val + part * seg_c[jj]
+        return np.where(room >= 0, val, INF)
+
+    # ---- the layer frontier: (E, damage) Pareto-minimal, reduced cost <= D ----
+    E = np.zeros(1, dtype=np.int64)
+    dmg = np.zeros(1)
+    rcs = np.zeros(1)
+    back = []
+    for l in range(p.L):
+        opts = np.flatnonzero(rl[l] <= D)
+        ne = (E[:, None] + layers.Bint[l, opts][None, :]).ravel()
+        nd = (dmg[:, None] + Tm[l, opts][None, :]).ravel()
+        nr = (rcs[:, None] + rl[l, opts][None, :]).ravel()
+        ok = nr <= D
+        idx = np.flatnonzero(ok)
+        ne, nd, nr = ne[ok], nd[ok], nr[ok]
+        o = np.lexsort((nd, ne))
+        ne, nd, nr, idx = ne[o], nd[o], nr[o], idx[o]
+        keep = nd < np.minimum.accumulate(np.r_[INF, nd[:-1]])  # strictly better than every smaller E
+        if not keep.any():
+            return upper, []  # nothing within reach of `upper`
+        ne, nd, nr, idx = ne[keep], nd[keep], nr[keep], idx[keep]
+        if len(ne) > max_states:
+            return None, []  # too wide a frontier: leave the Lagrangian bound as it is
+        back.append((idx // len(opts), opts[idx % len(opts)]))
+        E, dmg, rcs = ne, nd, nr
+    # ---- every state with every large-item combination ----
+    big_opts = [np.flatnonzero(core_i[i]) for i in big]
+    best = INF
+    cands = []
+    for combo in itertools.product(*big_opts) if big else [()]:
+        cb = float(sum(p.item_damage[i, f] for i, f in zip(big, combo)))
+        bb = float(sum(p.item_bytes[i, f] for i, f in zip(big, combo)))
+        br = float(sum(p.item_read[i, f] for i, f in zip(big, combo)))
+        rc_big = float(sum(ri[i, f] for i, f in zip(big, combo)))
+        if rc_big > D:
+            continue
+        cap = np.minimum(W - rb - bb - n * E, R_ - rb - br - k * E)
+        val = np.where(rcs + rc_big <= D, dmg + A_k + cb + small_value(cap), INF)
+        j = int(val.argmin())
+        best = min(best, float(val[j]))
+        for j in np.argsort(val, kind="stable")[:3]:
+            if math.isfinite(val[j]):
+                cands.append((float(val[j]), int(j), combo, float(cap[j])))
+    bound = min(best, upper)
+    # ---- plans: the best few candidates, small items rounded down on the hull ----
+    plans = []
+    for _, j, combo, cap in sorted(cands, key=lambda x: x[0])[:4]:
+        c = np.zeros(p.L, dtype=np.int64)
+        s = j
+        for l in range(p.L - 1, -1, -1):
+            parent, opt = back[l]
+            c[l] = opt[s]
+            s = int(parent[s])
+        item_fmt = np.array([int(np.flatnonzero(core_i[i])[0]) if len(np.flatnonzero(core_i[i])) else 0
+                             for i in range(n_items)], dtype=np.int64)
+        for i in small.tolist():
+            opts = np.flatnonzero(core_i[i])
+            hull = [int(opts[h]) for h in lower_hull(w_all[i, opts].tolist(), p.item_damage[i, opts].tolist())]
+            item_fmt[i] = hull[0]
+        taken = int(np.searchsorted(cum_w, cap - base_w, side="right") - 1)
+        for s_ in range(max(taken, 0)):
+            item_fmt[seg_item[s_]] = seg_to[s_]
+        for i, f in zip(big, combo):
+            item_fmt[i] = f
+        a = Assignment(item_fmt, *layers.assignment_part(c, m, k))
+        if not p.check(a):
+            plans.append((p.objective(a), a))
+    return bound, plans

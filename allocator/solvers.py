@@ -105,13 +105,14 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
         sol.wall_s = time.perf_counter() - t0
         return _finish(problem, sol)
 
-    start = None
+    start, start_bound = None, None
     if isinstance(hint, str):
         if hint == "lagrangian":
             from .lagrangian import solve_lagrangian
 
             say("starting plan: Lagrangian")
-            start = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache).assignment
+            start_sol = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache)
+            start, start_bound = start_sol.assignment, start_sol.bound
         elif hint == "greedy":
             from .baselines import paper_pipeline
 
@@ -146,6 +147,11 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
         a = start
         log["returned_start"] = True
     obj = problem.objective(a) if a is not None else None
+    log["solver_bound"] = bound
+    if start_bound is not None and (bound is None or start_bound > bound):
+        # the Lagrangian start's bound is proven too: report the better of the two
+        bound = start_bound
+        log["bound_from"] = "lagrangian"
     if status is Status.INFEASIBLE:
         obj = None
         a = None
@@ -248,90 +254,238 @@ def _solve_highs(form: Formulation, deadline: float, threads: int, start, rel_ga
 
 
 # ---------------------------------------------------------------------------------------------
-# CBC through PuLP
+# CBC: the binary that PuLP ships, run on an MPS file written here
+
+CBC_GRACE = 3.0  # seconds CBC gets after an interrupt to write its best plan (interrupted 1 s before the deadline)
+
 
 def _solve_cbc(form: Formulation, deadline: float, threads: int, start, rel_gap: float):
-    import pulp
+    """CBC as a subprocess under the caller's wall-time deadline. The model is written as an MPS file
+    directly from the arrays (numpy, seconds at DeepSeek-V3 scale), CBC gets the time left as its own
+    limit (-sec), and at the deadline it is interrupted (SIGINT: CBC stops its search and writes the
+    best plan it has), then killed if it is still reading the model. CBC's log gives the bound."""
+    import signal
+    import subprocess
 
     mdl = form.model
-    prob = pulp.LpProblem(mdl.name, pulp.LpMinimize)
-    cols = []
-    for c in range(mdl.n_cols):
-        cat = pulp.LpInteger if mdl.integer[c] else pulp.LpContinuous
-        if mdl.integer[c] and mdl.lb[c] == 0 and mdl.ub[c] == 1:
-            cat = pulp.LpBinary
-        v = prob.add_variable(f"v{c}", lowBound=mdl.lb[c], upBound=mdl.ub[c], cat=cat)
-        if start is not None:
-            v.setInitialValue(round(start[c]) if mdl.integer[c] else start[c])
-        cols.append(v)
-    # CBC drops an objective's constant (and would measure its gap without it): carry the constant on
-    # a column fixed at 1
-    one = prob.add_variable("one", lowBound=1, upBound=1, cat=pulp.LpContinuous)
-    if start is not None:
-        one.setInitialValue(1)
-    prob += pulp.LpAffineExpression([(cols[c], w) for c, w in enumerate(mdl.cost) if w] + [(one, mdl.offset)])
-    for r in range(mdl.n_rows):
-        expr = pulp.LpAffineExpression([(cols[c], float(w)) for c, w in zip(mdl.row_cols[r], mdl.row_vals[r])])
-        lo, hi = mdl.row_lo[r], mdl.row_hi[r]
-        if lo == hi:
-            prob += expr == lo
-        else:
-            if lo > -math.inf:
-                prob += expr >= lo
-            if hi < math.inf:
-                prob += expr <= hi
+    binary = _cbc_binary()
+    log: dict = {}
     with tempfile.TemporaryDirectory(prefix="moeplan-cbc-") as tmp:
-        logpath = os.path.join(tmp, "cbc.log")
-        solver = _cbc_command(msg=False, timeLimit=max(1, int(_left(deadline))), threads=int(threads),
-                              gapRel=float(rel_gap), gapAbs=0.0, warmStart=start is not None, logPath=logpath)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            prob.solve(solver)
-        text = Path(logpath).read_text() if os.path.exists(logpath) else ""
-    sol_status = prob.sol_status  # 1 optimal, 2 feasible (stopped), -1 infeasible, 0 none
-    values = None
-    if sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        values = np.array([v.varValue if v.varValue is not None else 0.0 for v in cols])
-    # the constant rides on the fixed column, so CBC's log and PuLP agree; measure any difference
-    shift = 0.0
-    m = re.search(r"Objective value:\s*([-+0-9.eE]+)", text)
-    if m and values is not None:
-        shift = float(pulp.value(prob.objective)) - float(m.group(1))
+        t0 = time.perf_counter()
+        mps, solpath, logpath = (os.path.join(tmp, n) for n in ("model.mps", "model.sol", "cbc.log"))
+        write_mps(mdl, mps)
+        args = [binary, mps]
+        if start is not None:
+            mst = os.path.join(tmp, "start.sol")
+            _write_cbc_solution(mdl, np.asarray(start, dtype=np.float64), mst)
+            args += ["-mips", mst]
+        log["export_s"] = round(time.perf_counter() - t0, 3)
+        left = deadline - time.perf_counter()
+        args += ["-sec", f"{max(left - 2.0, 1.0):.1f}", "-threads", str(int(threads)), "-ratioGap", repr(float(rel_gap)),
+                 "-allowableGap", "0", "-solve", "-solution", solpath]
+        with open(logpath, "w") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=max(deadline - 1.0 - time.perf_counter(), 1.0))
+            except subprocess.TimeoutExpired:
+                log["interrupted"] = True
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=CBC_GRACE)
+                except subprocess.TimeoutExpired:
+                    log["killed"] = True
+                    proc.kill()
+                    proc.wait()
+        text = Path(logpath).read_text(errors="replace")
+        head, values = _read_cbc_solution(solpath, mdl.n_cols + 1) if os.path.exists(solpath) else ("", None)
+    log["cbc_result"] = _cbc_result(text) or head
+    if values is not None:
+        values = values[:mdl.n_cols]  # the last column carries the objective's constant
+        if not _integral_and_feasible(mdl, values):
+            # stopped before any integer plan: the file holds the relaxation's point, not a plan
+            log["discarded_relaxation"] = True
+            values = None
+    low = head.lower()
+    if low.startswith("infeasible") or "integer infeasible" in low:
+        return Status.INFEASIBLE, None, None, log
     bound = _cbc_bound(text)
-    bound = bound + shift if bound is not None else None
-    if sol_status == pulp.LpSolutionOptimal:
+    if values is not None and head.startswith("Optimal"):
         status = Status.OPTIMAL
-        if bound is None:
-            # "optimal" means within the relative gap CBC was given
-            obj = float(pulp.value(prob.objective))
-            bound = obj - float(rel_gap) * abs(obj)
-    elif sol_status == pulp.LpSolutionInfeasible:
-        status = Status.INFEASIBLE
+        # "optimal" means within the relative gap CBC was given (its log may only show the root bound)
+        obj = float(np.dot(mdl.cost, values) + mdl.offset)
+        bound = max(bound if bound is not None else -math.inf, obj - float(rel_gap) * abs(obj))
     else:
         status = Status.FEASIBLE if values is not None else Status.NO_SOLUTION
-    log = {"pulp_status": pulp.LpStatus[prob.status], "cbc_result": _cbc_result(text)}
     return status, values, bound, log
 
 
+def _integral_and_feasible(mdl: MipModel, values: np.ndarray, tol: float = 1e-6) -> bool:
+    """Whether column values form a plan: integral where they must be, every row met (to a relative
+    tolerance; solve() repairs what is left)."""
+    integer = np.asarray(mdl.integer, dtype=bool)
+    if np.any(np.abs(values[integer] - np.rint(values[integer])) > tol):
+        return False
+    start, idx, val = mdl.csr()
+    act = np.add.reduceat(val * values[idx], start[:-1]) if len(idx) else np.zeros(mdl.n_rows)
+    act = np.where(np.diff(start) > 0, act, 0.0)
+    lo, hi = np.asarray(mdl.row_lo, dtype=np.float64), np.asarray(mdl.row_hi, dtype=np.float64)
+    slack = tol * (1.0 + np.maximum(np.abs(np.where(np.isfinite(lo), lo, 0)), np.abs(np.where(np.isfinite(hi), hi, 0))))
+    return bool(np.all(act >= lo - slack) and np.all(act <= hi + slack))
+
+
+def _cbc_binary() -> str:
+    """The CBC executable PuLP ships (or the one `pulp[cbc]` / the system installs)."""
+    import shutil
+
+    try:
+        import pulp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # PuLP 3 announces PULP_CBC_CMD's retirement
+            for make in (pulp.PULP_CBC_CMD, pulp.COIN_CMD):
+                cmd = make(msg=False)
+                if cmd.available():
+                    return cmd.path
+    except ImportError:
+        pass
+    found = shutil.which("cbc")
+    if found:
+        return found
+    raise RuntimeError("CBC is not available: install pulp (it ships a CBC binary) or choose another solver")
+
+
 def _cbc_command(**options):
-    """PuLP's bundled CBC (PULP_CBC_CMD), or the CBC that `pulp[cbc]` installs (COIN_CMD)."""
-    import warnings
+    """Kept for callers that check availability: raises RuntimeError when there is no CBC."""
+    return _cbc_binary()
 
-    import pulp
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # PuLP 3 announces PULP_CBC_CMD's retirement
-        for make in (pulp.PULP_CBC_CMD, pulp.COIN_CMD):
-            cmd = make(**options)
-            if cmd.available():
-                return cmd
-    raise RuntimeError("CBC is not available: install pulp[cbc] or choose another solver")
+def _num(v: np.ndarray) -> np.ndarray:
+    return np.char.mod("%.17g", np.asarray(v, dtype=np.float64))
+
+
+def write_mps(mdl: MipModel, path: str | os.PathLike) -> None:
+    """`mdl` as a fixed-name MPS file (columns C<n>, rows R<n>; one more column, fixed at 1, carries
+    the objective's constant, which MPS readers treat differently). Written column-wise with numpy."""
+    n, m = mdl.n_cols, mdl.n_rows
+    start, idx, val = mdl.csr()
+    rows = np.repeat(np.arange(m), np.diff(start))
+    order = np.lexsort((rows, idx))  # by column, then row
+    cidx, ridx, cval = idx[order], rows[order], val[order]
+    lo, hi = np.asarray(mdl.row_lo, dtype=np.float64), np.asarray(mdl.row_hi, dtype=np.float64)
+    sense = np.where(lo == hi, "E", np.where(np.isfinite(hi), "L", "G"))
+    if np.any(~np.isfinite(lo) & ~np.isfinite(hi)):
+        raise ValueError("a row without bounds cannot be written to MPS")
+    rname = np.char.add("R", np.arange(m).astype(str))
+    cname = np.char.add("C", np.arange(n).astype(str))
+    cost = np.asarray(mdl.cost, dtype=np.float64)
+    integer = np.asarray(mdl.integer, dtype=bool)
+    out = ["NAME          " + (mdl.name or "moeplan"), "ROWS", " N  OBJ"]
+    out += list(np.char.add(np.char.add(" ", sense), np.char.add("  ", rname)))
+    out.append("COLUMNS")
+    # every column: its objective entry (when nonzero) and its matrix entries, with integer markers
+    has_cost = np.flatnonzero(cost != 0)
+    ent_col = np.r_[has_cost, cidx]
+    ent_row = np.r_[np.full(len(has_cost), "OBJ", dtype=rname.dtype), rname[ridx]]
+    ent_val = np.r_[cost[has_cost], cval]
+    o = np.argsort(ent_col, kind="stable")
+    ent_col, ent_row, ent_val = ent_col[o], ent_row[o], ent_val[o]
+    lines = np.char.add(np.char.add(np.char.add("    ", cname[ent_col]), np.char.add("  ", ent_row)),
+                        np.char.add("  ", _num(ent_val)))
+    # columns without entries still need a line
+    present = np.zeros(n, dtype=bool)
+    present[ent_col] = True
+    empty = np.flatnonzero(~present)
+    lines = np.r_[lines, np.char.add(np.char.add("    ", cname[empty]), "  OBJ  0")]
+    ent_col = np.r_[ent_col, empty]
+    o = np.argsort(ent_col, kind="stable")
+    lines, ent_col = lines[o], ent_col[o]
+    # integer runs: a marker pair around every maximal run of integer columns
+    change = np.flatnonzero(np.diff(np.r_[False, integer[ent_col], False].astype(np.int8)))
+    pieces, prev, k = [], 0, 0
+    for pos in change:
+        pieces.append(lines[prev:pos])
+        pieces.append(np.array([f"    M{k}  'MARKER'  '{'INTORG' if k % 2 == 0 else 'INTEND'}'"]))
+        prev, k = pos, k + 1
+    pieces.append(lines[prev:])
+    out += list(np.concatenate(pieces))
+    out.append(f"    ONE  OBJ  {float(mdl.offset)!r}")
+    out.append("RHS")
+    rhs = np.where(sense == "G", lo, hi)
+    nz = np.flatnonzero(rhs != 0)
+    out += list(np.char.add(np.char.add("    RHS  ", rname[nz]), np.char.add("  ", _num(rhs[nz]))))
+    ranged = np.flatnonzero((sense != "E") & np.isfinite(lo) & np.isfinite(hi))
+    if len(ranged):
+        out.append("RANGES")
+        out += list(np.char.add(np.char.add("    RNG  ", rname[ranged]), np.char.add("  ", _num(hi[ranged] - lo[ranged]))))
+    out.append("BOUNDS")
+    lb, ub = np.asarray(mdl.lb, dtype=np.float64), np.asarray(mdl.ub, dtype=np.float64)
+    binary = integer & (lb == 0) & (ub == 1)
+    bv = np.flatnonzero(binary)
+    out += list(np.char.add(" BV BND  ", cname[bv]))
+    other = np.flatnonzero(~binary)
+    lb, ub = lb.tolist(), ub.tolist()  # plain floats: repr gives their shortest exact text
+    for c in other.tolist():
+        if lb[c] == ub[c]:
+            out.append(f" FX BND  C{c}  {lb[c]!r}")
+            continue
+        if lb[c] == -math.inf:
+            out.append(f" MI BND  C{c}")
+        elif lb[c] != 0:
+            out.append(f" LO BND  C{c}  {lb[c]!r}")
+        if ub[c] != math.inf:
+            out.append(f" UP BND  C{c}  {ub[c]!r}")
+        elif integer[c]:
+            out.append(f" PL BND  C{c}")
+    out.append(" FX BND  ONE  1")
+    out.append("ENDATA")
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+def _write_cbc_solution(mdl: MipModel, values: np.ndarray, path: str) -> None:
+    """A start plan in the format CBC writes its solutions in (what -mips reads)."""
+    v = np.r_[values, 1.0]
+    v = np.where(np.r_[np.asarray(mdl.integer, dtype=bool), False], np.rint(v), v)
+    names = np.r_[np.char.add("C", np.arange(mdl.n_cols).astype(str)), ["ONE"]]
+    lines = np.char.add(np.char.add(np.char.add(np.char.rjust(np.arange(len(v)).astype(str), 7), " "),
+                                    np.char.add(names, " ")), np.char.add(_num(v), " 0"))
+    Path(path).write_text("Stopped on time - objective value 0\n" + "\n".join(lines) + "\n")
+
+
+def _read_cbc_solution(path: str, n: int) -> tuple[str, np.ndarray | None]:
+    """(CBC's status line, column values) from its solution file; values None without a plan."""
+    text = Path(path).read_text(errors="replace").splitlines()
+    if not text:
+        return "", None
+    head = text[0].strip()
+    low = head.lower()
+    if "infeasible" in low or "no integer solution" in low or "objective value" not in low:
+        return head, None
+    values = np.zeros(n)
+    for line in text[1:]:
+        tok = line.split()
+        if tok and tok[0] == "**":  # CBC marks values outside their bounds; solve() repairs them
+            tok = tok[1:]
+        if len(tok) < 3:
+            continue
+        name = tok[1]
+        c = n - 1 if name == "ONE" else int(name[1:]) if name.startswith("C") and name[1:].isdigit() else -1
+        if 0 <= c < n:
+            values[c] = float(tok[2])
+    return head, values
 
 
 def _cbc_bound(text: str) -> float | None:
-    """CBC's final best bound ("Lower bound:" in its log, without the objective's constant)."""
-    m = re.search(r"Lower bound:\s*([-+0-9.eE]+)", text)
-    return float(m.group(1)) if m else None
+    """CBC's proven lower bound from its log: the final "Lower bound:", else the last "best possible"
+    of its progress lines, else the root relaxation's "Continuous objective value"."""
+    for pattern in (r"Lower bound:\s*([-+0-9.eE]+)", r"best possible\s*([-+0-9.eE]+)",
+                    r"Continuous objective value is\s*([-+0-9.eE]+)"):
+        found = re.findall(pattern, text)
+        if found:
+            try:
+                return float(found[-1])
+            except ValueError:
+                continue
+    return None
 
 
 def _cbc_result(text: str) -> str:

@@ -10,7 +10,6 @@ point (103 GB of DeepSeek-V3's 1342 GB in BF16: 7.7% of the BF16 size) marked.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 from sensitivity.inventory import Inventory, Target
 from sensitivity.profile import Profile
 
-from .baselines import LLAMA_DEFAULT, _Greedy, llama_mix, paper_baseline, uniform
+from .baselines import LLAMA_DEFAULT, llama_mix, paper_baseline, uniform
 from .problem import Budget, InfeasibleBudget, Problem, Speed, parse_size
 from .solvers import solve
 
@@ -68,7 +67,6 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
 
     say = progress or (lambda s: None)
     rows = []
-    greedy = None
     budgets = [parse_size(b) for b in budgets]
     cache: dict = {}
     t_all = time.perf_counter()
