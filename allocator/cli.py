@@ -238,14 +238,33 @@ def _sweep_args(ap):
     ap.add_argument("--uniform", default="", help="uniform-format baselines to add, e.g. Q2_K,Q4_K")
     ap.add_argument("--out-csv", default="sweep.csv", help="table of results (default sweep.csv)")
     ap.add_argument("--out-png", default="sweep.png", help="plot of damage vs size (default sweep.png)")
+    ap.add_argument("--measure", action="store_true",
+                    help="apply every plan to the model and measure it against the original on held-out text: "
+                         "KLD (mean, p99), perplexity, top-1 agreement (needs a checkpoint with weights)")
+    ap.add_argument("--eval-tokens", type=int, default=4096,
+                    help="held-out tokens to measure on (default 4096; with --measure)")
+    ap.add_argument("--eval-text", metavar="FILE",
+                    help="held-out text to measure on (default: the checkpoint's valid.txt; with --measure)")
+    ap.add_argument("--materialize", metavar="DIR",
+                    help="also write every gguf-target plan as GGUF into DIR (with --measure)")
 
 
 def _sweep_run(args) -> int:
     from sensitivity.synthetic import SYNTHETIC_FORMATS
 
-    from .problem import parse_size
+    from .problem import fmt_bytes, parse_size
     from .sweep import ProblemFactory, budgets_between, sweep, write
 
+    if (args.materialize or args.eval_text) and not args.measure:
+        raise ValueError("--materialize and --eval-text go with --measure")
+    if args.measure:
+        from sensitivity.inventory import resolve_model
+
+        model_dir = resolve_model(args.model)
+        if not model_dir.is_dir():
+            raise ValueError(f"--measure needs a checkpoint with weights (a directory with config.json and the "
+                             f"*.safetensors files); {model_dir} is not one")
+        eval_text = Path(args.eval_text).read_text() if args.eval_text else None
     inv = _inventory(args.model)
     menu = _menu(args)
     extra = [] if args.no_baselines else ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
@@ -260,14 +279,30 @@ def _sweep_run(args) -> int:
         budgets = budgets_between(args.lo, args.hi, args.steps)
     factory = ProblemFactory(inv, prof, args.target, menu, args.context, args.reserve, _speed(args))
     t0 = time.perf_counter()
+    plans: dict | None = {} if args.measure else None
     df = sweep(factory, budgets, args.solver, args.time_limit, args.threads, baselines=not args.no_baselines,
-               uniform_formats=[f.strip() for f in args.uniform.split(",") if f.strip()], progress=_say)
+               uniform_formats=[f.strip() for f in args.uniform.split(",") if f.strip()], progress=_say, plans=plans)
     _say(f"sweep of {len(budgets)} budgets: {time.perf_counter() - t0:.1f} s")
     title = f"{inv.model_type}, target {args.target}, formats {','.join(menu)}"
-    write(df, args.out_csv, args.out_png, inv.bytes_uniform("BF16"), title)
     cols = ["memory_bytes", "method", "status", "weight_gb", "damage", "gap"]
+    if args.measure:
+        from sensitivity.profiler import importance_path
+
+        from .pareto import measure, write as write_measured
+
+        imp = importance_path(args.profile) if args.profile else None
+        t1 = time.perf_counter()
+        df = measure(df, plans, model_dir, eval_tokens=args.eval_tokens, eval_text=eval_text,
+                            importance=imp if imp is not None and imp.exists() else None,
+                            materialize_dir=args.materialize, progress=_say)
+        _say(f"measured {len(plans)} plans: {time.perf_counter() - t1:.1f} s")
+        df["bf16_bytes"] = inv.bytes_uniform("BF16")
+        write_measured(df, args.out_csv, args.out_png, inv.bytes_uniform("BF16"), title)
+        cols += ["measured_kld", "kld_p99", "perplexity", "top1_agreement"]
+    else:
+        write(df, args.out_csv, args.out_png, inv.bytes_uniform("BF16"), title)
     shown = df[[c for c in cols if c in df]].copy()
-    shown["memory_bytes"] = shown["memory_bytes"].map(lambda v: "-" if v != v or v is None else f"{v / 1e9:.1f} GB")
+    shown["memory_bytes"] = shown["memory_bytes"].map(lambda v: "-" if v != v or v is None else fmt_bytes(v))
     print(shown.to_string(index=False))
     _say(f"wrote {args.out_csv} and {args.out_png}")
     return 0

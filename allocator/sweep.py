@@ -58,10 +58,11 @@ def budgets_between(lo: int | str, hi: int | str, n: int) -> list[int]:
 
 def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solver: str = "lagrangian",
           time_limit: float = 60.0, threads: int = 2, baselines: bool = True, uniform_formats: Sequence[str] = (),
-          progress: Callable[[str], None] | None = None):
+          progress: Callable[[str], None] | None = None, plans: dict | None = None):
     """One row per (budget, method): moeplan's plan and, with `baselines`, the paper's pipeline at every
     budget; llama.cpp's mixes and `uniform_formats` once (their size does not depend on the budget).
-    Returns a pandas DataFrame."""
+    Returns a pandas DataFrame. With `plans` (a dict), also fills it with row index -> Plan for every
+    row that has a plan (what allocator.pareto.measure evaluates)."""
     import pandas as pd
 
     say = progress or (lambda s: None)
@@ -82,6 +83,7 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
         else:
             rows.append({**base, **_row("moeplan", sol.status.value, sol.totals, sol.objective, sol.bound, sol.gap,
                                         sol.wall_s)})
+            _keep_plan(plans, len(rows) - 1, p, sol.assignment, sol.report())
             say(f"[{idx + 1}/{len(budgets)}] {mem / 1e9:.1f} GB: {sol.summary()}")
         if baselines:
             t0 = time.perf_counter()
@@ -89,6 +91,8 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
             if b.feasible:
                 rows.append({**base, **_row(b.name, "baseline", b.totals, b.objective, None, None,
                                             time.perf_counter() - t0)})
+                _keep_plan(plans, len(rows) - 1, b.problem, b.assignment, {"solver": b.name, "status": "baseline",
+                                                                          "wall_s": rows[-1]["wall_s"]})
             else:
                 rows.append({**base, "method": b.name, "status": "infeasible"})
     if baselines and budgets:
@@ -106,9 +110,17 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
                 continue
             rows.append({"memory_bytes": None, "weight_budget_bytes": None, "synthetic_profile": bool(p.profile.synthetic),
                          "target": p.target.value, **_row(b.name, "baseline", b.totals, b.objective, None, None, 0.0)})
+            _keep_plan(plans, len(rows) - 1, b.problem, b.assignment, {"solver": b.name, "status": "baseline", "wall_s": 0.0})
     df = pd.DataFrame(rows)
     df.attrs["wall_s"] = time.perf_counter() - t_all
     return df
+
+
+def _keep_plan(plans: dict | None, row: int, problem: Problem, assignment, report: dict) -> None:
+    if plans is not None and assignment is not None:
+        from .plan import make_plan
+
+        plans[row] = make_plan(problem, assignment, report)
 
 
 def _row(method, status, totals, objective, bound, gap, wall_s) -> dict:
