@@ -5,7 +5,7 @@ from .baselines import Baseline, all_baselines, llama_mix, paper_baseline, paper
 from .formulation import FAMILIES, Formulation, MipModel, build_model
 from .plan import Plan, PlanError, assignment_from_plan, make_plan
 from .problem import (Assignment, Budget, Candidate, InfeasibleBudget, Item, MoELayer, Problem, Speed, Totals,
-                      lower_hull, pareto, parse_size)
+                      lower_hull, parse_size)
 from .solvers import SOLVERS, Solution, Status, solve, write_model
 from .sweep import ProblemFactory, budgets_between, sweep
 
@@ -13,6 +13,6 @@ __all__ = [
     "Assignment", "Baseline", "Budget", "Candidate", "FAMILIES", "Formulation", "InfeasibleBudget", "Item",
     "MipModel", "MoELayer", "Plan", "PlanError", "Problem", "ProblemFactory", "SOLVERS", "Solution", "Speed",
     "Status", "Totals", "all_baselines", "assignment_from_plan", "budgets_between", "build_model", "llama_mix",
-    "lower_hull", "make_plan", "paper_baseline", "paper_pipeline", "pareto", "parse_size", "solve", "sweep",
+    "lower_hull", "make_plan", "paper_baseline", "paper_pipeline", "parse_size", "solve", "sweep",
     "uniform", "write_model",
 ]

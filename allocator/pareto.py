@@ -107,7 +107,6 @@ class Evaluator:
         return self.reference.perplexity
 
     def __call__(self, plan):
-        from sensitivity.adapters import adapter_for
         from sensitivity.compress import Decision, apply_decision
         from sensitivity.evaluate import evaluate
 
@@ -115,12 +114,6 @@ class Evaluator:
         key = decision_key(plan)
         if key not in self._cache:
             model = copy.deepcopy(self.original)
-            # lower top-k first: apply_decision removes experts before it sets top-k, and removing
-            # refuses to leave fewer experts than the current top-k (a plan may keep 3 with top-k 3)
-            ad = adapter_for(model)
-            for l in plan.layers:
-                if l.top_k < ad.top_k(l.layer):
-                    ad.set_top_k(l.layer, l.top_k)
             model = apply_decision(model, Decision.from_plan(plan), self.importance)
             self._cache[key] = evaluate(model, self.reference)
             self.evaluations += 1

@@ -134,15 +134,31 @@ def load_compressed(path: str | os.PathLike, dtype=None):
         for layer, v in layers.items():
             n, groups = ad.n_experts(layer), ad.routing_spec(layer).n_group
             per, keep_per = n // groups, len(v["kept"]) // groups
+            if v["top_k"] < ad.top_k(layer):  # a layer may keep fewer experts than the original top-k
+                ad.set_top_k(layer, v["top_k"])
             ad.remove_experts(layer, [g * per + i for g in range(groups) for i in range(keep_per)])
         state = {}
         from sensitivity.inventory import checkpoint_shards
 
         for shard in checkpoint_shards(path):
             state.update(load_file(str(shard)))
+        # experts stored one tensor each on disk go into the fused in-memory tensors
+        from sensitivity.adapters import ExpertKind
+
+        filled = set()
+        for layer in ad.moe_layers():
+            for e in range(ad.n_experts(layer)):
+                names = {k: ad.expert_tensor_name(layer, e, k) for k in ExpertKind}
+                if all(n in state for n in names.values()):
+                    ad.set_expert_weights(layer, e, {k: state.pop(n) for k, n in names.items()})
+                    filled.add(layer)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+        prefixes = tuple(f"{ad.expert_tensor_name(l, 0, 'gate').split('.experts.')[0]}.experts." for l in filled)
+        missing = [k for k in missing if not k.startswith(prefixes)]
+        if missing:
+            raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:3]}")
     ad = adapter_for(model)
     for layer, v in layers.items():
         if ad.top_k(layer) != v["top_k"]:

@@ -87,6 +87,10 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
             r.set(_kv_b_gguf(w, fmt, config, imp))
         else:
             r.set(quantize_dequantize(w, fmt, imp))
+    # a lower top-k first: a layer may keep fewer experts than its original top-k
+    for layer, k in decision.top_k.items():
+        if k < ad.top_k(layer):
+            ad.set_top_k(layer, k)
     for layer, keep in decision.kept_experts.items():
         if len(keep) != ad.n_experts(layer):
             ad.remove_experts(layer, list(keep))

@@ -117,8 +117,9 @@ def test_a_plan_for_another_model_is_refused(shipped):
 
 @pytest.mark.skipif(not (MODELS_DIR / "tiny-qwen3-moe" / "model.safetensors").exists(),
                     reason="the shipped tiny-qwen3-moe checkpoint is not in this checkout")
-def test_a_layer_may_keep_fewer_experts_than_the_original_top_k():
-    """Free target, no expert groups: layer 0 keeps 3 of 16 experts with top-k 3 (< the original 4)."""
+def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
+    """Free target, no expert groups: layer 0 keeps 3 of 16 experts with top-k 3 (< the original 4);
+    measured in memory, and written as safetensors that load back with the same output."""
     from allocator.baselines import uniform
     from allocator.pareto import Evaluator
     from sensitivity.profile import Profile
@@ -138,6 +139,20 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k():
     assert plan.layers[0].kept == [0, 1, 2] and plan.layers[0].top_k == 3 < inv.top_k
     r = ev(plan)
     assert 0 < r.kld_mean < 10 and 0 < r.top1_agreement < 1
+
+    import copy
+
+    import torch
+
+    from kernels.materialize import load_compressed, materialize
+    from sensitivity.compress import Decision, apply_decision
+
+    materialize(str(MODELS_DIR / "tiny-qwen3-moe"), plan, hf_out=tmp_path / "hf", progress=False)
+    restored = load_compressed(tmp_path / "hf")
+    mem = apply_decision(copy.deepcopy(ev.original), Decision.from_plan(plan), ev.importance)
+    ids = torch.arange(48).unsqueeze(0)
+    with torch.inference_mode():
+        assert torch.equal(restored(input_ids=ids).logits, mem(input_ids=ids).logits)
 
 
 def test_measuring_needs_a_checkpoint_with_weights(capsys):
