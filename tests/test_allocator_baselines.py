@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -59,7 +58,6 @@ def test_paper_pipeline(toy):
             for g in range(lo.n_group):
                 assert imp[g][kept[g]].min() >= imp[g][~kept[g]].max()
         # more budget never hurts the greedy; too little has no plan
-        sizes = [b.totals.weight_bytes]
         last = b.objective
         small = lo.evaluate(b.assignment).weight_bytes
         for mem in (small * 11 // 10, small * 13 // 10, small * 2):

@@ -3,7 +3,6 @@ definition, the smallest plan; and the synthetic profile generator."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ from hypothesis import strategies as st
 
 from allocator.problem import (Assignment, Budget, InfeasibleBudget, Problem, Speed, lower_hull, pareto,
                                pareto_mask, parse_size)
-from kernels import formats as fmts
-from sensitivity.inventory import Role, Target
+from sensitivity.inventory import Role
 from sensitivity.profile import Profile
 from sensitivity.synthetic import (RMSE_GAUSSIAN, SYNTHETIC_FORMATS, relative_error, synthetic_profile,
                                    toy_inventory)
@@ -118,7 +116,6 @@ def test_gguf_fallback_reaches_the_bytes():
 
     inv = build_inventory("deepseek-v3")
     t = inv["model.layers.3.self_attn.kv_b_proj.weight"]
-    prof = Profile(inv.fingerprint, ["Q4_K"], {t.name: {"Q4_K": 1.0}}, {}, {})
     assert t.nbytes("Q4_K", "gguf", inv.config) != t.nbytes("Q4_K", "free", inv.config)
     assert t.stored_format("Q4_K", "gguf", inv.config) == ["Q5_0", "Q4_K"]
 

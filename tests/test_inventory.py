@@ -1,6 +1,5 @@
 """Inventory: DeepSeek-V3 parameter counts, exact bytes, safetensors headers vs meta device."""
 
-import json
 
 import numpy as np
 import pytest

@@ -3,11 +3,9 @@ fingerprint, the shipped schema, llama-quantize export."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
-import numpy as np
 import pytest
 
 from allocator.plan import (SCHEMA_PATH, Plan, PlanError, assignment_from_plan, make_plan, schema_text,

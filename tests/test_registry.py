@@ -1,10 +1,8 @@
 """The format registry against the `gguf` package and the C kernels' own block sizes."""
 
 import gguf
-import numpy as np
 import pytest
 
-import kernels
 from kernels import formats
 
 
