@@ -190,11 +190,11 @@ def _markdown(summaries: list[dict]) -> list[str]:
     lines += ["", "Profile time breakdown (s):", ""]
     for s in summaries:
         lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
-    lines += ["", "Joint correction per format (measured KL of the uniformly quantized model / sum of the groups' "
-              "predictions):", ""]
+    lines += ["", "Joint correction per class and format (measured KL of the class quantized uniformly / sum of its "
+              "groups' predictions):", ""]
     for s in summaries:
-        if s.get("joint_correction"):
-            lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v:.2f}" for k, v in s["joint_correction"].items()))
+        for cls, rho in (s.get("joint_correction") or {}).items():
+            lines.append(f"- {s['model']}, {cls}: " + ", ".join(f"{k} {v:.2f}" for k, v in rho.items()))
     lines += ["", "Goals: Spearman >= 0.95, profiling under 3 minutes on 2 cores.",
               "Per-plan rows: results/profile-<model>.csv; scatter: results/profile-<model>.png; "
               "summary: results/profile-<model>.json.", ""]

@@ -13,14 +13,16 @@ non-expert tensor; each (layer, gate/up/down) of the routed experts). The gain i
 quantizing the group to a calibration format (Q4_K) and measuring the KL; with several calibration
 formats it is interpolated log-log in the group's error energy.
 
-Joint correction. Group KLs measured one at a time do not add up to the KL of quantizing every
-group together (about half of it at 3-4 bits per weight on the reference models, more than it at
-1.5 bits), and the ratio depends on the format. So the whole model is also quantized to each format
-of the menu, one forward pass each, and every tensor's damage in format f is scaled by
-rho_f = measured KL / the sum of the groups' predictions: a uniform plan is then predicted exactly,
-and a mixed plan adds the corrected damages. (Measured on 30 random plans per reference model,
-the correction lifts the Spearman correlation of predicted and measured KL from 0.97-0.99 to 0.99
-and brings the median predicted/measured ratio from 1.1-1.4 to 1.0.)
+Joint correction. Group KLs measured one at a time do not add up to the KL of quantizing many
+groups together (about half of it at 3-4 bits per weight on the reference models, more than it at
+1.5 bits), and the ratio depends on the format and differs between the routed experts and the
+rest. So for each format f of the menu the model is also quantized twice more -- every routed
+expert to f; every other tensor to f -- one forward pass each, and every tensor's damage in format f
+is scaled by its class's rho_f = measured KL / the sum of the class's predictions: a plan that
+quantizes one class uniformly is then predicted exactly, and a mixed plan adds the corrected
+damages. (On 30 random plans per reference model, one rho_f for all tensors lifted the Spearman
+correlation of predicted and measured KL from 0.97-0.99 to 0.99; per class it also follows the
+solver's plans, which quantize experts and attention very differently.)
 
 Expert removal and top-k: measured directly, one forward pass each (remove one expert; set one
 layer's top-k to k), as KL against the original model on the calibration windows.
@@ -109,28 +111,33 @@ class Profiler:
         first decoder layer the modification touches (the layers before it are not rerun)."""
         return evaluate(model if model is not None else self.model, self.reference, start_layer=start).kld_mean
 
-    def _joint_correction(self, refs, importance: dict, damage: dict) -> dict[str, float]:
-        """rho_f per format: KL of the whole model quantized to f over the sum of the predicted damages."""
+    def _joint_correction(self, refs, importance: dict, damage: dict) -> dict[str, dict[str, float]]:
+        """rho[class][f] per tensor class (routed experts; every other tensor) and format: the KL of the
+        model with every tensor of the class quantized to f, over the sum of their predicted damages."""
         saved = {r.name: r.get().detach().clone() for r in refs}
-        rho = {}
+        classes = {c: [r for r in refs if _class_of(r) == c] for c in CORRECTION_CLASSES}
+        rho: dict[str, dict[str, float]] = {c: {} for c in CORRECTION_CLASSES}
         try:
-            with self._bar(len(self.formats), "joint correction") as bar:
-                for f in self.formats:
-                    predicted = sum(d[f] for d in damage.values())
-                    if predicted > 0:
-                        for r in refs:
-                            w = saved[r.name].float().contiguous()
-                            stored = fmts.resolve(f, w.shape[-1]).name
-                            q = kernels.quantize(w, stored, importance[r.name])
-                            r.set(torch.from_numpy(kernels.dequantize(q, stored, w.shape)))
-                        rho[f] = float(self._kl() / predicted)
-                        for r in refs:
-                            r.set(saved[r.name])
-                    bar.update()
+            with self._bar(len(self.formats) * len(classes), "joint correction") as bar:
+                for c, members in classes.items():
+                    starts = [self._start_layer(r) for r in members]
+                    start = None if None in starts or not starts else min(starts)
+                    for f in self.formats:
+                        predicted = sum(damage[r.name][f] for r in members)
+                        if predicted > 0:
+                            for r in members:
+                                w = saved[r.name].float().contiguous()
+                                stored = fmts.resolve(f, w.shape[-1]).name
+                                q = kernels.quantize(w, stored, importance[r.name])
+                                r.set(torch.from_numpy(kernels.dequantize(q, stored, w.shape)))
+                            rho[c][f] = float(self._kl(start=start) / predicted)
+                            for r in members:
+                                r.set(saved[r.name])
+                        bar.update()
         finally:
             for r in refs:
                 r.set(saved[r.name])
-        return rho
+        return {c: v for c, v in rho.items() if v}
 
     def _start_layer(self, ref) -> int | None:
         """The first decoder layer whose output a change of tensor `ref` alters (None: the embedding)."""
@@ -277,9 +284,9 @@ class Profiler:
                 damage[r.name] = {f: gain[key][f] * err[r.name][f] for f in self.formats}
         t5 = time.perf_counter()
         joint = self._joint_correction(refs, importance, damage) if self.joint_correction else {}
-        for d in damage.values():
-            for f, rho in joint.items():
-                d[f] *= rho
+        for r in refs:
+            for f, rho in joint.get(_class_of(r), {}).items():
+                damage[r.name][f] *= rho
         self.timings["joint_correction"] = time.perf_counter() - t5
 
         # expert statistics and measured removal cost
@@ -326,8 +333,9 @@ class Profiler:
             "method": "importance-weighted error kernel x per-group gain, calibrated by quantizing each group to "
                       f"{' and '.join(self.calibration_formats)}"
                       + (" and interpolated log-log in the group's error energy" if len(self.calibration_formats) > 1 else "")
-                      + ("; every format scaled by the measured KL of the whole model in that format over the sum "
-                         "of the groups' predictions (joint_correction)" if joint else "")
+                      + ("; every format scaled per class (routed experts, other tensors) by the measured KL of "
+                         "the class quantized to that format over the sum of its groups' predictions "
+                         "(joint_correction)" if joint else "")
                       + "; measured expert removal and top-k KL",
             "joint_correction": joint,
             "calibration_tokens": int(self.reference.n_tokens),
@@ -355,6 +363,13 @@ class Profiler:
         ad = adapter_for(m)
         ad.remove_experts(layer, [e for e in range(ad.n_experts(layer)) if e != expert])
         return self._kl(m, start=layer)
+
+
+CORRECTION_CLASSES = ("routed_experts", "other")
+
+
+def _class_of(ref) -> str:
+    return "routed_experts" if ref.role is TensorRole.ROUTED_EXPERT else "other"
 
 
 def _interpolate_gain(points: list[tuple[float, float]], energy: float) -> float:

@@ -64,18 +64,20 @@ def test_gain_calibration_reproduces_its_own_measurements(profiled, fmt):
     name = next(n for n in profile.tensor_damage if "o_proj" in n)
     d = Decision(formats={name: fmt})
     measured = evaluate(apply_decision(copy.deepcopy(model), d, importance), prof.reference).kld_mean
-    rho = profile.meta["joint_correction"][fmt]
+    rho = profile.meta["joint_correction"]["other"][fmt]
     assert predicted_damage(profile, d) == pytest.approx(rho * measured, rel=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0"])
-def test_joint_correction_predicts_uniform_plans_exactly(profiled, fmt):
+@pytest.mark.parametrize("cls", ["routed_experts", "other"])
+def test_joint_correction_predicts_a_uniformly_quantized_class_exactly(profiled, fmt, cls):
     model, prof, profile, importance = profiled
-    d = Decision(formats={n: fmt for n in profile.tensor_damage})
+    names = [n for n in profile.tensor_damage if (".experts." in n) == (cls == "routed_experts")]
+    d = Decision(formats={n: fmt for n in names})
     measured = evaluate(apply_decision(copy.deepcopy(model), d, importance), prof.reference).kld_mean
     assert measured > 0
     assert predicted_damage(profile, d) == pytest.approx(measured, rel=1e-6)
-    assert profile.meta["joint_correction"][fmt] > 0
+    assert profile.meta["joint_correction"][cls][fmt] > 0
 
 
 def test_removal_and_topk_costs_equal_full_forward_measurements(profiled):
