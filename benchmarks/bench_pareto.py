@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on a busy machine
 
 import argparse
-import platform
 import shlex
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from allocator.pareto import (GOAL_RATIO, MOEPLAN_FREE, MOEPLAN_GGUF, QUANT_ONLY, goal_markdown,  # noqa: E402
                               goal_table, pareto_curves, write)
 from allocator.sweep import PAPER_RATIO  # noqa: E402
+from machine_info import logical_cpus  # noqa: E402
 
 MODELS = ("tiny-deepseek-v3", "tiny-qwen3-moe")
 RESULTS = ROOT / "results"
@@ -51,15 +51,7 @@ def fractions(points: int, lo: float, hi: float) -> list[float]:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    return f"{logical_cpus()}, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
 def spearman(a, b) -> float:

@@ -33,6 +33,7 @@ from allocator.solvers import solve  # noqa: E402
 from allocator.sweep import ProblemFactory, budgets_between, sweep, write  # noqa: E402
 from sensitivity.inventory import build_inventory  # noqa: E402
 from sensitivity.synthetic import synthetic_profile, toy_inventory  # noqa: E402
+from machine_info import logical_cpus  # noqa: E402
 
 MENU = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "Q3_K", "Q4_K", "Q6_K"]  # 8 formats
 EXTRA = ["Q5_K", "Q8_0"]  # in the profile (llama.cpp's mixes need them), not in the menu
@@ -40,15 +41,7 @@ SPEED = (256.0, 20.0)  # GB/s, tokens/s -> 12.8 GB read per token
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f} at start"
+    return f"{logical_cpus()}, load average {os.getloadavg()[0]:.1f} at start"
 
 
 def versions() -> str:
