@@ -175,7 +175,7 @@ def _markdown(summaries: list[dict]) -> list[str]:
         "the fidelity figures.",
         "",
         "Predicted KL: the profile's additive prediction (sum of tensor damages, expert removal costs and "
-        "top-k costs; tensor damages are per-group gains calibrated at Q4_K, scaled per format by the "
+        "top-k costs; tensor damages are per-group gains calibrated at IQ2_XXS and Q4_K, scaled per format and class by the "
         "joint correction, see sensitivity/profiler.py). Measured KL: the plan applied to the model (moeplan's kernels, pruning, top-k) and "
         "evaluated against the original on the held-out validation split. Spearman without pruning: the "
         "same over the plans that prune no expert.",
