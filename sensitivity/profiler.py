@@ -50,7 +50,7 @@ from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load
 from .inventory import build_inventory
 from .profile import ExpertStats, Profile
 
-DEFAULT_FORMATS = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
+DEFAULT_FORMATS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
 # Two error levels per group: the gain grows from 3-4 bits to 2 bits per weight, and by different
 # amounts in different groups; with one level the solver picks exactly the low-bit choices whose
 # damage is underestimated (measured on the reference models: its plans then measure 1.6-1.9x their
