@@ -20,9 +20,7 @@ rest. So for each format f of the menu the model is also quantized twice more --
 expert to f; every other tensor to f -- one forward pass each, and every tensor's damage in format f
 is scaled by its class's rho_f = measured KL / the sum of the class's predictions: a plan that
 quantizes one class uniformly is then predicted exactly, and a mixed plan adds the corrected
-damages. (On 30 random plans per reference model, one rho_f for all tensors lifted the Spearman
-correlation of predicted and measured KL from 0.97-0.99 to 0.99; per class it also follows the
-solver's plans, which quantize experts and attention very differently.)
+damages. (results/profile.md gives the fidelity this reaches.)
 
 Expert removal and top-k: measured directly, one forward pass each (remove one expert; set one
 layer's top-k to k), as KL against the original model on the calibration windows.
@@ -53,8 +51,8 @@ from .profile import ExpertStats, Profile
 DEFAULT_FORMATS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
 # Two error levels per group: the gain grows from 3-4 bits to 2 bits per weight, and by different
 # amounts in different groups; with one level the solver picks exactly the low-bit choices whose
-# damage is underestimated (measured on the reference models: its plans then measure 1.6-1.9x their
-# prediction, against 1.05x with these two). The joint correction then sets each format's level.
+# damage is underestimated (on tiny-deepseek-v3 its plans then measured 1.6-1.9x their prediction,
+# against 1.05x with these two). The joint correction then sets each format's level.
 CALIBRATION_FORMATS = ("IQ2_XXS", "Q4_K")
 # Every decoder layer's input on the calibration windows is kept (when it fits under this), so that
 # a change in layer l reruns layers l.. only.
@@ -121,16 +119,12 @@ class Profiler:
         try:
             with self._bar(len(self.formats) * len(classes), "joint correction") as bar:
                 for c, members in classes.items():
-                    starts = [self._start_layer(r) for r in members]
-                    start = None if None in starts or not starts else min(starts)
+                    start = self._first_layer(members)
                     for f in self.formats:
                         predicted = sum(damage[r.name][f] for r in members)
                         if predicted > 0:
                             for r in members:
-                                w = saved[r.name].float().contiguous()
-                                stored = fmts.resolve(f, w.shape[-1]).name
-                                q = kernels.quantize(w, stored, importance[r.name])
-                                r.set(torch.from_numpy(kernels.dequantize(q, stored, w.shape)))
+                                _quantize_in_place(r, saved[r.name], f, importance[r.name])
                             rho[c][f] = float(self._kl(start=start) / predicted)
                             for r in members:
                                 r.set(saved[r.name])
@@ -140,13 +134,18 @@ class Profiler:
                 r.set(saved[r.name])
         return {c: v for c, v in rho.items() if v}
 
-    def _start_layer(self, ref) -> int | None:
-        """The first decoder layer whose output a change of tensor `ref` alters (None: the embedding)."""
-        if ref.layer is not None:
-            return ref.layer
-        if ref.role is TensorRole.HEAD:
-            return self.adapter.n_layers()  # only the final norm and the head run
-        return None
+    def _first_layer(self, refs) -> int | None:
+        """The first decoder layer whose output a change of the tensors `refs` alters (None: the
+        embedding is among them, the whole model reruns)."""
+        starts = []
+        for ref in refs:
+            if ref.layer is not None:
+                starts.append(ref.layer)
+            elif ref.role is TensorRole.HEAD:
+                starts.append(self.adapter.n_layers())  # only the final norm and the head run
+            else:
+                return None
+        return min(starts) if starts else None
 
     # ---- 1. statistics of one forward pass over the calibration windows ----
     def _collect(self) -> tuple[dict[int, _ExpertAccum], dict[str, np.ndarray]]:
@@ -263,14 +262,10 @@ class Profiler:
                 pts = []
                 for c in self.calibration_formats:
                     energy = 0.0
-                    for r in members:
-                        w = r.get().detach().float().contiguous()
-                        f = fmts.resolve(c, w.shape[-1]).name
-                        q = kernels.quantize(w, f, importance[r.name])
-                        r.set(torch.from_numpy(kernels.dequantize(q, f, w.shape)))
+                    for r, sv in zip(members, saved):
+                        _quantize_in_place(r, sv, c, importance[r.name])
                         energy += err[r.name][c]
-                    starts = [self._start_layer(r) for r in members]
-                    kl = self._kl(start=None if None in starts else min(starts))
+                    kl = self._kl(start=self._first_layer(members))
                     for r, sv in zip(members, saved):
                         r.set(sv)
                     pts.append((energy, kl / energy if energy > 0 else 0.0))
@@ -367,6 +362,14 @@ class Profiler:
 
 
 CORRECTION_CLASSES = ("routed_experts", "other")
+
+
+def _quantize_in_place(ref, original: torch.Tensor, fmt: str, importance: np.ndarray) -> None:
+    """Set tensor `ref` to `original` quantized to `fmt` (or llama.cpp's fallback for its row length)
+    and dequantized with the kernels."""
+    w = original.float().contiguous()
+    stored = fmts.resolve(fmt, w.shape[-1]).name
+    ref.set(torch.from_numpy(kernels.dequantize(kernels.quantize(w, stored, importance), stored, w.shape)))
 
 
 def _class_of(ref) -> str:
