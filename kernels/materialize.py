@@ -9,7 +9,8 @@ leaves no partial output.
 GGUF: quantized with moeplan's kernels by kernels.gguf_export (needs a `gguf`-target plan: llama.cpp
 has one type per stacked expert tensor, one expert count and one top-k).
 safetensors: the dequantized weights of the compressed model (pruned experts removed) in float32 --
-exactly the values the quantized model computes with -- plus the per-layer top-k and kept experts
+exactly the values the quantized model computes with -- read, quantized and written one checkpoint
+tensor at a time (never the whole model in memory), plus the per-layer top-k and kept experts
 under the config's "moeplan" key. `load_compressed(OUTDIR)` reloads it (it is also a plain
 `from_pretrained` checkpoint when every MoE layer keeps the same number of experts and top-k).
 """
@@ -79,26 +80,88 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
 
 
 def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None) -> Path:
-    """The compressed model as a transformers checkpoint (float32 dequantized weights)."""
+    """The compressed model as a transformers checkpoint (float32 dequantized weights), streamed: one
+    checkpoint tensor is read, pruned, quantized and dequantized, and written at a time, so the
+    process holds about one tensor, never the model. The values are those of `apply_decision` on the
+    loaded model (tests check the logits are identical)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from sensitivity.compress import Decision, apply_decision
+    from sensitivity.adapters import ExpertKind, adapter_for
+    from sensitivity.compress import Decision, _kv_b_gguf, quantize_dequantize
+    from sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
+
+    from .gguf_export import _Checkpoint
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    apply_decision(model, Decision.from_plan(plan), importance)
+    decision = Decision.from_plan(plan)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    # the architecture on the meta device: names, counts and the config after pruning, no weights
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf_config)
+    ad = adapter_for(meta)
+    module_names = {id(m): n for n, m in meta.named_modules()}
+    kept = {layer: sorted(decision.kept_experts.get(layer, range(ad.n_experts(layer)))) for layer in ad.moe_layers()}
+    routers = {}  # checkpoint name of a router weight / correction bias -> the kept rows
+    for layer in ad.moe_layers():
+        gate = ad._checkpoint_name(module_names[id(ad.router(layer))], layer)
+        routers[f"{gate}.weight"] = routers[f"{gate}.e_score_correction_bias"] = kept[layer]
+    for layer, k in decision.top_k.items():  # a lower top-k first: a layer may keep fewer experts
+        if k < ad.top_k(layer):
+            ad.set_top_k(layer, k)
+    for layer, keep in kept.items():
+        if len(keep) != ad.n_experts(layer):
+            ad.remove_experts(layer, keep)
+    for layer, k in decision.top_k.items():
+        if k != ad.top_k(layer):
+            ad.set_top_k(layer, k)
+    gguf_kv_b = Target(decision.target) is Target.GGUF and config.get("kv_lora_rank")
+
+    def compress(name: str, w: torch.Tensor) -> torch.Tensor:
+        fmt = decision.formats.get(name)
+        if fmt is None:
+            return w
+        imp = None if importance is None else importance.get(name)
+        if gguf_kv_b and name.endswith("kv_b_proj.weight"):
+            return _kv_b_gguf(w, fmt, config, imp)
+        return quantize_dequantize(w, fmt, imp)
+
+    ckpt = _Checkpoint(Path(model_dir), config)
+    specs = []  # (output name, shape, producer)
+    for name, entry in sorted(ckpt._entries.items()):
+        if _EXPERT_RE.search(name) or _FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
+            continue  # experts below; FP8 scales are folded into the float32 weights
+        shape = entry.shape
+        if name in routers:
+            shape = (len(routers[name]), *shape[1:])
+        specs.append((name, shape, lambda name=name: _router_rows(compress(name, ckpt.read(name).float()),
+                                                                    routers.get(name))))
+    for layer in ad.moe_layers():
+        prefix = ad.expert_tensor_name(layer, 0, ExpertKind.GATE).split(".experts.")[0] + ".experts"
+        for new, old in enumerate(kept[layer]):
+            for kind in ExpertKind:
+                src = ad.expert_tensor_name(layer, old, kind)
+                ckpt_kind = ad.checkpoint_expert_names[kind]
+                rows, cols = ad.expert_weights(layer, new)[kind].shape
+                specs.append((ad.expert_tensor_name(layer, new, kind), (rows, cols),
+                              lambda src=src, pre=prefix, old=old, ck=ckpt_kind: compress(src, ckpt.expert(pre, old, ck).float())))
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.config.moeplan = {
+        _write_safetensors(tmp / "model.safetensors", specs)
+        meta.config.moeplan = {
             "plan_fingerprint": plan.model.fingerprint,
             "target": plan.target,
             "layers": {str(l.layer): {"kept": list(l.kept), "top_k": l.top_k} for l in plan.layers},
         }
-        model.save_pretrained(str(tmp))
+        meta.config.dtype = "float32"
+        meta.config.save_pretrained(str(tmp))
+        if (Path(model_dir) / "generation_config.json").exists():
+            shutil.copy2(Path(model_dir) / "generation_config.json", tmp / "generation_config.json")
         try:
             AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tmp))
         except (OSError, ValueError):
@@ -109,7 +172,38 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        ckpt.close()
     return out_dir
+
+
+def _router_rows(w, rows):
+    return w if rows is None or len(rows) == w.shape[0] else w[rows].contiguous()
+
+
+def _write_safetensors(path: Path, specs) -> None:
+    """A float32 safetensors file written one tensor at a time: the header (names, shapes, offsets)
+    first, then each producer's tensor in order."""
+    import struct
+
+    import numpy as np
+
+    header, offset = {}, 0
+    for name, shape, _ in specs:
+        n = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, produce in specs:
+            t = produce()
+            if tuple(t.shape) != tuple(shape):
+                raise AssertionError(f"{name}: produced {tuple(t.shape)}, header says {tuple(shape)}")
+            f.write(t.detach().float().contiguous().numpy().tobytes())
 
 
 def load_compressed(path: str | os.PathLike, dtype=None):

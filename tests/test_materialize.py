@@ -90,3 +90,41 @@ def test_free_target_plan_cannot_become_gguf(setup, tmp_path):
     with pytest.raises(ValueError, match="target gguf"):
         materialize(str(path), free, gguf_out=tmp_path / "x.gguf", progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_hf_writer_streams_and_prunes_group_limited_experts(setup, tmp_path, monkeypatch):
+    # the seed paper's pipeline prunes a quarter of every group (router rows and correction bias
+    # sliced); the writer never loads the model, and the checkpoint computes what the in-memory
+    # compressed model computes
+    from transformers import AutoModelForCausalLM
+
+    from allocator import paper_baseline
+    from allocator.plan import make_plan
+    from allocator.sweep import ProblemFactory
+    from kernels.materialize import load_compressed, materialize
+    from sensitivity.compress import Decision, apply_decision
+    from sensitivity.profile import Profile
+    from sensitivity.profiler import load_importance
+
+    path, inv, _ = setup
+    profile = Profile.load(path / "profile.json")
+    p = ProblemFactory(inv, profile, target="gguf", context=0, reserve=0)(int(0.15 * inv.bytes_uniform("BF16")))
+    b = paper_baseline(p)
+    assert b.feasible
+    plan = make_plan(b.problem, b.assignment, {"solver": "paper", "status": "baseline", "wall_s": 0.0})
+    assert all(len(l.kept) < l.n_experts for l in plan.layers)
+    original = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    def refuse(*a, **k):
+        raise AssertionError("write_hf loaded the whole model")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+        materialize(str(path), plan, hf_out=tmp_path / "hf", progress=False)
+    restored = load_compressed(tmp_path / "hf")
+    mem = apply_decision(copy.deepcopy(original), Decision.from_plan(plan),
+                         load_importance(path / "profile.importance.safetensors"))
+    ids = torch.arange(64).unsqueeze(0) % 4000
+    with torch.inference_mode():
+        assert torch.equal(restored(input_ids=ids).logits, mem(input_ids=ids).logits)
+    assert restored.config.n_routed_experts == len(plan.layers[0].kept)
