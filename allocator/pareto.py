@@ -42,7 +42,7 @@ from sensitivity.inventory import Inventory, Target
 from sensitivity.profile import Profile
 
 from .problem import Assignment, Problem, parse_size
-from .sweep import PAPER_RATIO, ProblemFactory, sweep
+from .sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
 
 # weight budgets of the default curves: 6% .. 35% of the BF16 size, plus the seed paper's ratio
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(sorted({round(float(x), 4) for x in np.linspace(0.06, 0.35, 11)}
@@ -566,10 +566,7 @@ def plot(df, path: str | Path, bf16_bytes: int | None = None, title: str = "", p
         bx.set_title("predicted vs measured", fontsize=9)
         bx.grid(True, which="both", alpha=0.3)
         bx.legend(fontsize=6)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 CSV_COLUMNS = ("model", "method", "target", "status", "memory_bytes", "weight_budget_bytes", "budget_fraction",
