@@ -482,6 +482,10 @@ class _Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def names(self) -> list[str]:
+        """Every tensor name of the checkpoint, sorted."""
+        return sorted(self._entries)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape
 

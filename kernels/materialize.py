@@ -88,7 +88,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from sensitivity.adapters import ExpertKind, adapter_for
-    from sensitivity.compress import Decision, _kv_b_gguf, quantize_dequantize
+    from sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
     from sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
 
     from .gguf_export import _Checkpoint
@@ -109,15 +109,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     for layer in ad.moe_layers():
         gate = ad._checkpoint_name(module_names[id(ad.router(layer))], layer)
         routers[f"{gate}.weight"] = routers[f"{gate}.e_score_correction_bias"] = kept[layer]
-    for layer, k in decision.top_k.items():  # a lower top-k first: a layer may keep fewer experts
-        if k < ad.top_k(layer):
-            ad.set_top_k(layer, k)
-    for layer, keep in kept.items():
-        if len(keep) != ad.n_experts(layer):
-            ad.remove_experts(layer, keep)
-    for layer, k in decision.top_k.items():
-        if k != ad.top_k(layer):
-            ad.set_top_k(layer, k)
+    prune_and_set_top_k(ad, kept, decision.top_k)
     gguf_kv_b = Target(decision.target) is Target.GGUF and config.get("kv_lora_rank")
 
     def compress(name: str, w: torch.Tensor) -> torch.Tensor:
@@ -131,10 +123,10 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
 
     ckpt = _Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)
-    for name, entry in sorted(ckpt._entries.items()):
+    for name in ckpt.names():
         if _EXPERT_RE.search(name) or _FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
             continue  # experts below; FP8 scales are folded into the float32 weights
-        shape = entry.shape
+        shape = ckpt.shape(name)
         if name in routers:
             shape = (len(routers[name]), *shape[1:])
         specs.append((name, shape, lambda name=name: _router_rows(compress(name, ckpt.read(name).float()),
@@ -213,6 +205,7 @@ def load_compressed(path: str | os.PathLike, dtype=None):
     from safetensors.torch import load_file
 
     from sensitivity.adapters import adapter_for
+    from sensitivity.compress import prune_and_set_top_k
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
@@ -225,12 +218,12 @@ def load_compressed(path: str | os.PathLike, dtype=None):
         config = AutoConfig.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
         ad = adapter_for(model)
+        shapes = {}  # layer -> the first len(kept) / groups experts of every group: the right shapes
         for layer, v in layers.items():
             n, groups = ad.n_experts(layer), ad.routing_spec(layer).n_group
             per, keep_per = n // groups, len(v["kept"]) // groups
-            if v["top_k"] < ad.top_k(layer):  # a layer may keep fewer experts than the original top-k
-                ad.set_top_k(layer, v["top_k"])
-            ad.remove_experts(layer, [g * per + i for g in range(groups) for i in range(keep_per)])
+            shapes[layer] = [g * per + i for g in range(groups) for i in range(keep_per)]
+        prune_and_set_top_k(ad, shapes, {layer: v["top_k"] for layer, v in layers.items()})
         state = {}
         from sensitivity.inventory import checkpoint_shards
 

@@ -9,7 +9,7 @@ top-k is set. For the `gguf` target, DeepSeek's kv_b_proj is quantized the way l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,17 +87,22 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
             r.set(_kv_b_gguf(w, fmt, config, imp))
         else:
             r.set(quantize_dequantize(w, fmt, imp))
-    # a lower top-k first: a layer may keep fewer experts than its original top-k
-    for layer, k in decision.top_k.items():
+    prune_and_set_top_k(ad, decision.kept_experts, decision.top_k)
+    return model
+
+
+def prune_and_set_top_k(ad, kept_experts: Mapping[int, Sequence[int]], top_k: Mapping[int, int]) -> None:
+    """Remove every routed expert not in kept_experts[layer] and set each layer's top-k. A lower top-k
+    goes first: a layer may keep fewer experts than its original top-k."""
+    for layer, k in top_k.items():
         if k < ad.top_k(layer):
             ad.set_top_k(layer, k)
-    for layer, keep in decision.kept_experts.items():
+    for layer, keep in kept_experts.items():
         if len(keep) != ad.n_experts(layer):
             ad.remove_experts(layer, list(keep))
-    for layer, k in decision.top_k.items():
+    for layer, k in top_k.items():
         if k != ad.top_k(layer):
             ad.set_top_k(layer, k)
-    return model
 
 
 def predicted_damage(profile, decision: Decision) -> float:
