@@ -1,4 +1,4 @@
-"""Build of the C quantization kernels (kernels._C).
+"""Build of the C quantization kernels (moeplan.kernels._C, from kernels/csrc).
 
 Plain C11. OpenMP is used when the compiler accepts -fopenmp, otherwise the kernels run
 single-threaded. No -march=native: the extension must run on any x86-64 / aarch64 machine
@@ -49,7 +49,7 @@ class BuildExt(build_ext):
 
 
 ext = Extension(
-    "kernels._C",
+    "moeplan.kernels._C",
     sources=sorted(glob("kernels/csrc/*.c")),
     include_dirs=["kernels/csrc", np.get_include()],
     depends=sorted(glob("kernels/csrc/*.h")),

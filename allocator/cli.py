@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 # modules that register subcommands of their own (imported if they exist)
-EXTENSION_MODULES: list[str] = ["sensitivity.commands", "kernels.materialize", "allocator.demo"]
+EXTENSION_MODULES: list[str] = ["moeplan.sensitivity.commands", "moeplan.kernels.materialize", "moeplan.allocator.demo"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _add_problem(ap: argparse.ArgumentParser) -> None:
 
 
 def _inventory(model: str):
-    from sensitivity.inventory import Inventory, build_inventory
+    from moeplan.sensitivity.inventory import Inventory, build_inventory
 
     t0 = time.perf_counter()
     path = Path(model)
@@ -92,11 +92,11 @@ def _inventory(model: str):
 
 
 def _profile(args, inv, formats: list[str] | None):
-    from sensitivity.inventory import Target
-    from sensitivity.profile import Profile
+    from moeplan.sensitivity.inventory import Target
+    from moeplan.sensitivity.profile import Profile
 
     if args.synthetic_profile:
-        from sensitivity.synthetic import LABEL, synthetic_profile
+        from moeplan.sensitivity.synthetic import LABEL, synthetic_profile
 
         _say(f"profile: {LABEL}, seed {args.seed}")
         return synthetic_profile(inv, formats, seed=args.seed, target=Target(args.target))
@@ -116,7 +116,7 @@ def _speed(args):
 
 
 def _menu(args) -> list[str]:
-    from kernels import formats as fmts
+    from moeplan.kernels import formats as fmts
 
     try:
         return [fmts.get(f.strip()).name for f in args.formats.split(",") if f.strip()]
@@ -250,7 +250,7 @@ def _sweep_args(ap):
 
 
 def _sweep_run(args) -> int:
-    from sensitivity.synthetic import SYNTHETIC_FORMATS
+    from moeplan.sensitivity.synthetic import SYNTHETIC_FORMATS
 
     from .problem import fmt_bytes, parse_size
     from .sweep import ProblemFactory, budgets_between, sweep, write
@@ -258,7 +258,7 @@ def _sweep_run(args) -> int:
     if (args.materialize or args.eval_text) and not args.measure:
         raise ValueError("--materialize and --eval-text go with --measure")
     if args.measure:
-        from sensitivity.inventory import resolve_model
+        from moeplan.sensitivity.inventory import resolve_model
 
         model_dir = resolve_model(args.model)
         if not model_dir.is_dir():
@@ -286,7 +286,7 @@ def _sweep_run(args) -> int:
     title = f"{inv.model_type}, target {args.target}, formats {','.join(menu)}"
     cols = ["memory_bytes", "method", "status", "weight_gb", "damage", "gap"]
     if args.measure:
-        from sensitivity.profiler import importance_path
+        from moeplan.sensitivity.profiler import importance_path
 
         from .pareto import measure, write as write_measured
 

@@ -30,14 +30,14 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from allocator import paper_baseline, solve
-    from allocator.plan import make_plan
-    from allocator.sweep import ProblemFactory, sweep, write
-    from sensitivity.compress import Decision, apply_decision
-    from sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-    from sensitivity.inventory import build_inventory, resolve_model
-    from sensitivity.profile import Profile
-    from sensitivity.profiler import importance_path, load_importance, profile_model
+    from moeplan.allocator import paper_baseline, solve
+    from moeplan.allocator.plan import make_plan
+    from moeplan.allocator.sweep import ProblemFactory, sweep, write
+    from moeplan.sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
+    from moeplan.sensitivity.inventory import build_inventory, resolve_model
+    from moeplan.sensitivity.profile import Profile
+    from moeplan.sensitivity.profiler import importance_path, load_importance, profile_model
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -98,7 +98,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     # 4. materialize the plan as GGUF
     gguf_report = None
     if write_gguf:
-        from kernels.materialize import materialize
+        from moeplan.kernels.materialize import materialize
 
         rep = materialize(str(model_dir), plan, gguf_out=out / "model.gguf", progress=False)
         gguf_report = rep.gguf
@@ -141,7 +141,7 @@ def _llama_check(report, original, plan, importance, windows) -> dict | None:
     import torch
     from llama_cpp import Llama
 
-    from sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.compress import Decision, apply_decision
 
     ids = windows[0].tolist()
     llm = Llama(model_path=str(report.path), n_ctx=len(ids) + 8, logits_all=True, verbose=False, seed=0)

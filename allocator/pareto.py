@@ -37,9 +37,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from kernels import formats as fmts
-from sensitivity.inventory import Inventory, Target
-from sensitivity.profile import Profile
+from moeplan.kernels import formats as fmts
+from moeplan.sensitivity.inventory import Inventory, Target
+from moeplan.sensitivity.profile import Profile
 
 from .problem import Assignment, Problem, parse_size
 from .sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
@@ -77,8 +77,8 @@ class Evaluator:
 
     def __init__(self, model, *, eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128,
                  importance=None, batch_size: int = 8, sample: str = "spread"):
-        from sensitivity.evaluate import ReferenceLogits, load_model_and_text
-        from sensitivity.inventory import build_inventory, resolve_model
+        from moeplan.sensitivity.evaluate import ReferenceLogits, load_model_and_text
+        from moeplan.sensitivity.inventory import build_inventory, resolve_model
 
         if eval_tokens < seq_len:
             raise ValueError(f"eval_tokens ({eval_tokens}) must be at least one window of seq_len={seq_len} tokens")
@@ -107,8 +107,8 @@ class Evaluator:
         return self.reference.perplexity
 
     def __call__(self, plan):
-        from sensitivity.compress import Decision, apply_decision
-        from sensitivity.evaluate import evaluate
+        from moeplan.sensitivity.compress import Decision, apply_decision
+        from moeplan.sensitivity.evaluate import evaluate
 
         plan.check_model(self.inventory)
         key = decision_key(plan)
@@ -124,7 +124,7 @@ class Evaluator:
 def held_out_windows(ids, seq_len: int, eval_tokens: int, sample: str = "spread"):
     """(n, seq_len) windows with n = eval_tokens // seq_len: spread evenly over the whole text
     (sensitivity.evaluate.chunk_tokens) or, with sample="head", the first ones."""
-    from sensitivity.evaluate import chunk_tokens
+    from moeplan.sensitivity.evaluate import chunk_tokens
 
     if sample == "head":
         return chunk_tokens(list(ids)[:eval_tokens], seq_len)
@@ -132,7 +132,7 @@ def held_out_windows(ids, seq_len: int, eval_tokens: int, sample: str = "spread"
 
 
 def _importance(model_dir: Path, importance):
-    from sensitivity.profiler import load_importance
+    from moeplan.sensitivity.profiler import load_importance
 
     if isinstance(importance, dict):
         return None, importance
@@ -209,7 +209,7 @@ def measure(table, plans: dict | None = None, model=None, *, evaluator: Evaluato
                f"{r.top1_agreement:.3f}, ppl {r.perplexity:.2f}, {dt:.1f} s{again}")
         if materialize_dir is not None:
             if plan.target == "gguf":
-                from kernels.materialize import materialize as write
+                from moeplan.kernels.materialize import materialize as write
 
                 f = materialize_dir / f"{n:03d}-{_slug(out.loc[i, 'method'])}-{plan.totals.weight_bytes}.gguf"
                 rep = write(evaluator.model_dir, plan, gguf_out=f, importance_file=evaluator.importance_file,
@@ -341,7 +341,7 @@ def pareto_curves(model, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, prof
     sample choose the held-out windows (see Evaluator). Returns one DataFrame (a row per
     plan, measured columns included); df.attrs holds bf16_bytes, model, reference_perplexity,
     eval_tokens and timings; `plans` (a dict), when given, receives row index -> Plan."""
-    from sensitivity.inventory import build_inventory, resolve_model
+    from moeplan.sensitivity.inventory import build_inventory, resolve_model
 
     say = progress or _say_nothing
     t_start = time.perf_counter()

@@ -5,7 +5,7 @@ schema-checked on load (errors name the field), and written canonically (sorted 
 indentation, a final newline), so that writing what was read gives identical bytes.
 
 The typed model below (pydantic) is the one definition; allocator/schema/plan.schema.json is
-generated from it (`python -m allocator.plan --write-schema`) for tools in other languages, and a
+generated from it (`python -m moeplan.allocator.plan --write-schema`) for tools in other languages, and a
 test keeps the two in step.
 """
 
@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kernels import formats as fmts
+from moeplan.kernels import formats as fmts
 
 PLAN_FORMAT = "moeplan-plan"
 PLAN_VERSION = 1
@@ -333,7 +333,7 @@ def validate_json_schema(obj) -> list[str]:
 
 def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) -> Plan:
     """The plan of `assignment` for `problem`, with the solver's `report` (Solution.report())."""
-    from sensitivity.inventory import Target
+    from moeplan.sensitivity.inventory import Target
 
     from .gguf_names import stacked_name
 
@@ -395,11 +395,11 @@ def assignment_from_plan(problem, plan: Plan):
     return Assignment(item_fmt, keep, efmt, topk)
 
 
-if __name__ == "__main__":  # python -m allocator.plan --write-schema
+if __name__ == "__main__":  # python -m moeplan.allocator.plan --write-schema
     if sys.argv[1:] == ["--write-schema"]:
         SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
         SCHEMA_PATH.write_text(schema_text())
         print(f"wrote {SCHEMA_PATH}")
     else:
-        print("usage: python -m allocator.plan --write-schema", file=sys.stderr)
+        print("usage: python -m moeplan.allocator.plan --write-schema", file=sys.stderr)
         sys.exit(2)

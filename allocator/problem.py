@@ -35,9 +35,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kernels import formats as fmts
-from sensitivity.inventory import Inventory, Role, Target, TensorInfo
-from sensitivity.profile import Profile
+from moeplan.kernels import formats as fmts
+from moeplan.sensitivity.inventory import Inventory, Role, Target, TensorInfo
+from moeplan.sensitivity.profile import Profile
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_RESERVE = 2_000_000_000  # bytes for the runtime's compute buffers and scratch (set it with --reserve)

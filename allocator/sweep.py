@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from sensitivity.inventory import Inventory, Target
-from sensitivity.profile import Profile
+from moeplan.sensitivity.inventory import Inventory, Target
+from moeplan.sensitivity.profile import Profile
 
 from .baselines import LLAMA_DEFAULT, llama_mix, paper_baseline, uniform
 from .problem import Budget, InfeasibleBudget, Problem, Speed, parse_size

@@ -38,13 +38,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: import this checkout's kernels
-    sys.path.insert(0, str(ROOT))
+import gguf
 
-import gguf  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import formats as fmts  # noqa: E402
+from moeplan import kernels
+from moeplan.kernels import formats as fmts
 
 # ggml's figures, measured with llama.cpp / ggml (commit
 # 0c1e57098bba, one thread, generic x86-64 build, 4096 x 4096 float32 data as generated here).

@@ -29,12 +29,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from allocator.pareto import (GOAL_RATIO, MOEPLAN_FREE, MOEPLAN_GGUF, QUANT_ONLY, goal_markdown,  # noqa: E402
+from moeplan.allocator.pareto import (GOAL_RATIO, MOEPLAN_FREE, MOEPLAN_GGUF, QUANT_ONLY, goal_markdown,
                               goal_table, pareto_curves, write)
-from allocator.sweep import PAPER_RATIO  # noqa: E402
-from machine_info import logical_cpus  # noqa: E402
+from moeplan.allocator.sweep import PAPER_RATIO
+from machine_info import logical_cpus
 
 MODELS = ("tiny-deepseek-v3", "tiny-qwen3-moe")
 RESULTS = ROOT / "results"

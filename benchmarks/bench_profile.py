@@ -31,13 +31,11 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sensitivity.adapters import adapter_for  # noqa: E402
-from sensitivity.compress import Decision, apply_decision, predicted_damage  # noqa: E402
-from sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate  # noqa: E402
-from sensitivity.inventory import MODELS_DIR, build_inventory  # noqa: E402
-from sensitivity.profiler import Profiler, importance_path, save_importance  # noqa: E402
+from moeplan.sensitivity.adapters import adapter_for
+from moeplan.sensitivity.compress import Decision, apply_decision, predicted_damage
+from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
+from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.sensitivity.profiler import Profiler, importance_path, save_importance
 
 RESULTS = ROOT / "results"
 
@@ -48,7 +46,7 @@ def random_decision(profile, model, rng: np.random.Generator) -> Decision:
     ad = adapter_for(model)
     menu = [f for f in profile.formats]
     # order the menu by bits and draw each tensor's format around a random centre
-    from kernels import formats as fmts
+    from moeplan.kernels import formats as fmts
 
     menu.sort(key=lambda f: fmts.get(f).bits_per_weight)
     centre = rng.uniform(0, len(menu) - 1)

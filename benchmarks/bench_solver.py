@@ -25,15 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from allocator.baselines import LLAMA_DEFAULT, llama_mix, paper_baseline  # noqa: E402
-from allocator.problem import Budget, Problem, Speed, fmt_bytes  # noqa: E402
-from allocator.solvers import solve  # noqa: E402
-from allocator.sweep import ProblemFactory, budgets_between, sweep, write  # noqa: E402
-from sensitivity.inventory import build_inventory  # noqa: E402
-from sensitivity.synthetic import synthetic_profile, toy_inventory  # noqa: E402
-from machine_info import logical_cpus  # noqa: E402
+from moeplan.allocator.baselines import LLAMA_DEFAULT, llama_mix, paper_baseline
+from moeplan.allocator.problem import Budget, Problem, Speed, fmt_bytes
+from moeplan.allocator.solvers import solve
+from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
+from moeplan.sensitivity.inventory import build_inventory
+from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
+from machine_info import logical_cpus
 
 MENU = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "Q3_K", "Q4_K", "Q6_K"]  # 8 formats
 EXTRA = ["Q5_K", "Q8_0"]  # in the profile (llama.cpp's mixes need them), not in the menu

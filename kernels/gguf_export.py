@@ -456,7 +456,7 @@ class _Checkpoint:
     `weight_scale_inv` per 128x128 block) are dequantized on read."""
 
     def __init__(self, model_dir: Path, config: Mapping):
-        from sensitivity.inventory import checkpoint_shards
+        from moeplan.sensitivity.inventory import checkpoint_shards
 
         shards = checkpoint_shards(Path(model_dir))
         if not shards:
@@ -845,7 +845,7 @@ class _Planner:
 def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, str],
           kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
           importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
-    from sensitivity.inventory import build_inventory
+    from moeplan.sensitivity.inventory import build_inventory
 
     inv = build_inventory(model_dir)
     importance = dict(importance or {})

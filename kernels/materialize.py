@@ -35,7 +35,7 @@ class MaterializeReport:
 
 
 def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
-    from sensitivity.profiler import load_importance
+    from moeplan.sensitivity.profiler import load_importance
 
     p = Path(importance_file) if importance_file else model_dir / "profile.importance.safetensors"
     if importance_file and not p.exists():
@@ -47,8 +47,8 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
                 hf_out: str | os.PathLike | None = None, importance_file: str | os.PathLike | None = None,
                 progress: bool = True) -> MaterializeReport:
     """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
-    from allocator.plan import Plan
-    from sensitivity.inventory import build_inventory, resolve_model
+    from moeplan.allocator.plan import Plan
+    from moeplan.sensitivity.inventory import build_inventory, resolve_model
 
     if gguf_out is None and hf_out is None:
         raise ValueError("nothing to write: give gguf_out and/or hf_out")
@@ -87,9 +87,9 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from sensitivity.adapters import ExpertKind, adapter_for
-    from sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
-    from sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
+    from moeplan.sensitivity.adapters import ExpertKind, adapter_for
+    from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
+    from moeplan.sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
 
     from .gguf_export import _Checkpoint
 
@@ -204,8 +204,8 @@ def load_compressed(path: str | os.PathLike, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from safetensors.torch import load_file
 
-    from sensitivity.adapters import adapter_for
-    from sensitivity.compress import prune_and_set_top_k
+    from moeplan.sensitivity.adapters import adapter_for
+    from moeplan.sensitivity.compress import prune_and_set_top_k
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
@@ -225,12 +225,12 @@ def load_compressed(path: str | os.PathLike, dtype=None):
             shapes[layer] = [g * per + i for g in range(groups) for i in range(keep_per)]
         prune_and_set_top_k(ad, shapes, {layer: v["top_k"] for layer, v in layers.items()})
         state = {}
-        from sensitivity.inventory import checkpoint_shards
+        from moeplan.sensitivity.inventory import checkpoint_shards
 
         for shard in checkpoint_shards(path):
             state.update(load_file(str(shard)))
         # experts stored one tensor each on disk go into the fused in-memory tensors
-        from sensitivity.adapters import ExpertKind
+        from moeplan.sensitivity.adapters import ExpertKind
 
         filled = set()
         for layer in ad.moe_layers():
@@ -275,7 +275,7 @@ def _run(args) -> int:
 
 
 def _register() -> None:
-    from allocator.cli import Command, register
+    from moeplan.allocator.cli import Command, register
 
     register(Command("materialize", "write the compressed model of a plan as GGUF and/or safetensors", _args, _run))
 

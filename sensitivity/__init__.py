@@ -1,0 +1,6 @@
+"""moeplan's sensitivity stage: inventory, model adapters, calibration data, the profiler and
+evaluation, installed as `moeplan.sensitivity`."""
+
+if __name__ != "moeplan.sensitivity":  # the folder found by its bare name from a checkout's root
+    raise ModuleNotFoundError(f"No module named {__name__!r} (moeplan's sensitivity/ folder is imported as "
+                              f"moeplan.sensitivity)", name=__name__)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from allocator.cli import Command, register
+from moeplan.allocator.cli import Command, register
 
 from .profiler import DEFAULT_FORMATS
 
@@ -70,7 +70,7 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
     ref = ReferenceLogits(original, windows)
     model_ = original
     if plan_path is not None:
-        from allocator.plan import Plan
+        from moeplan.allocator.plan import Plan
 
         plan = Plan.load(plan_path, build_inventory(path))
         imp_path = Path(importance_file) if importance_file else path / "profile.importance.safetensors"

@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-import kernels
-from kernels import formats as fmts
+from moeplan import kernels
+from moeplan.kernels import formats as fmts
 
 from .adapters import adapter_for
 from .inventory import Target

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kernels import formats as fmts
+from moeplan.kernels import formats as fmts
 
 INVENTORY_VERSION = 1
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -40,8 +40,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-import kernels
-from kernels import formats as fmts
+from moeplan import kernels
+from moeplan.kernels import formats as fmts
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text

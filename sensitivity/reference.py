@@ -1,6 +1,6 @@
 """moeplan's shipped reference MoE models and their validation / calibration text.
 
-    >>> from sensitivity import reference
+    >>> from moeplan.sensitivity import reference
     >>> reference.list_reference_models()
     ['tiny-deepseek-v3', 'tiny-qwen3-moe']
     >>> model, tok = reference.load_reference_model("tiny-deepseek-v3")

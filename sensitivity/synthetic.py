@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kernels import formats as fmts
+from moeplan.kernels import formats as fmts
 
 from .inventory import Inventory, Role, Target, TensorInfo, _fingerprint
 from .profile import ExpertStats, Profile

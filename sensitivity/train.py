@@ -1,8 +1,8 @@
 """Train, ship and describe moeplan's two reference MoE language models.
 
-    python -m sensitivity.train --model tiny-deepseek-v3 --minutes 20     # train, write sensitivity/models/<name>/
-    python -m sensitivity.train --model tiny-qwen3-moe --steps 600         # a fixed number of steps instead
-    python -m sensitivity.train card --model tiny-deepseek-v3             # measure the shipped model, write its card
+    python -m moeplan.sensitivity.train --model tiny-deepseek-v3 --minutes 20     # train, write sensitivity/models/<name>/
+    python -m moeplan.sensitivity.train --model tiny-qwen3-moe --steps 600         # a fixed number of steps instead
+    python -m moeplan.sensitivity.train card --model tiny-deepseek-v3             # measure the shipped model, write its card
 
 Both are transformers' own classes (DeepseekV3ForCausalLM, Qwen3MoeForCausalLM), so every code
 path that serves a real checkpoint serves these. Expert tensors have input widths that are
@@ -513,7 +513,7 @@ def train(a: TrainArgs) -> Path:
     log(final)
     training_log = {
         "model": a.model,
-        "command": f"python -m sensitivity.train --model {a.model} " + (f"--steps {a.steps}" if a.steps else f"--minutes {a.minutes:g}"),
+        "command": f"python -m moeplan.sensitivity.train --model {a.model} " + (f"--steps {a.steps}" if a.steps else f"--minutes {a.minutes:g}"),
         "args": asdict(a),
         "hardware": cpu_description(),
         "torch": torch.__version__,
@@ -579,8 +579,8 @@ def _data_card(name: str, manifest: dict) -> str:
     lines = [
         f"# {name}: data and licences",
         "",
-        "Weights were trained from scratch by `python -m sensitivity.train` on the train split of the corpus",
-        "built by `python -m sensitivity.data prepare`. The files valid.txt and calib.txt in this folder are",
+        "Weights were trained from scratch by `python -m moeplan.sensitivity.train` on the train split of the corpus",
+        "built by `python -m moeplan.sensitivity.data prepare`. The files valid.txt and calib.txt in this folder are",
         "the validation and calibration splits; they contain only PSF-licensed and public-domain text.",
         "The train split is not shipped; documents.json lists its document ids and SHA-256 hashes.",
         "",
@@ -624,13 +624,13 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     # the text tests/test_reference_models.py measures: the first TEST_WINDOWS windows of valid
     ev_test = evaluate(model, streams["valid"], seq_len, max_windows=TEST_WINDOWS)
     sizes = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    cmd = f"python -m sensitivity.train card --model {name}"
+    cmd = f"python -m moeplan.sensitivity.train card --model {name}"
     manifest = json.loads((path / "documents.json").read_text(encoding="utf-8"))
     lines = [
         f"# Model card: {name}",
         "",
         f"{spec.description}. Trained from scratch on CPU for moeplan's quantization and pruning experiments;",
-        f"shipped in `sensitivity/models/{name}/` (load with `sensitivity.reference.load_reference_model({name!r})`",
+        f"shipped in `sensitivity/models/{name}/` (load with `moeplan.sensitivity.reference.load_reference_model({name!r})`",
         "or `from_pretrained` on that folder).",
         "",
         f"Every number below under \"measured\" was produced by `{cmd}` on the shipped bf16 weights",
@@ -669,7 +669,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     lines += [
         "## Data",
         "",
-        "Built by `python -m sensitivity.data prepare --out DIR`; documents are split by a keyed SHA-256 of their id.",
+        "Built by `python -m moeplan.sensitivity.data prepare --out DIR`; documents are split by a keyed SHA-256 of their id.",
         "",
         "| source | domain | licence | shipped text |",
         "| --- | --- | --- | --- |",
@@ -773,7 +773,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "card":
-        p = argparse.ArgumentParser(prog="python -m sensitivity.train card", description="measure a shipped reference model and write results/model-card-<name>.md")
+        p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.train card", description="measure a shipped reference model and write results/model-card-<name>.md")
         p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
         p.add_argument("--out", type=Path, default=None)
         p.add_argument("--threads", type=int, default=2)
@@ -781,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
         print(write_card(a.model, a.out))
         return 0
-    p = argparse.ArgumentParser(prog="python -m sensitivity.train", description="train a reference MoE model and ship it to sensitivity/models/<name>/")
+    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.train", description="train a reference MoE model and ship it to sensitivity/models/<name>/")
     p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--minutes", type=float, default=None, help="wall-clock budget; the cosine schedule runs over it (default 20)")

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from sensitivity.adapters import (
+from moeplan.sensitivity.adapters import (
     SUPPORTED_FAMILIES,
     ExpertKind,
     ScoreFunction,

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allocator import cli
-from allocator.baselines import (LLAMA_DEFAULT, _more_bits, llama_mix, llama_mix_types, paper_baseline,
+from moeplan.allocator import cli
+from moeplan.allocator.baselines import (LLAMA_DEFAULT, _more_bits, llama_mix, llama_mix_types, paper_baseline,
                                  paper_pipeline, uniform, widen)
-from allocator.plan import Plan
-from allocator.problem import Budget, Problem
-from allocator.solvers import solve
-from allocator.sweep import PAPER_RATIO, ProblemFactory, budgets_between, sweep, write
-from sensitivity.inventory import build_inventory
-from sensitivity.synthetic import synthetic_profile, toy_inventory
+from moeplan.allocator.plan import Plan
+from moeplan.allocator.problem import Budget, Problem
+from moeplan.allocator.solvers import solve
+from moeplan.allocator.sweep import PAPER_RATIO, ProblemFactory, budgets_between, sweep, write
+from moeplan.sensitivity.inventory import build_inventory
+from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 
 MENU = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]
 

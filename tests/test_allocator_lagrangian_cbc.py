@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from allocator.formulation import build_model
-from allocator.problem import Budget, Problem, Speed
-from allocator.solvers import Status, _solve_highs, solve, write_mps
-from sensitivity.synthetic import synthetic_profile, toy_inventory
+from moeplan.allocator.formulation import build_model
+from moeplan.allocator.problem import Budget, Problem, Speed
+from moeplan.allocator.solvers import Status, _solve_highs, solve, write_mps
+from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 from tests.test_allocator_solvers import brute_force, tiny
 
 
@@ -71,7 +71,7 @@ def _medium(speed: bool) -> Problem:
 
 
 def test_cbc_returns_at_its_time_limit():
-    from allocator.solvers import _cbc_binary
+    from moeplan.allocator.solvers import _cbc_binary
 
     try:
         _cbc_binary()

@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from allocator.formulation import FAMILIES, build_model
-from allocator.problem import Assignment, Budget, InfeasibleBudget, Problem, Speed
-from allocator.solvers import Status, _solve_highs, solve
-from sensitivity.synthetic import synthetic_profile, toy_inventory
+from moeplan.allocator.formulation import FAMILIES, build_model
+from moeplan.allocator.problem import Assignment, Budget, InfeasibleBudget, Problem, Speed
+from moeplan.allocator.solvers import Status, _solve_highs, solve
+from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 
 # ---------------------------------------------------------------------------------------------
 # tiny instances
@@ -261,7 +261,7 @@ class TestCBC(SolverContract):
 
     @classmethod
     def setup_class(cls):
-        from allocator.solvers import _cbc_command
+        from moeplan.allocator.solvers import _cbc_command
 
         try:
             _cbc_command(msg=False)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import _C, api
+from moeplan import kernels
+from moeplan.kernels import _C, api
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from sensitivity.inventory import MODELS_DIR
+from moeplan.sensitivity.inventory import MODELS_DIR
 
 
 @pytest.mark.skipif(not (MODELS_DIR / "tiny-deepseek-v3" / "profile.json").exists(),
                     reason="the shipped tiny-deepseek-v3 model and profile are not in this checkout")
 def test_demo_writes_everything_and_beats_the_paper_pipeline(tmp_path):
-    from allocator.cli import main
+    from moeplan.allocator.cli import main
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     for name in ("plan.json", "llama-quantize-args.txt", "model.gguf", "pareto.csv", "pareto.png", "summary.json"):

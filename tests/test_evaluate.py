@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate
+from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate
 
 
 @pytest.fixture(scope="module")

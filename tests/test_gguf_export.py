@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import formats as fmts
-from kernels import gguf_export as ge
-from sensitivity.inventory import Target, build_inventory
+from moeplan import kernels
+from moeplan.kernels import formats as fmts
+from moeplan.kernels import gguf_export as ge
+from moeplan.sensitivity.inventory import Target, build_inventory
 
 gguf = pytest.importorskip("gguf")
 
@@ -366,7 +366,7 @@ def test_fused_expert_checkpoint_gives_the_same_file(qwen_dir, tmp_path):
 def test_streams_one_expert_or_row_chunk_at_a_time(qwen_dir, tmp_path, monkeypatch):
     """No quantize call sees a stacked expert tensor or more than a chunk of rows, and chunking does
     not change a byte."""
-    import kernels.api
+    import moeplan.kernels.api  # noqa: F401 (loads kernels.api)
 
     formats = _plan_quant(build_inventory(qwen_dir))
     whole = _write(qwen_dir, tmp_path / "whole.gguf", formats)
@@ -449,7 +449,7 @@ def test_deepseek_v3_metadata_from_its_config():
     """The bundled DeepSeek-V3 config passes the checks and gives llama.cpp's keys (YaRN included)."""
     import gguf as g
 
-    from sensitivity.inventory import BUNDLED_CONFIGS
+    from moeplan.sensitivity.inventory import BUNDLED_CONFIGS
 
     cfg = json.loads(BUNDLED_CONFIGS["deepseek-v3"].read_text())
     fam = ge.family_of(cfg)
@@ -539,7 +539,7 @@ def test_deterministic(qwen_dir, tmp_path):
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_interrupted_write_leaves_no_file(qwen_dir, tmp_path, monkeypatch, exc):
-    import kernels.api
+    import moeplan.kernels.api  # noqa: F401 (loads kernels.api)
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"previous")  # an earlier file stays as it was

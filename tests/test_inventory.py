@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import formats
-from sensitivity.inventory import Inventory, Role, Target, build_inventory, classify
+from moeplan import kernels
+from moeplan.kernels import formats
+from moeplan.sensitivity.inventory import Inventory, Role, Target, build_inventory, classify
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import _C, formats, iq_grids
+from moeplan import kernels
+from moeplan.kernels import _C, formats, iq_grids
 
 # ggml's RMSE/std on the 4096 x 4096 gaussian with importance = ones
 GGML_RMSE = {
@@ -90,7 +90,7 @@ def test_set_grid_rejects_bad_and_conflicting_grids():
 def test_kernels_refuse_a_codebook_format_before_its_grid_is_loaded():
     code = (
         "import numpy as np\n"
-        "from kernels import _C\n"
+        "from moeplan.kernels import _C\n"
         "x = np.zeros((1, 256), np.float32); out = np.zeros((1, 66), np.uint8)\n"
         "try:\n"
         "    _C.quantize(16, x, 0, 1, 256, out, np.ones(256, np.float32), 1, 1)\n"

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import kernels
-from kernels import formats
-from kernels import ref_legacy as ref
+from moeplan import kernels
+from moeplan.kernels import formats
+from moeplan.kernels import ref_legacy as ref
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 WEIGHTED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # search with importance; Q8_0 ignores importance

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
 
 MODEL = "tiny-deepseek-v3"
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / MODEL / "profile.json").exists(),
@@ -15,10 +15,10 @@ pytestmark = pytest.mark.skipif(not (MODELS_DIR / MODEL / "profile.json").exists
 
 @pytest.fixture(scope="module")
 def setup():
-    from allocator import solve
-    from allocator.plan import make_plan
-    from allocator.sweep import ProblemFactory
-    from sensitivity.profile import Profile
+    from moeplan.allocator import solve
+    from moeplan.allocator.plan import make_plan
+    from moeplan.allocator.sweep import ProblemFactory
+    from moeplan.sensitivity.profile import Profile
 
     path = MODELS_DIR / MODEL
     inv = build_inventory(path)
@@ -33,7 +33,7 @@ def setup():
 def test_gguf_bytes_equal_the_plan(setup, tmp_path):
     import gguf
 
-    from kernels.materialize import materialize
+    from moeplan.kernels.materialize import materialize
 
     path, inv, plan = setup
     rep = materialize(str(path), plan, gguf_out=tmp_path / "m.gguf", progress=False)
@@ -49,9 +49,9 @@ def test_gguf_bytes_equal_the_plan(setup, tmp_path):
 def test_hf_checkpoint_loads_and_evaluates_like_the_in_memory_model(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from kernels.materialize import load_compressed, materialize
-    from sensitivity.compress import Decision, apply_decision
-    from sensitivity.profiler import load_importance
+    from moeplan.kernels.materialize import load_compressed, materialize
+    from moeplan.sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.profiler import load_importance
 
     path, inv, plan = setup
     materialize(str(path), plan, hf_out=tmp_path / "hf", progress=False)
@@ -70,8 +70,8 @@ def test_hf_checkpoint_loads_and_evaluates_like_the_in_memory_model(setup, tmp_p
 
 
 def test_plan_for_another_model_is_refused_before_writing(setup, tmp_path):
-    from allocator.plan import Plan
-    from kernels.materialize import materialize
+    from moeplan.allocator.plan import Plan
+    from moeplan.kernels.materialize import materialize
 
     path, inv, plan = setup
     other = Plan.from_obj({**plan.model_dump(mode="json"),
@@ -82,8 +82,8 @@ def test_plan_for_another_model_is_refused_before_writing(setup, tmp_path):
 
 
 def test_free_target_plan_cannot_become_gguf(setup, tmp_path):
-    from allocator.plan import Plan
-    from kernels.materialize import materialize
+    from moeplan.allocator.plan import Plan
+    from moeplan.kernels.materialize import materialize
 
     path, inv, plan = setup
     free = Plan.from_obj({**plan.model_dump(mode="json"), "target": "free", "stacked": {}})
@@ -98,13 +98,13 @@ def test_hf_writer_streams_and_prunes_group_limited_experts(setup, tmp_path, mon
     # compressed model computes
     from transformers import AutoModelForCausalLM
 
-    from allocator import paper_baseline
-    from allocator.plan import make_plan
-    from allocator.sweep import ProblemFactory
-    from kernels.materialize import load_compressed, materialize
-    from sensitivity.compress import Decision, apply_decision
-    from sensitivity.profile import Profile
-    from sensitivity.profiler import load_importance
+    from moeplan.allocator import paper_baseline
+    from moeplan.allocator.plan import make_plan
+    from moeplan.allocator.sweep import ProblemFactory
+    from moeplan.kernels.materialize import load_compressed, materialize
+    from moeplan.sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.profile import Profile
+    from moeplan.sensitivity.profiler import load_importance
 
     path, inv, _ = setup
     profile = Profile.load(path / "profile.json")

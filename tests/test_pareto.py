@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sensitivity.inventory import MODELS_DIR
+from moeplan.sensitivity.inventory import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-deepseek-v3"
@@ -21,8 +21,8 @@ needs_model = pytest.mark.skipif(not ((MODEL_DIR / "model.safetensors").exists()
 @pytest.fixture(scope="module")
 def shipped():
     """(inventory, profile, evaluator on 256 held-out tokens, BF16 bytes) of the shipped model."""
-    from allocator.pareto import Evaluator
-    from sensitivity.profile import Profile
+    from moeplan.allocator.pareto import Evaluator
+    from moeplan.sensitivity.profile import Profile
 
     ev = Evaluator(MODEL, eval_tokens=256, seq_len=128)
     prof = Profile.load(MODEL_DIR / "profile.json")
@@ -30,13 +30,13 @@ def shipped():
 
 
 def _plan(b):
-    from allocator.plan import make_plan
+    from moeplan.allocator.plan import make_plan
 
     return make_plan(b.problem, b.assignment, {"solver": b.name, "status": "baseline", "wall_s": 0.0})
 
 
 def _factory(inv, prof, target="gguf"):
-    from allocator.sweep import ProblemFactory
+    from moeplan.allocator.sweep import ProblemFactory
 
     return ProblemFactory(inv, prof, target, None, 0, 0)
 
@@ -46,7 +46,7 @@ def _factory(inv, prof, target="gguf"):
 
 @needs_model
 def test_a_plan_that_keeps_the_bf16_weights_measures_zero(shipped):
-    from allocator.baselines import uniform
+    from moeplan.allocator.baselines import uniform
 
     inv, prof, ev, bf16 = shipped
     plan = _plan(uniform(_factory(inv, prof)(2 * bf16), "BF16"))
@@ -60,8 +60,8 @@ def test_a_plan_that_keeps_the_bf16_weights_measures_zero(shipped):
 
 @needs_model
 def test_measure_fills_every_row_that_has_a_plan_and_only_those(shipped):
-    from allocator.pareto import MEASURED_COLUMNS, measure
-    from allocator.sweep import sweep
+    from moeplan.allocator.pareto import MEASURED_COLUMNS, measure
+    from moeplan.allocator.sweep import sweep
 
     inv, prof, ev, bf16 = shipped
     plans: dict = {}
@@ -89,8 +89,8 @@ def test_measure_fills_every_row_that_has_a_plan_and_only_those(shipped):
 
 @needs_model
 def test_measure_a_list_of_plans_and_identical_plans_are_evaluated_once(shipped):
-    from allocator.baselines import uniform
-    from allocator.pareto import measure
+    from moeplan.allocator.baselines import uniform
+    from moeplan.allocator.pareto import measure
 
     inv, prof, ev, bf16 = shipped
     p = _factory(inv, prof)(bf16)
@@ -104,8 +104,8 @@ def test_measure_a_list_of_plans_and_identical_plans_are_evaluated_once(shipped)
 
 @needs_model
 def test_a_plan_for_another_model_is_refused(shipped):
-    from allocator.baselines import uniform
-    from allocator.plan import PlanError
+    from moeplan.allocator.baselines import uniform
+    from moeplan.allocator.plan import PlanError
 
     inv, prof, ev, bf16 = shipped
     plan = _plan(uniform(_factory(inv, prof)(bf16), "Q8_0"))
@@ -119,9 +119,9 @@ def test_a_plan_for_another_model_is_refused(shipped):
 def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
     """Free target, no expert groups: layer 0 keeps 3 of 16 experts with top-k 3 (< the original 4);
     measured in memory, and written as safetensors that load back with the same output."""
-    from allocator.baselines import uniform
-    from allocator.pareto import Evaluator
-    from sensitivity.profile import Profile
+    from moeplan.allocator.baselines import uniform
+    from moeplan.allocator.pareto import Evaluator
+    from moeplan.sensitivity.profile import Profile
 
     ev = Evaluator("tiny-qwen3-moe", eval_tokens=128)
     prof = Profile.load(MODELS_DIR / "tiny-qwen3-moe" / "profile.json")
@@ -132,7 +132,7 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
     a.expert_fmt[0, 3:] = -1
     a.topk[0] = 3
     assert not b.problem.check(a)
-    from allocator.plan import make_plan
+    from moeplan.allocator.plan import make_plan
 
     plan = make_plan(b.problem, a, {"solver": "test", "status": "baseline", "wall_s": 0.0})
     assert plan.layers[0].kept == [0, 1, 2] and plan.layers[0].top_k == 3 < inv.top_k
@@ -143,8 +143,8 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
 
     import torch
 
-    from kernels.materialize import load_compressed, materialize
-    from sensitivity.compress import Decision, apply_decision
+    from moeplan.kernels.materialize import load_compressed, materialize
+    from moeplan.sensitivity.compress import Decision, apply_decision
 
     materialize(str(MODELS_DIR / "tiny-qwen3-moe"), plan, hf_out=tmp_path / "hf", progress=False)
     restored = load_compressed(tmp_path / "hf")
@@ -155,8 +155,8 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
 
 
 def test_measuring_needs_a_checkpoint_with_weights(capsys):
-    from allocator.cli import main
-    from allocator.pareto import Evaluator
+    from moeplan.allocator.cli import main
+    from moeplan.allocator.pareto import Evaluator
 
     with pytest.raises(ValueError, match="checkpoint with weights"):
         Evaluator("deepseek-v3")  # a bundled config.json, no weights
@@ -171,8 +171,8 @@ def test_measuring_needs_a_checkpoint_with_weights(capsys):
 @needs_model
 @pytest.mark.parametrize("target", ["gguf", "free"])
 def test_quantization_only_never_prunes_nor_changes_top_k(shipped, target):
-    from allocator.pareto import quantization_only_factory, quantization_only_sweep, smallest_unpruned
-    from allocator.sweep import sweep
+    from moeplan.allocator.pareto import quantization_only_factory, quantization_only_sweep, smallest_unpruned
+    from moeplan.allocator.sweep import sweep
 
     inv, prof, _, bf16 = shipped
     qf = quantization_only_factory(inv, prof, target)
@@ -205,9 +205,9 @@ def test_quantization_only_never_prunes_nor_changes_top_k(shipped, target):
 
 
 def test_quantization_only_profile_keeps_the_tensor_damage():
-    from allocator.pareto import REMOVAL_FORBIDDEN, quantization_only_profile
-    from sensitivity.inventory import build_inventory
-    from sensitivity.synthetic import synthetic_profile
+    from moeplan.allocator.pareto import REMOVAL_FORBIDDEN, quantization_only_profile
+    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.sensitivity.synthetic import synthetic_profile
 
     inv = build_inventory("deepseek-v3")
     prof = synthetic_profile(inv, ["Q2_K", "Q4_K"], seed=0)
@@ -242,7 +242,7 @@ def _table():
 
 
 def test_goal_table_compares_with_the_best_baseline_that_fits():
-    from allocator.pareto import goal_markdown, goal_table
+    from moeplan.allocator.pareto import goal_markdown, goal_table
 
     g = goal_table(_table()).set_index("weight_budget_bytes")
     assert list(g.index) == [50, 100, 200]
@@ -260,7 +260,7 @@ def test_goal_table_compares_with_the_best_baseline_that_fits():
 
 
 def test_goal_table_needs_measured_columns():
-    from allocator.pareto import goal_table
+    from moeplan.allocator.pareto import goal_table
 
     with pytest.raises(ValueError, match="measure it first"):
         goal_table(_table().drop(columns=["measured_kld"]))
@@ -271,7 +271,7 @@ def test_goal_table_needs_measured_columns():
 
 @needs_model
 def test_sweep_measure_command_writes_measured_columns_and_plot(tmp_path, shipped):
-    from allocator.cli import main
+    from moeplan.allocator.cli import main
 
     inv, prof, _, bf16 = shipped
     csv, png = tmp_path / "s.csv", tmp_path / "s.png"

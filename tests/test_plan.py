@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from allocator.plan import (SCHEMA_PATH, Plan, PlanError, assignment_from_plan, make_plan, schema_text,
+from moeplan.allocator.plan import (SCHEMA_PATH, Plan, PlanError, assignment_from_plan, make_plan, schema_text,
                             validate_json_schema)
-from allocator.problem import Budget, Problem
-from allocator.solvers import solve
-from sensitivity.synthetic import synthetic_profile, toy_inventory
+from moeplan.allocator.problem import Budget, Problem
+from moeplan.allocator.solvers import solve
+from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_a_plan_refuses_another_model(solved, tmp_path):
 
 
 def test_shipped_schema_is_the_models(solved):
-    assert SCHEMA_PATH.read_text() == schema_text(), "run `python -m allocator.plan --write-schema`"
+    assert SCHEMA_PATH.read_text() == schema_text(), "run `python -m moeplan.allocator.plan --write-schema`"
     obj = _obj(solved)
     assert validate_json_schema(obj) == []
     obj["budget"]["memory_bytes"] = "lots"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sensitivity.compress import Decision, apply_decision, predicted_damage
-from sensitivity.evaluate import evaluate
-from sensitivity.profile import Profile
-from sensitivity.profiler import Profiler
+from moeplan.sensitivity.compress import Decision, apply_decision, predicted_damage
+from moeplan.sensitivity.evaluate import evaluate
+from moeplan.sensitivity.profile import Profile
+from moeplan.sensitivity.profiler import Profiler
 
 FORMATS = ["Q4_0", "Q8_0", "BF16"]
 
@@ -82,7 +82,7 @@ def test_joint_correction_predicts_a_uniformly_quantized_class_exactly(profiled,
 
 def test_removal_and_topk_costs_equal_full_forward_measurements(profiled):
     # the profiler reruns only the layers from the changed one on; a whole forward pass agrees
-    from sensitivity.adapters import adapter_for
+    from moeplan.sensitivity.adapters import adapter_for
 
     model, prof, profile, importance = profiled
     layer = max(profile.experts)
@@ -100,7 +100,7 @@ def test_removal_and_topk_costs_equal_full_forward_measurements(profiled):
 
 
 def test_gain_interpolation():
-    from sensitivity.profiler import _interpolate_gain
+    from moeplan.sensitivity.profiler import _interpolate_gain
 
     pts = [(1.0, 2.0), (100.0, 8.0)]
     assert _interpolate_gain(pts, 1.0) == pytest.approx(2.0)

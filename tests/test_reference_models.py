@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sensitivity import data, reference
-from sensitivity.train import MODEL_SPECS, eval_stream, evaluate, moe_routers
+from moeplan.sensitivity import data, reference
+from moeplan.sensitivity.train import MODEL_SPECS, eval_stream, evaluate, moe_routers
 
 MODELS = ["tiny-deepseek-v3", "tiny-qwen3-moe"]
 # Perplexity bounds on the first 8 windows of 256 tokens of valid.txt: about twice what
-# `python -m sensitivity.train card` measured on that split (results/model-card-<name>.md).
+# `python -m moeplan.sensitivity.train card` measured on that split (results/model-card-<name>.md).
 PPL_BOUND = {"tiny-deepseek-v3": 130.0, "tiny-qwen3-moe": 190.0}
 TEST_WINDOWS = 8
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import kernels
-from kernels import formats
-from kernels import ref_legacy as ref
+from moeplan import kernels
+from moeplan.kernels import formats
+from moeplan.kernels import ref_legacy as ref
 
 TERNARY = ["TQ1_0", "TQ2_0"]
 QT = gguf.GGMLQuantizationType

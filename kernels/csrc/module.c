@@ -1,4 +1,4 @@
-/* kernels._C: the Python binding of the quantization kernels.
+/* moeplan.kernels._C: the Python binding of the quantization kernels.
  *
  * The Python layer (kernels/api.py) validates shapes, dtypes and contiguity and hands over
  * C-contiguous buffers; this file parallelizes over rows, converts F16/BF16 rows to float32
