@@ -13,12 +13,16 @@ at import time; the modules named in EXTENSION_MODULES are imported when present
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from moeplan.kernels.outputs import check_output, write_text
 
 # modules that register subcommands of their own (imported if they exist)
 EXTENSION_MODULES: list[str] = ["moeplan.sensitivity.commands", "moeplan.kernels.materialize", "moeplan.allocator.demo"]
@@ -49,6 +53,28 @@ def _say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# argument types: a bad value is an argparse error naming the flag, before any work
+
+def _number(kind, test, wants):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wants}") from None
+        if kind is float and not math.isfinite(v) or not test(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wants}")
+        return v
+    parse.__name__ = wants  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+nonneg_float = _number(float, lambda v: v >= 0, "a non-negative number")
+
+
+# ---------------------------------------------------------------------------------------------
 # shared arguments
 
 def _add_model(ap: argparse.ArgumentParser) -> None:
@@ -61,19 +87,19 @@ def _add_problem(ap: argparse.ArgumentParser) -> None:
     src.add_argument("--profile", metavar="FILE", help="profile JSON from `moeplan profile`")
     src.add_argument("--synthetic-profile", action="store_true",
                      help="plan with a SYNTHETIC profile (generated costs, clearly labelled; for sizing and demos)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic profile (default 0)")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the synthetic profile (default 0)")
     ap.add_argument("--target", choices=["free", "gguf"], default="free",
                     help="free: per-expert formats, per-layer counts and top-k; gguf: what llama.cpp loads (default free)")
     ap.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q8_0",
                     help="comma-separated format menu (default Q2_K,Q3_K,Q4_K,Q6_K,Q8_0)")
-    ap.add_argument("--context", type=int, default=4096, help="context length the KV cache must hold (default 4096)")
+    ap.add_argument("--context", type=nonneg_int, default=4096, help="context length the KV cache must hold (default 4096)")
     ap.add_argument("--reserve", default="2GB", help="memory kept for the runtime's buffers (default 2GB)")
-    ap.add_argument("--bandwidth", type=float, metavar="GB/S", help="memory bandwidth, for a decode-speed constraint")
-    ap.add_argument("--tokens-per-s", type=float, metavar="N", help="decode speed to guarantee (needs --bandwidth)")
+    ap.add_argument("--bandwidth", type=positive_float, metavar="GB/S", help="memory bandwidth, for a decode-speed constraint")
+    ap.add_argument("--tokens-per-s", type=positive_float, metavar="N", help="decode speed to guarantee (needs --bandwidth)")
     ap.add_argument("--solver", choices=["lagrangian", "highs", "cbc", "cpsat"], default="lagrangian",
                     help="lagrangian (fast, proven gap; default) or an exact MIP solver")
-    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per solve (default 60)")
-    ap.add_argument("--threads", type=int, default=2, help="solver threads (default 2)")
+    ap.add_argument("--time-limit", type=positive_float, default=60.0, help="seconds per solve (default 60)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="solver threads (default 2)")
 
 
 def _inventory(model: str):
@@ -133,6 +159,8 @@ def _inventory_args(ap):
 
 
 def _inventory_run(args) -> int:
+    if args.out:
+        check_output(args.out, "--out")
     inv = _inventory(args.model)
     rows = [(role, n) for role, n in inv.summary().items()]
     print(f"model {inv.model_type}  fingerprint {inv.fingerprint}  source {inv.source}")
@@ -156,7 +184,7 @@ def _solve_args(ap):
     _add_model(ap)
     _add_problem(ap)
     ap.add_argument("--memory", required=True, help="device memory: 128GB, 96GiB, 1.5TB, or bytes")
-    ap.add_argument("--rel-gap", type=float, default=1e-6, help="relative gap at which a solve stops (default 1e-6)")
+    ap.add_argument("--rel-gap", type=nonneg_float, default=1e-6, help="relative gap at which a solve stops (default 1e-6)")
     ap.add_argument("--out", metavar="PLAN", help="write the plan JSON here")
     ap.add_argument("--llama-quantize-args", metavar="FILE", help="also write llama-quantize arguments (target gguf)")
     ap.add_argument("--dump-model", metavar="FILE", help="write the integer program (.lp or .mps)")
@@ -169,6 +197,10 @@ def _solve_run(args) -> int:
     from .problem import Budget, InfeasibleBudget, Problem
     from .solvers import solve
 
+    for flag, path in (("--out", args.out), ("--llama-quantize-args", args.llama_quantize_args),
+                       ("--dump-model", args.dump_model)):
+        if path:
+            check_output(path, flag)
     inv = _inventory(args.model)
     menu = _menu(args)
     prof = _profile(args, inv, menu)
@@ -194,7 +226,7 @@ def _solve_run(args) -> int:
         plan.save(args.out)
         _say(f"wrote {args.out}")
     if args.llama_quantize_args:
-        Path(args.llama_quantize_args).write_text(plan.llama_quantize_args())
+        write_text(args.llama_quantize_args, plan.llama_quantize_args(), "--llama-quantize-args")
         _say(f"wrote {args.llama_quantize_args}")
     return 0
 
@@ -233,7 +265,7 @@ def _sweep_args(ap):
     grid.add_argument("--budgets", help="comma-separated memory sizes, e.g. 64GB,96GB,128GB")
     grid.add_argument("--from", dest="lo", help="smallest memory of an even grid (with --to, --steps)")
     ap.add_argument("--to", dest="hi", help="largest memory of the grid")
-    ap.add_argument("--steps", type=int, default=30, help="budgets in the grid (default 30)")
+    ap.add_argument("--steps", type=positive_int, default=30, help="budgets in the grid (default 30)")
     ap.add_argument("--no-baselines", action="store_true", help="leave out the paper's pipeline and llama.cpp's mixes")
     ap.add_argument("--uniform", default="", help="uniform-format baselines to add, e.g. Q2_K,Q4_K")
     ap.add_argument("--out-csv", default="sweep.csv", help="table of results (default sweep.csv)")
@@ -241,7 +273,7 @@ def _sweep_args(ap):
     ap.add_argument("--measure", action="store_true",
                     help="apply every plan to the model and measure it against the original on held-out text: "
                          "KLD (mean, p99), perplexity, top-1 agreement (needs a checkpoint with weights)")
-    ap.add_argument("--eval-tokens", type=int, default=4096,
+    ap.add_argument("--eval-tokens", type=positive_int, default=4096,
                     help="held-out tokens to measure on (default 4096; with --measure)")
     ap.add_argument("--eval-text", metavar="FILE",
                     help="held-out text to measure on (default: the checkpoint's valid.txt; with --measure)")
@@ -257,6 +289,10 @@ def _sweep_run(args) -> int:
 
     if (args.materialize or args.eval_text) and not args.measure:
         raise ValueError("--materialize and --eval-text go with --measure")
+    check_output(args.out_csv, "--out-csv")
+    check_output(args.out_png, "--out-png")
+    if args.materialize:
+        check_output(Path(args.materialize) / "x", "--materialize")
     if args.measure:
         from moeplan.sensitivity.inventory import resolve_model
 
@@ -273,6 +309,8 @@ def _sweep_run(args) -> int:
     prof = _profile(args, inv, wanted if args.synthetic_profile else None)
     if args.budgets:
         budgets = [parse_size(b) for b in args.budgets.split(",") if b.strip()]
+        if not budgets:
+            raise ValueError(f"--budgets {args.budgets!r} names no memory size; give e.g. 64GB,96GB,128GB")
     else:
         if not args.hi:
             raise ValueError("--from needs --to")
@@ -333,17 +371,52 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or a bad environment (a file, a flag, the disk), not a bug:
+    the CLI reports them in one line with exit code 2. Anything else keeps its traceback."""
+    types: list[type[BaseException]] = [ValueError, OSError]
+    try:
+        from safetensors import SafetensorError  # a broken .safetensors file read by the library
+        types.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a user error: the message's first line (the rest is counted, not lost in a wall)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror}"
+        if exc.errno == errno.ENOSPC:
+            text += " (free some space or write elsewhere)"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            text += " (choose a writable place)"
+    else:
+        text = str(exc) or type(exc).__name__
+    lines = [ln for ln in text.splitlines() if ln.strip()] or [type(exc).__name__]
+    more = len(lines) - 1
+    return lines[0] + (f" (and {more} more: {lines[1].strip()}{' ...' if more > 1 else ''})" if more else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    from moeplan.kernels.outputs import exit_on_signals
+
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve others on a busy machine
+    exit_on_signals()  # SIGTERM / SIGHUP unwind like Ctrl-C: no partial output stays behind
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"moeplan {args.command}: {exc}", file=sys.stderr)
+    except user_error_types() as exc:
+        print(f"moeplan {args.command}: {error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"moeplan {args.command}: interrupted; nothing was left half written", file=sys.stderr)
+        return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m moeplan.allocator.cli: the subcommands register in the package's module
+    from moeplan.allocator.cli import main as _main
+
+    sys.exit(_main())

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from moeplan.kernels.outputs import json_text, write_text
 
 DEFAULT_MODEL = "tiny-deepseek-v3"
 
@@ -79,7 +80,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
         _say(f"      exact check skipped: {exc}")
     plan = make_plan(problem, sol.assignment, sol.report())
     plan.save(out / "plan.json")
-    (out / "llama-quantize-args.txt").write_text(plan.llama_quantize_args())
+    write_text(out / "llama-quantize-args.txt", plan.llama_quantize_args())
 
     # 3. predicted sweep, both targets, with the baselines
     budgets = [int(r * bf16) + kv for r in np.linspace(0.06, 0.35, sweep_points)]
@@ -126,7 +127,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     summary = {"model": model, "memory_bytes": memory, "reference_perplexity": ref.perplexity,
                "solver": sol.report(), "results": rows, "llama_cpp": llama_check,
                "seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(out / "summary.json", json_text(summary, indent=1) + "\n")
     _say(f"[5/5] evaluate on {ref.n_tokens} held-out tokens (original perplexity {ref.perplexity:.2f})")
     _print_table(rows, llama_check, summary["seconds"], out)
     return summary

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.outputs import output_file
 from moeplan.sensitivity.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
 
@@ -578,10 +579,8 @@ CSV_COLUMNS = ("model", "method", "target", "status", "memory_bytes", "weight_bu
 def write(df, csv_path: str | Path, png_path: str | Path | None = None, bf16_bytes: int | None = None,
           title: str = "") -> None:
     """The table as CSV (the usual columns first) and, with png_path, the plot."""
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     cols = [c for c in CSV_COLUMNS if c in df] + [c for c in df.columns if c not in CSV_COLUMNS]
-    with open(csv_path, "w") as f:
+    with output_file(csv_path, "table") as tmp, open(tmp, "x") as f:
         if "synthetic_profile" in df and bool(df["synthetic_profile"].fillna(False).astype(bool).any()):
             f.write("# SYNTHETIC profile: the predicted damage column is generated, not measured; measured_* are measured\n")
         df[cols].to_csv(f, index=False)

@@ -22,6 +22,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.checkpoint import parse_json, regular_file
+from moeplan.kernels.outputs import json_text, write_text
 
 PLAN_FORMAT = "moeplan-plan"
 PLAN_VERSION = 1
@@ -185,25 +187,17 @@ class Plan(_Strict):
 
     # ---- files ----
     def to_json_text(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        return json_text(self.model_dump(mode="json"), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(self.to_json_text())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_text(path, self.to_json_text(), "plan")
 
     @classmethod
     def from_json_text(cls, text: str, source: str = "plan") -> "Plan":
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{source}: not JSON ({exc})") from None
+            obj = parse_json(text, source)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
         return cls.from_obj(obj, source)
 
     @classmethod
@@ -224,13 +218,21 @@ class Plan(_Strict):
     def load(cls, path: str | os.PathLike, inventory=None) -> "Plan":
         """Read and validate a plan; with `inventory`, also check it was made for that model."""
         path = Path(path)
-        plan = cls.from_json_text(path.read_text(), str(path))
+        regular_file(path, "plan")
+        plan = cls.from_json_text(path.read_bytes(), str(path))
         if inventory is not None:
             plan.check_model(inventory)
         return plan
 
     def check_model(self, inventory) -> None:
-        """Refuse a model with another fingerprint, and tensors the model does not have."""
+        """Refuse a plan that does not describe this model completely and within its own budget: another
+        fingerprint, layers or tensors the model does not have, MoE layers or tensors the plan leaves
+        out, or tensors whose exact bytes exceed the plan's weight budget (a hand-edited plan). Runs
+        before anything is written."""
+        from moeplan.sensitivity.inventory import Role
+
+        from .gguf_names import stacked_name
+
         if inventory.fingerprint != self.model.fingerprint:
             raise PlanError(f"plan field 'model.fingerprint' is {self.model.fingerprint}, but this model's is "
                             f"{inventory.fingerprint}: the plan was made for another model (or another checkpoint "
@@ -239,6 +241,71 @@ class Plan(_Strict):
         if unknown:
             raise PlanError(f"plan field 'tensors' names {len(unknown)} tensors this model does not have, "
                             f"e.g. {unknown[0]!r}")
+        moe = list(inventory.moe_layers)
+        by_layer = {l.layer: l for l in self.layers}
+        extra = sorted(set(by_layer) - set(moe))
+        if extra:
+            raise PlanError(f"plan field 'layers' has layer {extra[0]}, which is not an MoE layer of this model "
+                            f"(its MoE layers: {_ranges(moe)})")
+        missing_layers = [l for l in moe if l not in by_layer]
+        if missing_layers:
+            raise PlanError(f"plan field 'layers' has no entry for MoE layer {missing_layers[0]} "
+                            f"({len(missing_layers)} missing): the plan is incomplete; re-run `moeplan solve`")
+        for layer in moe:
+            n = len(inventory.experts_in_layer(layer))
+            if by_layer[layer].n_experts != n:
+                raise PlanError(f"plan field 'layers': layer {layer} says {by_layer[layer].n_experts} experts, the "
+                                f"model has {n}")
+        kept = {(l.layer, e) for l in self.layers for e in l.kept}
+        needed, pruned_named = [], []
+        for t in inventory:
+            if not t.quantizable or (t.role is Role.ROUTER and t.layer in by_layer):
+                continue
+            if t.role is Role.ROUTED_EXPERT and (t.layer, t.expert) not in kept:
+                if t.name in self.tensors:
+                    pruned_named.append(t.name)
+                continue
+            if t.name not in self.tensors:
+                needed.append(t.name)
+        if needed:
+            raise PlanError(f"plan field 'tensors' has no format for {len(needed)} tensors of this model, e.g. "
+                            f"{needed[0]!r}: the plan is incomplete; re-run `moeplan solve`")
+        if pruned_named:
+            raise PlanError(f"plan field 'tensors' names {pruned_named[0]!r}, an expert the plan prunes "
+                            f"({len(pruned_named)} such tensors): keep the expert or drop its tensors")
+        if self.target == "gguf":
+            kinds = sorted({t.kind for t in inventory if t.role is Role.ROUTED_EXPERT})
+            want = {stacked_name(l, k) for l in moe for k in kinds}
+            if set(self.stacked) != want:
+                odd = sorted(set(self.stacked) ^ want)
+                raise PlanError(f"plan field 'stacked' does not match this model's stacked expert tensors "
+                                f"(e.g. {odd[0]!r}); re-run `moeplan solve --target gguf`")
+        need = self.weight_bytes(inventory)
+        if need > self.budget.weight_budget_bytes:
+            raise PlanError(f"the plan's tensors take {need:,} bytes, more than its weight budget of "
+                            f"{self.budget.weight_budget_bytes:,} (field 'budget.weight_budget_bytes'): the formats "
+                            "were edited by hand? re-run `moeplan solve`, or solve for a larger --memory")
+        if need != self.totals.weight_bytes:
+            raise PlanError(f"the plan's tensors take {need:,} bytes but field 'totals.weight_bytes' says "
+                            f"{self.totals.weight_bytes:,}: the plan was edited by hand; re-run `moeplan solve`")
+
+    def weight_bytes(self, inventory) -> int:
+        """The exact bytes this plan stores for `inventory`: every tensor in its format (with llama.cpp's
+        row-length fallbacks for the plan's target), the fixed F32 tensors, and the router rows of the
+        kept experts."""
+        from moeplan.sensitivity.inventory import Role
+
+        by_layer = {l.layer: l for l in self.layers}
+        total = 0
+        for t in inventory:
+            if t.role is Role.ROUTER and t.layer in by_layer:
+                lp = by_layer[t.layer]
+                total += t.nbytes("F32") * len(lp.kept) // lp.n_experts
+            elif not t.quantizable:
+                total += t.nbytes("F32")
+            elif t.name in self.tensors:
+                total += t.nbytes(self.tensors[t.name], self.target, inventory.config)
+        return total
 
     # ---- exports ----
     def llama_quantize_args(self) -> str:
@@ -298,6 +365,10 @@ def _explain(exc: ValidationError, source: str) -> str:
 def _expert_names_of(plan: Plan, layer: LayerPlan) -> list[str]:
     pat = f"model.layers.{layer.layer}.mlp.experts."
     return [n for n in plan.tensors if n.startswith(pat)]
+
+
+def _ranges(xs: list[int]) -> str:
+    return f"{xs[0]}..{xs[-1]}" if xs and xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
 
 
 def _gguf_sort_key(name: str):

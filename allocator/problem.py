@@ -66,7 +66,13 @@ def parse_size(text: str | int | float) -> int:
     if unit not in _UNITS:
         raise ValueError(f"unknown size unit {m.group(2)!r} in {text!r}: use B, KB, MB, GB, TB (powers of 1000) "
                          "or KiB, MiB, GiB, TiB (powers of 1024)")
-    return int(round(value * _UNITS[unit]))
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size > MAX_SIZE:
+        raise ValueError(f"size {text!r} is larger than any machine ({MAX_SIZE:.0e} bytes at most)")
+    return int(round(size))
+
+
+MAX_SIZE = 1e18  # 1 EB: far above any budget, far below what an int64 or a float can hold exactly enough
 
 
 def fmt_bytes(n: float) -> str:

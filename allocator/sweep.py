@@ -10,11 +10,13 @@ point (103 GB of DeepSeek-V3's 1342 GB in BF16: 7.7% of the BF16 size) marked.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from moeplan.kernels.outputs import output_file
 from moeplan.sensitivity.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
 
@@ -110,7 +112,11 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
                 continue
             rows.append({"memory_bytes": None, "weight_budget_bytes": None, "synthetic_profile": bool(p.profile.synthetic),
                          "target": p.target.value, **_row(b.name, "baseline", b.totals, b.objective, None, None, 0.0)})
-            _keep_plan(plans, len(rows) - 1, b.problem, b.assignment, {"solver": b.name, "status": "baseline", "wall_s": 0.0})
+            # a fixed mix does not depend on the budget: its plan records the memory it needs itself
+            q = b.problem
+            own = q.replace(budget=dataclasses.replace(q.budget, memory=q.budget.memory - q.budget.weights
+                                                       + b.totals.weight_bytes))
+            _keep_plan(plans, len(rows) - 1, own, b.assignment, {"solver": b.name, "status": "baseline", "wall_s": 0.0})
     df = pd.DataFrame(rows)
     df.attrs["wall_s"] = time.perf_counter() - t_all
     return df
@@ -169,16 +175,16 @@ def save_figure(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with output_file(path, "plot") as tmp:
+            fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def write(df, csv_path: str | Path, png_path: str | Path | None = None, bf16_bytes: int | None = None,
           title: str = "") -> None:
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w") as f:
+    with output_file(csv_path, "table") as tmp, open(tmp, "x") as f:
         if bool(df.get("synthetic_profile", False).any() if hasattr(df.get("synthetic_profile", None), "any") else False):
             f.write("# SYNTHETIC profile: every damage figure below is predicted from generated costs, not measured\n")
         df.to_csv(f, index=False)

@@ -21,7 +21,6 @@ same inputs give the same bytes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -33,7 +32,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import formats as _formats
+from .checkpoint import checkpoint_shards, read_json, read_safetensors_header
 from .formats import Format
+from .outputs import check_output, output_file
 
 GGUF_ALIGNMENT = 32
 CHUNK_BYTES = 64 << 20  # float32 bytes of source rows read and quantized at once for 2-D tensors
@@ -347,7 +348,7 @@ def read_tokenizer(model_dir: str | os.PathLike, vocab_size: int, config: Mappin
     path = model_dir / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; llama.cpp needs the vocabulary in the GGUF file")
-    tj = json.loads(path.read_text(encoding="utf-8"))
+    tj = read_json(path, "tokenizer")
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"tokenizer.json has a {model.get('type')!r} model; only byte-level BPE is supported")
@@ -383,7 +384,7 @@ def read_tokenizer(model_dir: str | os.PathLike, vocab_size: int, config: Mappin
 
     token_to_id = {t: i for i, t in enumerate(tokens)}
     tcfg_path = model_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.exists() else {}
+    tcfg = read_json(tcfg_path, "tokenizer config") if tcfg_path.exists() else {}
     special: dict[str, int] = {}
     for kind in ("bos", "eos", "unk", "pad"):
         tid = _special_token_id(tcfg.get(f"{kind}_token"), token_to_id)
@@ -434,6 +435,17 @@ def _as_float(x):
     return x.contiguous()
 
 
+def _finite(name: str, x):
+    """x, refusing NaN / Inf weights (a corrupt checkpoint; quantizing them would hide it)."""
+    import torch
+
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"tensor {name} has a non-finite value ({x[tuple(bad)].item()} at index {tuple(bad)}): "
+                         "the checkpoint is corrupt; re-export or repair it")
+    return x
+
+
 # safetensors dtype -> (numpy dtype read from the file, torch dtype it is viewed as, or None for numpy's own)
 _ST_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16"),
               "F64": (np.float64, None), "F8_E4M3": (np.uint8, "float8_e4m3fn")}
@@ -456,20 +468,16 @@ class _Checkpoint:
     `weight_scale_inv` per 128x128 block) are dequantized on read."""
 
     def __init__(self, model_dir: Path, config: Mapping):
-        from moeplan.sensitivity.inventory import checkpoint_shards
-
         shards = checkpoint_shards(Path(model_dir))
         if not shards:
             raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
         self._entries: dict[str, _StEntry] = {}
         for shard in shards:
-            with open(shard, "rb") as f:
-                (n,) = np.frombuffer(f.read(8), dtype="<u8")
-                header = json.loads(f.read(int(n)))
-            header.pop("__metadata__", None)
-            for name, meta in header.items():
-                self._entries[name] = _StEntry(shard, meta["dtype"], tuple(int(d) for d in meta["shape"]),
-                                               8 + int(n) + int(meta["data_offsets"][0]))
+            header, _ = read_safetensors_header(shard)  # validated: ranges inside the file, shapes >= 0
+            for name, t in header.items():
+                if name in self._entries:
+                    raise ValueError(f"tensor {name} is in both {self._entries[name].shard.name} and {shard.name}")
+                self._entries[name] = _StEntry(shard, t.dtype, t.shape, t.start)
         q = config.get("quantization_config") or {}
         self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
         self._files: dict[Path, Any] = {}
@@ -531,8 +539,8 @@ class _Checkpoint:
         else:
             raise ValueError(f"{name} is a scalar; no GGUF tensor is made of one")
         if x.dtype == getattr(torch, "float8_e4m3fn", None):
-            return self._dequant_fp8(name, x, rows)
-        return _as_float(x)
+            return _finite(name, self._dequant_fp8(name, x, rows))
+        return _finite(name, _as_float(x))
 
     def _dequant_fp8(self, name: str, x, rows: tuple[int, int] | None):
         sname = name + "_scale_inv"
@@ -568,7 +576,7 @@ class _Checkpoint:
             fused = f"{prefix}.gate_up_proj"  # (E, 2I, H): gate rows first, then up rows
             two_i = self.shape(fused)[1]
             half = (0, two_i // 2) if kind == "gate_proj" else (two_i // 2, two_i)
-            return _as_float(self._raw(fused, (e, e + 1), half))
+            return _finite(fused, _as_float(self._raw(fused, (e, e + 1), half)))
         return self.read(f"{prefix}.down_proj", index=e)
 
 
@@ -918,10 +926,6 @@ def _file_type(stored: Sequence[_Stored]) -> int | None:
     return int(table[top]) if top in table else None
 
 
-def _tmp_path(out_path: Path) -> Path:
-    return out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-
-
 def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, formats: Mapping[str, str], *,
                kept_experts: Mapping[int, Sequence[int]] | None = None, top_k: int | None = None,
                importance: Mapping[str, Any] | None = None, progress: bool = True,
@@ -944,31 +948,26 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
     from .api import quantize
 
     model_dir = Path(model_dir)
-    out_path = Path(out_path)
+    out_path = check_output(out_path, "--gguf", make_parents=False)
     cfg_path = model_dir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{model_dir} has no config.json")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path, "config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object")
     fam = family_of(config)
     fam.validate(config)
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"the output directory {out_path.parent} does not exist")
 
     ckpt = _Checkpoint(model_dir, config)
     try:
         plan = _plan(model_dir, config, fam, dict(formats), kept_experts, top_k, importance, default_format)
         vocab = read_tokenizer(model_dir, int(config["vocab_size"]), config, tokenizer_pre)
-        tmp = _tmp_path(out_path)
-        try:
-            writer = gguf.GGUFWriter(tmp, fam.arch_name)
+        with output_file(out_path, "--gguf") as tmp:
+            writer = gguf.GGUFWriter(tmp, fam.arch_name)  # tmp lies in a fresh private directory
             try:
                 _write(writer, plan, config, fam, vocab, model_dir, ckpt, quantize, progress, threads)
             finally:
                 writer.close()
-            os.replace(tmp, out_path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     finally:
         ckpt.close()
 

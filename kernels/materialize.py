@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .outputs import check_output, output_dir
 
 
 @dataclass
@@ -39,7 +40,7 @@ def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
 
     p = Path(importance_file) if importance_file else model_dir / "profile.importance.safetensors"
     if importance_file and not p.exists():
-        raise FileNotFoundError(f"importance file {p} does not exist")
+        raise FileNotFoundError(f"--importance {p} does not exist")
     return load_importance(p) if p.exists() else None
 
 
@@ -48,14 +49,19 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
                 progress: bool = True) -> MaterializeReport:
     """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
     from moeplan.allocator.plan import Plan
-    from moeplan.sensitivity.inventory import build_inventory, resolve_model
+    from moeplan.sensitivity.inventory import build_inventory, check_config_matches, resolve_model
 
     if gguf_out is None and hf_out is None:
         raise ValueError("nothing to write: give gguf_out and/or hf_out")
+    if gguf_out is not None:  # every output path is checked before any work
+        check_output(gguf_out, "--gguf")
+    if hf_out is not None:
+        check_output(hf_out, "--hf", directory=True)
     model_dir = resolve_model(model)
     if not model_dir.is_dir():
         raise ValueError(f"materializing needs weights: {model_dir} is not a checkpoint directory")
     inv = build_inventory(model_dir)
+    check_config_matches(inv)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan, inv)
     plan.check_model(inv)
     if gguf_out is not None and plan.target != "gguf":
@@ -93,9 +99,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
 
     from .gguf_export import _Checkpoint
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
+    out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     # the architecture on the meta device: names, counts and the config after pruning, no weights
@@ -141,29 +145,22 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
                 specs.append((ad.expert_tensor_name(layer, new, kind), (rows, cols),
                               lambda src=src, pre=prefix, old=old, ck=ckpt_kind: compress(src, ckpt.expert(pre, old, ck).float())))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_safetensors(tmp / "model.safetensors", specs)
-        meta.config.moeplan = {
-            "plan_fingerprint": plan.model.fingerprint,
-            "target": plan.target,
-            "layers": {str(l.layer): {"kept": list(l.kept), "top_k": l.top_k} for l in plan.layers},
-        }
-        meta.config.dtype = "float32"
-        meta.config.save_pretrained(str(tmp))
-        if (Path(model_dir) / "generation_config.json").exists():
-            shutil.copy2(Path(model_dir) / "generation_config.json", tmp / "generation_config.json")
-        try:
-            AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tmp))
-        except (OSError, ValueError):
-            pass  # a checkpoint without a tokenizer stays without one
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with output_dir(out_dir, "--hf") as tmp:
+            _write_safetensors(tmp / "model.safetensors", specs)
+            meta.config.moeplan = {
+                "plan_fingerprint": plan.model.fingerprint,
+                "target": plan.target,
+                "layers": {str(l.layer): {"kept": list(l.kept), "top_k": l.top_k} for l in plan.layers},
+            }
+            meta.config.dtype = "float32"
+            meta.config.save_pretrained(str(tmp))
+            if (Path(model_dir) / "generation_config.json").exists():
+                shutil.copy2(Path(model_dir) / "generation_config.json", tmp / "generation_config.json")
+            try:
+                AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tmp))
+            except (OSError, ValueError):
+                pass  # a checkpoint without a tokenizer stays without one
     finally:
         ckpt.close()
     return out_dir

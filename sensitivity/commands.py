@@ -7,13 +7,25 @@ import json
 import sys
 from pathlib import Path
 
-from moeplan.allocator.cli import Command, register
+from moeplan.allocator.cli import Command, positive_int, register
+from moeplan.kernels.outputs import check_output
 
 from .profiler import DEFAULT_FORMATS
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _read_text(path: str, flag: str) -> str:
+    """A text file given on the command line (a regular file, UTF-8)."""
+    from moeplan.kernels.checkpoint import regular_file
+
+    regular_file(Path(path), flag)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 # ---- profile ----------------------------------------------------------------------------------
@@ -25,14 +37,16 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
                     "next to it as PROFILE.importance.safetensors)")
     ap.add_argument("--formats", help="comma-separated format menu (default: %(default)s)",
                     default=",".join(DEFAULT_FORMATS))
-    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: %(default)s)")
-    ap.add_argument("--seq-len", type=int, default=128, help="calibration window length (default: %(default)s)")
+    ap.add_argument("--tokens", type=positive_int, default=4096, help="calibration tokens (default: %(default)s)")
+    ap.add_argument("--seq-len", type=positive_int, default=128, help="calibration window length (default: %(default)s)")
 
 
 def _profile_run(args) -> int:
-    from .profiler import profile_model
+    from .profiler import importance_path, profile_model
 
-    text = Path(args.calib).read_text() if args.calib else None
+    check_output(args.out, "--out")
+    check_output(importance_path(args.out), "--out (its importance file)")
+    text = _read_text(args.calib, "--calib") if args.calib else None
     prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
                          seq_len=args.seq_len, progress=True)
     m = prof.meta
@@ -48,8 +62,8 @@ def _evaluate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("model", metavar="MODEL", help="checkpoint directory or a shipped reference model name")
     ap.add_argument("--plan", metavar="FILE", help="plan JSON to apply (without: the unmodified model)")
     ap.add_argument("--text", metavar="FILE", help="held-out text (default: the model's shipped valid.txt)")
-    ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default: %(default)s)")
-    ap.add_argument("--seq-len", type=int, default=128, help="window length (default: %(default)s)")
+    ap.add_argument("--tokens", type=positive_int, default=8192, help="evaluation tokens (default: %(default)s)")
+    ap.add_argument("--seq-len", type=positive_int, default=128, help="window length (default: %(default)s)")
     ap.add_argument("--importance", metavar="FILE", help="importance vectors for quantizing (default: the "
                     "model's shipped profile.importance.safetensors, if any)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -65,22 +79,28 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
     from .inventory import build_inventory
     from .profiler import load_importance
 
+    from .inventory import resolve_model
+
+    plan = importance = None
+    if plan_path is not None:  # the plan and the importance are checked before the model is loaded
+        from moeplan.allocator.plan import Plan
+
+        plan = Plan.load(plan_path, build_inventory(model))
+        imp_path = Path(importance_file) if importance_file else resolve_model(model) / "profile.importance.safetensors"
+        if importance_file and not imp_path.is_file():
+            raise FileNotFoundError(f"--importance {imp_path} does not exist")
+        importance = load_importance(imp_path) if imp_path.exists() else None
     path, original, ids = load_model_and_text(model, text, "valid", "evaluation", "--text")
     windows = chunk_tokens(ids, seq_len, tokens)
     ref = ReferenceLogits(original, windows)
     model_ = original
-    if plan_path is not None:
-        from moeplan.allocator.plan import Plan
-
-        plan = Plan.load(plan_path, build_inventory(path))
-        imp_path = Path(importance_file) if importance_file else path / "profile.importance.safetensors"
-        importance = load_importance(imp_path) if imp_path.exists() else None
+    if plan is not None:
         model_ = apply_decision(copy.deepcopy(original), Decision.from_plan(plan), importance)
     return evaluate(model_, ref)
 
 
 def _evaluate_run(args) -> int:
-    r = evaluate_plan(args.model, args.plan, Path(args.text).read_text() if args.text else None, args.tokens,
+    r = evaluate_plan(args.model, args.plan, _read_text(args.text, "--text") if args.text else None, args.tokens,
                       args.seq_len, args.importance)
     if args.json:
         print(json.dumps(r.as_dict(), indent=1))

@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from moeplan.kernels.checkpoint import checkpoint_shards, read_safetensors_header
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -58,9 +60,34 @@ def load_model_and_text(model, text: str | None, split: str, purpose: str, optio
         if not split_file.exists():
             raise FileNotFoundError(f"{path} ships no {split}.txt; pass {option} FILE")
         text = split_file.read_text()
+    for shard in checkpoint_shards(path):  # every header checked before transformers reads one
+        read_safetensors_header(shard)
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = encode_text(tok, text)
-    return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), ids
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    check_finite_weights(model, path)
+    return path, model, ids
+
+
+def check_finite_weights(model: torch.nn.Module, source) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the tensor (every figure computed from it
+    would be meaningless)."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = (~torch.isfinite(p)).nonzero()[0].tolist()
+            raise ValueError(f"{source}: tensor {name} has a non-finite value ({p[tuple(bad)].item()} at index "
+                             f"{tuple(bad)}); the checkpoint is corrupt: re-export or repair it")
+
+
+class NonFiniteOutput(ValueError):
+    """A model whose outputs are NaN / infinite: no perplexity or KL can be reported for it."""
+
+
+def _check_finite(lp: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(lp).all()):
+        n = int((~torch.isfinite(lp)).any(-1).sum())
+        raise NonFiniteOutput(f"{what} gives non-finite log-probabilities at {n} positions (NaN/Inf weights or "
+                              "overflow): no perplexity or KL can be reported")
 
 
 def chunk_tokens(token_ids: Sequence[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -184,6 +211,7 @@ class ReferenceLogits:
                     lp = _next_token_log_probs(self.layer_inputs.capture(model, batch))
             else:
                 lp = _log_probs(model, batch)
+            _check_finite(lp, "the reference model")
             tgt = batch[:, 1:]
             nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
             n += tgt.numel()
@@ -212,6 +240,7 @@ def evaluate(model: torch.nn.Module, reference: ReferenceLogits, start_layer: in
     for b, (batch, ref_lp, ref_top1) in enumerate(zip(_batches(reference.windows, reference.batch_size),
                                                        reference.log_probs, reference.top1)):
         lp = cache.log_probs_from(model, b, start_layer) if cache is not None else _log_probs(model, batch)
+        _check_finite(lp, "the evaluated model")
         ref = ref_lp
         kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0.0)  # KL(P_ref || P) per position
         kls.append(kl.flatten())

@@ -17,13 +17,14 @@ import hashlib
 import json
 import os
 import re
-import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.checkpoint import checkpoint_shards, read_json, read_safetensors_header
+from moeplan.kernels.outputs import json_text, write_text
 
 INVENTORY_VERSION = 1
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -237,7 +238,7 @@ class Inventory:
         return cls(d["model_type"], d["config"], [TensorInfo.from_json(t) for t in d["tensors"]], d["fingerprint"], d.get("source", ""))
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        write_text(path, json_text(self.to_json(), indent=1, sort_keys=True) + "\n", "inventory")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Inventory":
@@ -342,40 +343,36 @@ def build_inventory(model: str | os.PathLike) -> Inventory:
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{path} has no config.json; a checkpoint directory needs one")
-        config = json.loads(cfg_path.read_text())
+        config = _config(read_json(cfg_path, "config"), cfg_path)
         if shards:
             return _from_safetensors(shards, config, str(path))
         return _from_config(config, str(cfg_path))
     if path.suffix == ".json":
-        return _from_config(json.loads(path.read_text()), str(path))
+        return _from_config(_config(read_json(path, "config"), path), str(path))
     raise ValueError(f"{path} is not a directory or a .json config")
 
 
-def checkpoint_shards(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory: those its model.safetensors.index.json names, else
-    every *.safetensors but moeplan's own side files (importance vectors)."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
-        return [path / n for n in names]
-    return sorted(p for p in path.glob("*.safetensors") if not p.name.endswith(".importance.safetensors"))
+def _config(obj, path) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a JSON object; a config.json maps field names to values")
+    return obj
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets), read without the data."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise ValueError(f"{path}: safetensors header of {n} bytes is implausible; is the file corrupt?")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+def check_config_matches(inv: Inventory) -> None:
+    """Refuse a checkpoint whose config.json disagrees with its weights: every tensor the config's
+    architecture has (built on the meta device) must be in the safetensors files with the same
+    shape. A writer that trusted the config would emit wrong metadata for the weights it copies."""
+    want = _from_config(inv.config, "config.json")
+    mismatched = [(t.name, t.shape, inv[t.name].shape) for t in want if t.name in inv and inv[t.name].shape != t.shape]
+    if mismatched:
+        name, by_config, in_file = mismatched[0]
+        raise ValueError(f"{inv.source}: config.json disagrees with the weights: {name} is {list(in_file)} in the "
+                         f"safetensors files but {list(by_config)} by config.json ({len(mismatched)} such tensors); "
+                         "fix config.json (or the weights) so that they describe the same model")
+    missing = [t.name for t in want if t.name not in inv]
+    if missing:
+        raise ValueError(f"{inv.source}: config.json describes tensors the safetensors files do not have, e.g. "
+                         f"{missing[0]} ({len(missing)} missing); fix config.json or complete the checkpoint")
 
 
 def _from_safetensors(shards: list[Path], config: dict, source: str) -> Inventory:
@@ -383,9 +380,9 @@ def _from_safetensors(shards: list[Path], config: dict, source: str) -> Inventor
     h = hashlib.sha256()
     moe_inter = config.get("moe_intermediate_size")
     for shard in shards:
-        header = read_safetensors_header(shard)
+        header, _ = read_safetensors_header(shard)
         for name in sorted(header):
-            shape = tuple(header[name]["shape"])
+            shape = header[name].shape
             fused = _expand_fused(name, shape, moe_inter)
             tensors.extend(fused if fused is not None else [classify(name, shape)])
         # content digest: the header and the first MiB of data tell two checkpoints of one architecture apart
@@ -425,15 +422,3 @@ def _fingerprint(config: dict, tensors: list[TensorInfo], content: str) -> str:
         h.update(f"{t.name}:{t.shape}".encode())
     h.update(content.encode())
     return h.hexdigest()[:16]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -12,11 +12,12 @@ distribution against the original model, in nats per token, so that the integer 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from moeplan.kernels.checkpoint import read_json
+from moeplan.kernels.outputs import json_text, write_text
 
 PROFILE_VERSION = 1
 
@@ -83,39 +84,58 @@ class Profile:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Profile":
+    def from_json(cls, d: dict, source: str = "profile") -> "Profile":
+        """A profile from its JSON object, every field checked: costs are finite and non-negative
+        (a damage is a KL divergence increase), lists have one entry per expert, formats are known."""
+        from moeplan.kernels import formats as kfmts
+
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a profile is a JSON object, got {type(d).__name__}")
         if d.get("version") != PROFILE_VERSION:
-            raise ValueError(f"profile version {d.get('version')!r} is not {PROFILE_VERSION}; re-run `moeplan profile`")
-        for key in ("fingerprint", "formats", "tensor_damage", "experts", "topk_cost"):
-            if key not in d:
-                raise ValueError(f"profile file has no {key!r} field")
-        fmts = list(d["formats"])
+            raise ValueError(f"{source}: profile version {d.get('version')!r} is not {PROFILE_VERSION}; "
+                             "re-run `moeplan profile`")
+        for key, typ in (("fingerprint", str), ("formats", list), ("tensor_damage", dict), ("experts", dict),
+                         ("topk_cost", dict)):
+            if not isinstance(d.get(key), typ):
+                raise ValueError(f"{source}: field {key!r} is missing or not a {typ.__name__}")
+        fmts = d["formats"]
+        for f in fmts:
+            if not isinstance(f, str) or f not in kfmts.FORMATS:
+                raise ValueError(f"{source}: field 'formats' names an unknown format {f!r}")
         damage = {}
         for name, row in d["tensor_damage"].items():
-            if len(row) != len(fmts):
-                raise ValueError(f"profile: tensor_damage[{name!r}] has {len(row)} values for {len(fmts)} formats")
-            damage[name] = {f: float(v) for f, v in zip(fmts, row) if v is not None}
-        experts = {int(l): ExpertStats(**s) for l, s in d["experts"].items()}
-        topk = {int(l): {int(k): float(c) for k, c in v.items()} for l, v in d["topk_cost"].items()}
-        return cls(d["fingerprint"], fmts, damage, experts, topk, bool(d.get("synthetic", False)), d.get("meta", {}))
+            where = f"{source}: tensor_damage[{name!r}]"
+            if not isinstance(row, list) or len(row) != len(fmts):
+                raise ValueError(f"{where} must be a list of {len(fmts)} values, one per format")
+            damage[name] = {f: _cost(v, f"{where}[{f}]") for f, v in zip(fmts, row) if v is not None}
+        experts = {}
+        for layer, s in d["experts"].items():
+            where = f"{source}: experts[{layer}]"
+            if not isinstance(s, dict) or set(s) != set(ExpertStats.__dataclass_fields__):
+                raise ValueError(f"{where} needs exactly the fields {sorted(ExpertStats.__dataclass_fields__)}")
+            fields = {}
+            for k, v in s.items():
+                if not isinstance(v, list):
+                    raise ValueError(f"{where}.{k} must be a list (one value per expert)")
+                fields[k] = [_cost(x, f"{where}.{k}[{i}]") for i, x in enumerate(v)]
+            experts[_layer(layer, where)] = ExpertStats(**fields)
+        topk = {}
+        for layer, v in d["topk_cost"].items():
+            where = f"{source}: topk_cost[{layer}]"
+            if not isinstance(v, dict):
+                raise ValueError(f"{where} must map k to a cost")
+            topk[_layer(layer, where)] = {_layer(k, where): _cost(c, f"{where}[{k}]") for k, c in v.items()}
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{source}: field 'meta' must be an object")
+        return cls(d["fingerprint"], list(fmts), damage, experts, topk, bool(d.get("synthetic", False)), meta)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_json(), f, separators=(",", ":"), sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_text(path, json_text(self.to_json(), separators=(",", ":"), sort_keys=True) + "\n", "profile")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        return cls.from_json(read_json(path, "profile"), f"profile {path}")
 
 
 def _num(v):
@@ -125,3 +145,20 @@ def _num(v):
     if not math.isfinite(v):
         raise ValueError("profile costs must be finite")
     return v
+
+
+def _cost(v, where: str) -> float:
+    """A finite, non-negative number from a profile file."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{where} is {v!r}; costs are finite non-negative numbers: re-run `moeplan profile`")
+    return float(v)
+
+
+def _layer(v, where: str) -> int:
+    try:
+        i = int(v)
+    except (TypeError, ValueError):
+        i = -1
+    if i < 0 or str(i) != str(v):
+        raise ValueError(f"{where}: {v!r} is not a layer index / expert count (a non-negative integer)")
+    return i

@@ -42,6 +42,8 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.checkpoint import read_safetensors_header
+from moeplan.kernels.outputs import output_file
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
@@ -394,16 +396,24 @@ def _interpolate_gain(points: list[tuple[float, float]], energy: float) -> float
 def save_importance(importance: dict[str, np.ndarray], path: str | Path) -> None:
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in importance.items()}, str(tmp))
-    tmp.replace(path)
+    with output_file(path, "importance") as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in importance.items()}, str(tmp))
 
 
 def load_importance(path: str | Path) -> dict[str, np.ndarray]:
+    """Importance vectors (tensor name -> per-input-column mean of x^2), each finite and non-negative."""
     from safetensors.numpy import load_file
 
-    return load_file(str(path))
+    header, _ = read_safetensors_header(path)  # a broken file is named here, not deep in the library
+    bad = [n for n, t in header.items() if t.dtype not in ("F32", "F16", "BF16", "F64")]
+    if bad:
+        raise ValueError(f"importance file {path}: tensor {bad[0]} has dtype {header[bad[0]].dtype}, not float")
+    out = load_file(str(path))
+    for name, v in out.items():
+        if not (np.isfinite(v).all() and (v >= 0).all()):
+            raise ValueError(f"importance file {path}: {name} has negative or non-finite values; importance is a "
+                             "mean of squares (re-run `moeplan profile`)")
+    return out
 
 
 def importance_path(profile_path: str | Path) -> Path:
