@@ -78,6 +78,9 @@ def check_output(path: str | os.PathLike, flag: str, *, directory: bool = False,
             raise OutputError(f"{flag} {path} exists and is not empty; choose a new directory or remove it")
     elif path.is_dir() and not path.is_symlink():
         raise OutputError(f"{flag} {path} is a directory; give a file name")
+    elif path.exists() and not path.is_symlink() and not path.is_file():
+        raise OutputError(f"{flag} {path} exists and is not a regular file (a device, FIFO or socket); "
+                          "choose another name")
     return path
 
 

@@ -176,6 +176,30 @@ def test_profile_with_nan_or_negative_cost_is_refused(capsys, tmp_path):
         assert not (tmp_path / "plan.json").exists()
 
 
+@pytest.mark.parametrize("edit", [
+    lambda p: p.update(experts=[1, 2]),
+    lambda p: p["tensor_damage"].update({"x": "cheap"}),
+    lambda p: p["topk_cost"].update({"1": {"two": 0.1}}),
+    lambda p: p.update(formats=["Q9_K"] + p["formats"][1:]),
+])
+def test_malformed_profiles_are_one_line(capsys, tmp_path, edit):
+    prof = json.loads(Path(PROFILE).read_text())
+    edit(prof)
+    p = tmp_path / "profile.json"
+    p.write_text(json.dumps(prof))
+    code, err = run(capsys, "solve", MODEL, *SOLVE[2:], "--profile", p)
+    assert_user_error(code, err, "solve", str(p))
+
+
+def test_os_errors_are_one_line_with_a_hint():
+    import errno
+
+    from moeplan.allocator.cli import error_line
+
+    line = error_line(OSError(errno.ENOSPC, "No space left on device", "/data/m.gguf"))
+    assert line == "/data/m.gguf: No space left on device (free some space or write elsewhere)"
+
+
 def test_json_outputs_refuse_non_finite_numbers():
     from moeplan.kernels.outputs import json_text
 
@@ -245,6 +269,7 @@ def test_output_paths_are_checked_before_any_work(capsys, plan_file, tmp_path):
     (tmp_path / "afile").write_text("x")
     cases = [
         (["materialize", MODEL, plan_file, "--gguf", tmp_path / "m.gguf", "--hf", tmp_path / "hf"], "not empty"),
+        (["materialize", MODEL, plan_file, "--gguf", "/dev/null"], "not a regular file"),
         (["materialize", MODEL, plan_file, "--gguf", tmp_path / ("x" * 300 + ".gguf")], "longer than"),
         (["materialize", MODEL, plan_file, "--gguf", tmp_path / "afile" / "m.gguf"], "not a directory"),
         (["solve", MODEL, *SOLVE, "--out", tmp_path / ("y" * 300)], "longer than"),
