@@ -1,5 +1,9 @@
 """Reading a checkpoint's files safely: the shard list, safetensors headers and JSON.
 
+`Checkpoint` is the one reader of weights: a tensor, a range of rows or one routed expert at a time,
+with plain file reads (no memory map: what the process holds is what it read and has not yet
+dropped), FP8 dequantized on read, NaN / Inf refused.
+
 Everything here treats the checkpoint as untrusted input. Shard names from
 model.safetensors.index.json must stay inside the checkpoint directory and name regular files (no
 `../x`, no absolute paths, no FIFOs or devices, which would hang or leak). A safetensors header is
@@ -17,7 +21,9 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 # safetensors dtype -> bytes per element (the format's full list)
 ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -155,3 +161,160 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, StTensor
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
     return tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# reading tensors
+
+def as_float(x):
+    """A contiguous float32 / float16 / bfloat16 torch tensor (the kernels read those without widening)."""
+    import torch
+
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.float()
+    return x.contiguous()
+
+
+def _finite(name: str, x):
+    """x, refusing NaN / Inf weights (a corrupt checkpoint; quantizing them would hide it)."""
+    import torch
+
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"tensor {name} has a non-finite value ({x[tuple(bad)].item()} at index {tuple(bad)}): "
+                         "the checkpoint is corrupt; re-export or repair it")
+    return x
+
+
+# safetensors dtype -> (numpy dtype read from the file, torch dtype it is viewed as, or None for numpy's own)
+_ST_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16"),
+              "F64": (np.float64, None), "F8_E4M3": (np.uint8, "float8_e4m3fn")}
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # byte offset of the data in the shard file
+
+
+class Checkpoint:
+    """Tensors of a safetensors checkpoint directory, read with plain file reads a contiguous range at
+    a time (one tensor, a chunk of rows, one expert); no memory map, so what the process holds is what
+    was read and not yet written.
+
+    FP8 checkpoints (DeepSeek-V3's original release: float8_e4m3fn weights with a float32
+    `weight_scale_inv` per 128x128 block) are dequantized on read."""
+
+    def __init__(self, model_dir: Path, config: Mapping):
+        shards = checkpoint_shards(Path(model_dir))
+        if not shards:
+            raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
+        self._entries: dict[str, _StEntry] = {}
+        for shard in shards:
+            header, _ = read_safetensors_header(shard)  # validated: ranges inside the file, shapes >= 0
+            for name, t in header.items():
+                if name in self._entries:
+                    raise ValueError(f"tensor {name} is in both {self._entries[name].shard.name} and {shard.name}")
+                self._entries[name] = _StEntry(shard, t.dtype, t.shape, t.start)
+        q = config.get("quantization_config") or {}
+        self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
+        self._files: dict[Path, Any] = {}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        """Every tensor name of the checkpoint, sorted."""
+        return sorted(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def _raw(self, name: str, lead: tuple[int, int], inner: tuple[int, int] | None = None):
+        """Elements lead[0]:lead[1] of the first axis (with `inner`: one first-axis element, rows
+        inner[0]:inner[1] of its second axis) as a torch tensor of the file's dtype."""
+        import torch
+
+        e = self._entries[name]
+        if e.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name} has dtype {e.dtype}; supported: {', '.join(_ST_DTYPES)}")
+        np_dtype, torch_view = _ST_DTYPES[e.dtype]
+        item = np.dtype(np_dtype).itemsize
+        inner_size = int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else 1
+        if inner is None:
+            first, count, shape = lead[0] * inner_size, (lead[1] - lead[0]) * inner_size, (lead[1] - lead[0], *e.shape[1:])
+        else:
+            row = int(np.prod(e.shape[2:], dtype=np.int64))
+            first = lead[0] * inner_size + inner[0] * row
+            count, shape = (inner[1] - inner[0]) * row, (inner[1] - inner[0], *e.shape[2:])
+        if e.shard not in self._files:
+            self._files[e.shard] = open(e.shard, "rb")
+        f = self._files[e.shard]
+        f.seek(e.offset + first * item)
+        buf = bytearray(count * item)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"{e.shard} ends inside tensor {name}; is the file truncated?")
+        x = torch.from_numpy(np.frombuffer(buf, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(shape))
+        return x.view(getattr(torch, torch_view)) if torch_view else x
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, index: int | None = None):
+        """The tensor (or rows [r0, r1) of it, or element `index` of its first axis) as a torch tensor
+        in float32, float16 or bfloat16."""
+        import torch
+
+        shape = self.shape(name)
+        if index is not None:
+            x = self._raw(name, (index, index + 1))[0]
+        elif rows is not None:
+            x = self._raw(name, rows)
+        elif shape:
+            x = self._raw(name, (0, shape[0]))
+        else:
+            raise ValueError(f"{name} is a scalar; no GGUF tensor is made of one")
+        if x.dtype == getattr(torch, "float8_e4m3fn", None):
+            return _finite(name, self._dequant_fp8(name, x, rows))
+        return _finite(name, as_float(x))
+
+    def _dequant_fp8(self, name: str, x, rows: tuple[int, int] | None):
+        sname = name + "_scale_inv"
+        if sname not in self:
+            raise ValueError(f"{name} is float8 but the checkpoint has no {sname}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: float8 weights of {x.dim()} dimensions are not supported")
+        br, bc = self.fp8_block or (128, 128)
+        r0 = rows[0] if rows is not None else 0
+        if r0 % br:
+            raise AssertionError("float8 row chunks must start on a scale block")
+        scale = self._raw(sname, (r0 // br, (r0 + x.shape[0] + br - 1) // br)).float()
+        scale = scale.repeat_interleave(br, 0)[: x.shape[0]].repeat_interleave(bc, 1)[:, : x.shape[1]]
+        return (x.float() * scale).contiguous()
+
+    def row_chunk(self, name: str, chunk_bytes: int = 64 << 20) -> int:
+        """Rows per read for a 2-D tensor: about chunk_bytes of float32, a multiple of the FP8 block."""
+        shape = self.shape(name)
+        rows = max(1, chunk_bytes // (4 * max(1, shape[-1])))
+        if self.fp8_block is not None:
+            rows = max(self.fp8_block[0], rows // self.fp8_block[0] * self.fp8_block[0])
+        return rows
+
+    def expert(self, prefix: str, e: int, kind: str):
+        """One routed expert's (rows, cols) weight, from per-expert tensors or a fused 3-D one
+        (transformers' gate_up_proj (E, 2I, H), down_proj (E, H, I))."""
+        name = f"{prefix}.{e}.{kind}.weight"
+        if name in self:
+            return self.read(name)
+        if kind in ("gate_proj", "up_proj"):
+            if f"{prefix}.{kind}" in self:
+                return self.read(f"{prefix}.{kind}", index=e)
+            fused = f"{prefix}.gate_up_proj"  # (E, 2I, H): gate rows first, then up rows
+            two_i = self.shape(fused)[1]
+            half = (0, two_i // 2) if kind == "gate_proj" else (two_i // 2, two_i)
+            return _finite(fused, as_float(self._raw(fused, (e, e + 1), half)))
+        return self.read(f"{prefix}.down_proj", index=e)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import formats as _formats
-from .checkpoint import checkpoint_shards, read_json, read_safetensors_header
+from .checkpoint import Checkpoint, read_json
 from .formats import Format
 from .outputs import check_output, output_file
 
@@ -423,164 +423,6 @@ def _add_vocab(w, v: _Vocab) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoint reading
-
-
-def _as_float(x):
-    """A contiguous float32 / float16 / bfloat16 torch tensor (the kernels read those without widening)."""
-    import torch
-
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        x = x.float()
-    return x.contiguous()
-
-
-def _finite(name: str, x):
-    """x, refusing NaN / Inf weights (a corrupt checkpoint; quantizing them would hide it)."""
-    import torch
-
-    if not bool(torch.isfinite(x).all()):
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"tensor {name} has a non-finite value ({x[tuple(bad)].item()} at index {tuple(bad)}): "
-                         "the checkpoint is corrupt; re-export or repair it")
-    return x
-
-
-# safetensors dtype -> (numpy dtype read from the file, torch dtype it is viewed as, or None for numpy's own)
-_ST_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16"),
-              "F64": (np.float64, None), "F8_E4M3": (np.uint8, "float8_e4m3fn")}
-
-
-@dataclass(frozen=True)
-class _StEntry:
-    shard: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # byte offset of the data in the shard file
-
-
-class _Checkpoint:
-    """Tensors of a safetensors checkpoint directory, read with plain file reads a contiguous range at
-    a time (one tensor, a chunk of rows, one expert); no memory map, so what the process holds is what
-    was read and not yet written.
-
-    FP8 checkpoints (DeepSeek-V3's original release: float8_e4m3fn weights with a float32
-    `weight_scale_inv` per 128x128 block) are dequantized on read."""
-
-    def __init__(self, model_dir: Path, config: Mapping):
-        shards = checkpoint_shards(Path(model_dir))
-        if not shards:
-            raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
-        self._entries: dict[str, _StEntry] = {}
-        for shard in shards:
-            header, _ = read_safetensors_header(shard)  # validated: ranges inside the file, shapes >= 0
-            for name, t in header.items():
-                if name in self._entries:
-                    raise ValueError(f"tensor {name} is in both {self._entries[name].shard.name} and {shard.name}")
-                self._entries[name] = _StEntry(shard, t.dtype, t.shape, t.start)
-        q = config.get("quantization_config") or {}
-        self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
-        self._files: dict[Path, Any] = {}
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def names(self) -> list[str]:
-        """Every tensor name of the checkpoint, sorted."""
-        return sorted(self._entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name].shape
-
-    def _raw(self, name: str, lead: tuple[int, int], inner: tuple[int, int] | None = None):
-        """Elements lead[0]:lead[1] of the first axis (with `inner`: one first-axis element, rows
-        inner[0]:inner[1] of its second axis) as a torch tensor of the file's dtype."""
-        import torch
-
-        e = self._entries[name]
-        if e.dtype not in _ST_DTYPES:
-            raise ValueError(f"{name} has dtype {e.dtype}; supported: {', '.join(_ST_DTYPES)}")
-        np_dtype, torch_view = _ST_DTYPES[e.dtype]
-        item = np.dtype(np_dtype).itemsize
-        inner_size = int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else 1
-        if inner is None:
-            first, count, shape = lead[0] * inner_size, (lead[1] - lead[0]) * inner_size, (lead[1] - lead[0], *e.shape[1:])
-        else:
-            row = int(np.prod(e.shape[2:], dtype=np.int64))
-            first = lead[0] * inner_size + inner[0] * row
-            count, shape = (inner[1] - inner[0]) * row, (inner[1] - inner[0], *e.shape[2:])
-        if e.shard not in self._files:
-            self._files[e.shard] = open(e.shard, "rb")
-        f = self._files[e.shard]
-        f.seek(e.offset + first * item)
-        buf = bytearray(count * item)
-        if f.readinto(buf) != len(buf):
-            raise ValueError(f"{e.shard} ends inside tensor {name}; is the file truncated?")
-        x = torch.from_numpy(np.frombuffer(buf, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(shape))
-        return x.view(getattr(torch, torch_view)) if torch_view else x
-
-    def read(self, name: str, rows: tuple[int, int] | None = None, index: int | None = None):
-        """The tensor (or rows [r0, r1) of it, or element `index` of its first axis) as a torch tensor
-        in float32, float16 or bfloat16."""
-        import torch
-
-        shape = self.shape(name)
-        if index is not None:
-            x = self._raw(name, (index, index + 1))[0]
-        elif rows is not None:
-            x = self._raw(name, rows)
-        elif shape:
-            x = self._raw(name, (0, shape[0]))
-        else:
-            raise ValueError(f"{name} is a scalar; no GGUF tensor is made of one")
-        if x.dtype == getattr(torch, "float8_e4m3fn", None):
-            return _finite(name, self._dequant_fp8(name, x, rows))
-        return _finite(name, _as_float(x))
-
-    def _dequant_fp8(self, name: str, x, rows: tuple[int, int] | None):
-        sname = name + "_scale_inv"
-        if sname not in self:
-            raise ValueError(f"{name} is float8 but the checkpoint has no {sname}")
-        if x.dim() != 2:
-            raise ValueError(f"{name}: float8 weights of {x.dim()} dimensions are not supported")
-        br, bc = self.fp8_block or (128, 128)
-        r0 = rows[0] if rows is not None else 0
-        if r0 % br:
-            raise AssertionError("float8 row chunks must start on a scale block")
-        scale = self._raw(sname, (r0 // br, (r0 + x.shape[0] + br - 1) // br)).float()
-        scale = scale.repeat_interleave(br, 0)[: x.shape[0]].repeat_interleave(bc, 1)[:, : x.shape[1]]
-        return (x.float() * scale).contiguous()
-
-    def row_chunk(self, name: str) -> int:
-        """Rows per read for a 2-D tensor: about CHUNK_BYTES of float32, a multiple of the FP8 block."""
-        shape = self.shape(name)
-        rows = max(1, CHUNK_BYTES // (4 * max(1, shape[-1])))
-        if self.fp8_block is not None:
-            rows = max(self.fp8_block[0], rows // self.fp8_block[0] * self.fp8_block[0])
-        return rows
-
-    def expert(self, prefix: str, e: int, kind: str):
-        """One routed expert's (rows, cols) weight, from per-expert tensors or a fused 3-D one
-        (transformers' gate_up_proj (E, 2I, H), down_proj (E, H, I))."""
-        name = f"{prefix}.{e}.{kind}.weight"
-        if name in self:
-            return self.read(name)
-        if kind in ("gate_proj", "up_proj"):
-            if f"{prefix}.{kind}" in self:
-                return self.read(f"{prefix}.{kind}", index=e)
-            fused = f"{prefix}.gate_up_proj"  # (E, 2I, H): gate rows first, then up rows
-            two_i = self.shape(fused)[1]
-            half = (0, two_i // 2) if kind == "gate_proj" else (two_i // 2, two_i)
-            return _finite(fused, _as_float(self._raw(fused, (e, e + 1), half)))
-        return self.read(f"{prefix}.down_proj", index=e)
-
-
-# ---------------------------------------------------------------------------------------------
 # the plan: what is stored, in which format, from which checkpoint tensors
 
 
@@ -958,7 +800,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
     fam = family_of(config)
     fam.validate(config)
 
-    ckpt = _Checkpoint(model_dir, config)
+    ckpt = Checkpoint(model_dir, config)
     try:
         plan = _plan(model_dir, config, fam, dict(formats), kept_experts, top_k, importance, default_format)
         vocab = read_tokenizer(model_dir, int(config["vocab_size"]), config, tokenizer_pre)
@@ -976,7 +818,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
                       plan.n_expert, plan.top_k, tuple(plan.skipped))
 
 
-def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_dir: Path, ckpt: _Checkpoint,
+def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_dir: Path, ckpt: Checkpoint,
            quantize, progress: bool, threads: int | None) -> None:
     import gguf
 
@@ -1029,7 +871,7 @@ def _pad(fout) -> None:
         fout.write(b"\0" * n)
 
 
-def _tensor_bytes(s: _Stored, ckpt: _Checkpoint, quantize, threads: int | None) -> Iterator[np.ndarray]:
+def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -> Iterator[np.ndarray]:
     """The stored bytes of one tensor, in file order, a piece at a time."""
     if s.op == "f32":
         x = ckpt.read(s.sources[0]).float()
@@ -1043,7 +885,7 @@ def _tensor_bytes(s: _Stored, ckpt: _Checkpoint, quantize, threads: int | None) 
             yield quantize(x, s.fmt, s.importance, threads=threads)
             return
         nrows = s.shape[0]
-        step = ckpt.row_chunk(name)
+        step = ckpt.row_chunk(name, CHUNK_BYTES)
         for r0 in range(0, nrows, step):
             x = ckpt.read(name, rows=(r0, min(nrows, r0 + step)))
             yield quantize(x, s.fmt, s.importance, threads=threads)

@@ -97,7 +97,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
     from moeplan.sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
 
-    from .gguf_export import _Checkpoint
+    from .checkpoint import Checkpoint
 
     out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)
@@ -125,7 +125,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
             return _kv_b_gguf(w, fmt, config, imp)
         return quantize_dequantize(w, fmt, imp)
 
-    ckpt = _Checkpoint(Path(model_dir), config)
+    ckpt = Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)
     for name in ckpt.names():
         if _EXPERT_RE.search(name) or _FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
