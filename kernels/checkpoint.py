@@ -318,3 +318,39 @@ class Checkpoint:
             half = (0, two_i // 2) if kind == "gate_proj" else (two_i // 2, two_i)
             return _finite(fused, as_float(self._raw(fused, (e, e + 1), half)))
         return self.read(f"{prefix}.down_proj", index=e)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn"}
+
+
+def write_safetensors(path: str | os.PathLike, specs, metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file written one tensor at a time, never the whole file in memory: the header
+    (names, dtypes, shapes, offsets) first, then each producer's tensor in order.
+
+    specs: (name, dtype, shape, produce) with dtype one of F32 / F16 / BF16 / F8_E4M3 and produce() a
+    torch tensor of that shape (converted to dtype). Write to a temp path (kernels.outputs)."""
+    import torch
+
+    header, offset = {}, 0
+    for name, dtype, shape, _ in specs:
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"{name}: cannot write dtype {dtype} (supported: {', '.join(_TORCH_DTYPES)})")
+        n = ST_ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = dict(metadata or {"format": "pt"})
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "xb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape, produce in specs:
+            t = produce()
+            if tuple(t.shape) != tuple(shape):
+                raise AssertionError(f"{name}: produced {tuple(t.shape)}, header says {tuple(shape)}")
+            t = t.detach().to(getattr(torch, _TORCH_DTYPES[dtype])).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+

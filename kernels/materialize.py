@@ -97,7 +97,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
     from moeplan.sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
 
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, write_safetensors
 
     out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)
@@ -147,7 +147,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
 
     try:
         with output_dir(out_dir, "--hf") as tmp:
-            _write_safetensors(tmp / "model.safetensors", specs)
+            write_safetensors(tmp / "model.safetensors", [(n, "F32", s, p) for n, s, p in specs])
             meta.config.moeplan = {
                 "plan_fingerprint": plan.model.fingerprint,
                 "target": plan.target,
@@ -168,31 +168,6 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
 
 def _router_rows(w, rows):
     return w if rows is None or len(rows) == w.shape[0] else w[rows].contiguous()
-
-
-def _write_safetensors(path: Path, specs) -> None:
-    """A float32 safetensors file written one tensor at a time: the header (names, shapes, offsets)
-    first, then each producer's tensor in order."""
-    import struct
-
-    import numpy as np
-
-    header, offset = {}, 0
-    for name, shape, _ in specs:
-        n = 4 * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": "F32", "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape, produce in specs:
-            t = produce()
-            if tuple(t.shape) != tuple(shape):
-                raise AssertionError(f"{name}: produced {tuple(t.shape)}, header says {tuple(shape)}")
-            f.write(t.detach().float().contiguous().numpy().tobytes())
 
 
 def load_compressed(path: str | os.PathLike, dtype=None):
