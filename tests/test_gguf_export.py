@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -797,3 +798,33 @@ def test_llama_cpp_tokenizes_like_the_checkpoint(qwen_dir, tmp_path):
         assert llm.token_bos() == 0 and llm.token_eos() == 1
     finally:
         llm.close()
+
+
+def _converter_size_label(reader) -> str:
+    """general.size_label as llama.cpp's converter computes it: shared parameters plus one expert's,
+    times the expert count ("6x1.2M"), from the tensors in the file."""
+    shared = expert = 0
+    counts = []
+    for t in reader.tensors:
+        n = int(np.prod([int(d) for d in t.shape]))
+        if "_exps." in t.name and len(t.shape) >= 3:
+            e = int(t.shape[-1])  # GGUF order: (cols, rows, experts)
+            expert += n // e
+            counts.append(e)
+        else:
+            shared += n
+    return gguf.size_label(shared + expert * (sum(counts) // max(len(counts), 1)), shared, expert,
+                           sum(counts) // max(len(counts), 1))
+
+
+@pytest.mark.parametrize("kept", [None, {0: [0, 2, 3, 5], 1: [1, 2, 4, 5]}])
+def test_general_type_and_size_label(qwen_dir, tmp_path, kept):
+    inv = build_inventory(qwen_dir)
+    path = tmp_path / "qw.gguf"
+    _write(qwen_dir, path, _plan_quant(inv), kept_experts=kept, top_k=None if kept is None else 2)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.type"].contents() == "model"
+    label = reader.fields["general.size_label"].contents()
+    assert label == _converter_size_label(reader)
+    assert re.fullmatch(r"\d+x\d+(\.\d+)?[KMBT]", label), label
+    assert label.startswith("6x" if kept is None else "4x")
