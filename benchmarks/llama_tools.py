@@ -57,7 +57,6 @@ class LlamaTools:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(self.gguf_py)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env.setdefault("NO_LOCAL_GGUF", "")
         return env
 
 
@@ -167,6 +166,55 @@ def llama_tools(build: bool = True) -> LlamaTools:
         raise RuntimeError(f"llama.cpp tools not built in {cache_dir()}; "
                            f"run python benchmarks/llama_tools.py")
     return t
+
+
+_CONVERT_WRAPPER = """
+import runpy, sys
+src, convert, pre, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+sys.path.insert(0, src)
+import conversion.base as base
+_orig = base.TextModel.get_vocab_base_pre
+def _pre(self, tokenizer):
+    try:
+        return _orig(self, tokenizer)
+    except NotImplementedError:  # a tokenizer the converter's hash table does not list
+        return pre
+base.TextModel.get_vocab_base_pre = _pre
+sys.argv = [convert, *args]
+runpy.run_path(convert, run_name="__main__")
+"""
+
+
+def convert_hf_to_gguf(tools: LlamaTools, model_dir: str | os.PathLike, out: str | os.PathLike,
+                       outtype: str = "f32") -> Path:
+    """llama.cpp's convert_hf_to_gguf.py on a temporary copy of checkpoint `model_dir`.
+
+    The copy's config.json gets "scoring_func": "sigmoid" for DeepSeek-V3 (transformers' config
+    leaves it out, the converter needs it for the gating function). The converter recognizes
+    pre-tokenizers by a hash of a test string's tokens; for a tokenizer it does not list (the
+    bundled tiny models' trained BPE), tokenizer.ggml.pre is the name moeplan's GGUF writer
+    detects from tokenizer.json (kernels.gguf_export.detect_pre_tokenizer), set by wrapping the
+    converter's get_vocab_base_pre (the converter's own code runs unchanged)."""
+    import json
+
+    from moeplan.kernels.gguf_export import detect_pre_tokenizer
+
+    model_dir, out = Path(model_dir), Path(out)
+    with tempfile.TemporaryDirectory(prefix="moeplan-convert-") as tmp:
+        ckpt = Path(tmp) / model_dir.name
+        shutil.copytree(model_dir, ckpt)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        if cfg.get("model_type") == "deepseek_v3" and "scoring_func" not in cfg:
+            cfg["scoring_func"] = "sigmoid"
+            (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+        tok = ckpt / "tokenizer.json"
+        pre = detect_pre_tokenizer(json.loads(tok.read_text()).get("pre_tokenizer")) if tok.exists() else "default"
+        r = subprocess.run([sys.executable, "-c", _CONVERT_WRAPPER, str(tools.convert.parent), str(tools.convert),
+                            pre, str(ckpt), "--outtype", outtype, "--outfile", str(out)],
+                           env=tools.converter_env(), capture_output=True, text=True)
+        if r.returncode != 0 or not out.exists():
+            raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{r.stderr[-3000:]}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
