@@ -8,7 +8,8 @@ the squared activations entering each column, keyed by GGUF tensor name, in one 
 - GGUF (recent llama-imatrix, the default; general.type = "imatrix"): per tensor NAME two F32
   tensors, NAME.in_sum2 with ggml shape (ne0 = cols, nmat) holding the sums of squared inputs and
   NAME.counts (1, nmat) holding how many rows each matrix saw; nmat is the expert count for a stacked
-  expert tensor (blk.L.ffn_*_exps.weight), the head count for DeepSeek's attn_k_b / attn_v_b, else 1.
+  expert tensor (blk.L.ffn_*_exps.weight), else 1 (DeepSeek's per-head attn_k_b / attn_v_b: one row
+  of heads x cols values and one count).
   The importance is in_sum2 / counts, and ones for a matrix with count 0 (llama-quantize's reading,
   tools/quantize/quantize.cpp load_imatrix).
 - legacy .dat (--output-format dat): int32 n_entries; per entry int32 len, name, int32 ncall, int32
@@ -17,8 +18,9 @@ the squared activations entering each column, keyed by GGUF tensor name, in one 
 
 Names are mapped back with allocator.gguf_names (the names kernels.gguf_export writes): a stacked
 expert tensor's matrix E is expert E's importance; DeepSeek's kv_b_proj (input kv_lora) takes the
-counts-weighted mean over heads of attn_v_b (its input is kv_lora as well; llama-quantize uses the
-per-head vectors, moeplan's export one vector for all heads); attn_k_b (input qk_nope) has no
+mean over heads of attn_v_b (its input is kv_lora as well; llama-imatrix writes the H heads' sums
+in one row of H x kv_lora with one count, and llama-quantize uses the per-head vectors, moeplan's
+export one vector for all heads); attn_k_b (input qk_nope) has no
 checkpoint tensor of its own and is dropped, as are tensors the checkpoint does not have.
 token_embd is not a matrix product, so llama-imatrix never records it (nor output.weight without
 --process-output): such tensors get no importance, as in llama-quantize.
@@ -233,18 +235,19 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
                 continue
             out[t.name] = np.ascontiguousarray(v[e])
             continue
-        if entry.counts is not None and entry.sums.shape[0] > 1:  # per head (attn_v_b): pool the heads
-            tot = entry.counts.sum()
-            v = (entry.sums.sum(axis=0) / tot).astype(np.float32) if tot > 0 else np.ones(entry.sums.shape[1], np.float32)
-            v = v.reshape(1, -1)
-        else:
-            v = entry.values(cols)
-            if v.shape[0] > 1:  # legacy per-head values: mean over heads
-                v = v.mean(axis=0, keepdims=True)
-        if v.shape[1] != cols:
+        # several matrices for one checkpoint tensor (attn_v_b: one per head; llama-imatrix keeps one
+        # count for them all and writes their values in one row of H x cols): pooled, weighted by rows seen
+        vals = entry.values().reshape(-1)
+        if vals.size % cols:
             if strict:
-                raise ValueError(f"imatrix {gnames[0]} has rows of {v.shape[1]} values; {t.name} has {cols} columns")
+                raise ValueError(f"imatrix {gnames[0]} has {vals.size} values, not rows of {t.name}'s {cols} columns")
             continue
+        mats = vals.reshape(-1, cols)
+        w = np.ones(mats.shape[0])
+        if entry.counts is not None and entry.counts.size == mats.shape[0]:
+            w = entry.counts.astype(np.float64)
+        v = (mats * w[:, None]).sum(axis=0) / w.sum() if w.sum() > 0 else mats.mean(axis=0)
+        v = v.reshape(1, -1)
         out[t.name] = np.ascontiguousarray(v[0], dtype=np.float32)
     return out
 

@@ -583,6 +583,7 @@ except ImportError:  # pragma: no cover
     _HAVE_LLAMA = False
 
 needs_llama = pytest.mark.skipif(not _HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install moeplan[llama])")
+pytestmark = pytest.mark.usefixtures("llama_no_repack")  # llama.cpp's weight repacking off (conftest.py)
 
 TIGHT_TOL = 1e-4  # max |llama.cpp - transformers| / max |logit| without activation rounding (measured ~3e-6)
 MIXED_MEDIAN_TOL = 0.1  # the median position's max |diff| / max |logit| with rounding (measured 0.8e-2 to 4.7e-2)
@@ -828,3 +829,18 @@ def test_general_type_and_size_label(qwen_dir, tmp_path, kept):
     assert label == _converter_size_label(reader)
     assert re.fullmatch(r"\d+x\d+(\.\d+)?[KMBT]", label), label
     assert label.startswith("6x" if kept is None else "4x")
+
+
+@needs_llama
+def test_llama_cpp_loads_without_weight_repacking(qwen_dir, tmp_path):
+    """The llama_no_repack fixture reaches llama.cpp: no tensor goes to the CPU_REPACK (or AMX) buffer."""
+    import llama_cpp
+
+    inv = build_inventory(qwen_dir)
+    path = tmp_path / "q4.gguf"
+    _write(qwen_dir, path, {t.name: "Q4_0" for t in inv if t.quantizable})  # Q4_0 repacks on x86 with AVX2
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, verbose=False)
+    try:
+        assert llm.model_params.use_extra_bufts is False
+    finally:
+        llm.close()

@@ -117,14 +117,20 @@ def test_deepseek_kv_b_takes_v_b_pooled_over_heads(tmp_path):
     layer = kvb.layer
     heads, cols = 4, kvb.shape[-1]
     rng = np.random.default_rng(3)
-    counts = np.array([10.0, 20.0, 30.0, 40.0])
-    sums = rng.uniform(1, 2, (heads, cols)) * counts[:, None]
-    entries[f"blk.{layer}.attn_v_b.weight"] = (sums, counts)
-    entries[f"blk.{layer}.attn_k_b.weight"] = (np.ones((heads, 7)), counts)  # no checkpoint tensor: dropped
+    # llama-imatrix's layout for a per-head (3-D) weight: one row of heads x cols sums, one count
+    sums = rng.uniform(1, 2, (heads, cols)).astype(np.float32).astype(np.float64) * 64
+    entries[f"blk.{layer}.attn_v_b.weight"] = (sums.reshape(1, -1), np.array([64.0]))
+    entries[f"blk.{layer}.attn_k_b.weight"] = (np.ones((1, heads * 7)), np.array([64.0]))  # no checkpoint tensor
     path = tmp_path / "imatrix.gguf"
     im.write_imatrix_gguf(path, entries)
     got = im.load_importance_file(path, DS)
-    np.testing.assert_allclose(got[kvb.name], sums.sum(0) / counts.sum(), rtol=2e-6)
+    np.testing.assert_allclose(got[kvb.name], sums.mean(0) / 64, rtol=2e-6)
+    # per-head counts (one per matrix): weighted by the rows each head saw
+    counts = np.array([10.0, 20.0, 30.0, 40.0])
+    entries[f"blk.{layer}.attn_v_b.weight"] = (sums * counts[:, None], counts)
+    im.write_imatrix_gguf(path, entries)
+    got = im.load_importance_file(path, DS)
+    np.testing.assert_allclose(got[kvb.name], (sums * counts[:, None]).sum(0) / counts.sum(), rtol=2e-5)
 
 
 def test_safetensors_passes_through(tmp_path):
