@@ -18,7 +18,8 @@ the BF16 weight size):
    against the F32 file's weights.
 
 Writes results/vs-llama-quantize.md, results/vs-llama-quantize.csv and
-results/vs-llama-quantize-experts.csv (one row per expert matrix and file). llama.cpp's tools come
+results/vs-llama-quantize-experts.csv (one row per expert matrix and file). The F32 GGUF, the imatrix
+and the KLD base of a model already in --out-dir are reused (delete the folder for a cold run). llama.cpp's tools come
 from benchmarks/llama_tools.py (built on first use into its cache). Repacking is off in every
 llama.cpp run (-nr): this build crashes on quantized files on CPUs with AMX otherwise.
 
@@ -139,6 +140,25 @@ def file_type_of(path: Path) -> int:
 _QUANTIZED_FTYPES = {2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30}
 
 
+def moeplan_importance(model_dir: Path, imatrix: Path, work: Path) -> tuple[Path, list[str]]:
+    """The importance moeplan quantizes with: llama-imatrix's file when it covers every 2-D weight,
+    else (token_embd is a row lookup that llama-imatrix never records, and moeplan's IQ kernels need
+    importance) a .safetensors of the imatrix's vectors (kernels.imatrix) plus, for the tensors it
+    lacks, the shipped profile's (ones for the embedding). Returns the file and the names filled in."""
+    from moeplan.kernels.imatrix import load_importance_file
+    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.sensitivity.profiler import load_importance, save_importance
+
+    imp = load_importance_file(imatrix, model_dir)
+    shipped = load_importance(model_dir / "profile.importance.safetensors")
+    missing = [t.name for t in build_inventory(model_dir) if t.quantizable and t.name not in imp and t.name in shipped]
+    if not missing:
+        return imatrix, []
+    merged = work / "importance-imatrix+profile.safetensors"
+    save_importance({**imp, **{n: shipped[n] for n in missing}}, merged)
+    return merged, missing
+
+
 # ---------------------------------------------------------------------------------------------
 # llama-perplexity
 
@@ -204,6 +224,7 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
         if not base.exists():
             _run([tools.perplexity, "-m", f32, "-f", model_dir / "valid.txt", "-c", ctx, "--chunks", chunks, "-t", "2",
                   *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base], work / "base.log")
+        importance, filled = moeplan_importance(model_dir, imatrix, work)
         base_ppl = _num(r"Final estimate: PPL = ([0-9.]+)", (work / "base.log").read_text())
         _say(f"{name}: F32 GGUF, imatrix, KLD base ({time.perf_counter() - t0:.0f} s); F32 PPL {base_ppl:.3f}")
         for share in shares:
@@ -213,7 +234,7 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
             plan_path = work / f"plan-{tag}.json"
             plan.save(plan_path)
             ours, theirs = work / f"moeplan-{tag}.gguf", work / f"llama-quantize-{tag}.gguf"
-            _run([*MOEPLAN, "materialize", model_dir, plan_path, "--gguf", ours, "--importance", imatrix],
+            _run([*MOEPLAN, "materialize", model_dir, plan_path, "--gguf", ours, "--importance", importance],
                  work / f"materialize-{tag}.log")
             ft = file_type_of(ours)
             llama_quantize(tools, plan, f32, imatrix, theirs, ft if ft in _QUANTIZED_FTYPES else 7,
@@ -232,7 +253,7 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
 
             row = {"model": name, "share_of_bf16": share, "budget_bytes": int(round(share * inv.bytes_uniform("BF16"))),
                    "plan_weight_bytes": plan.totals.weight_bytes, "plan_types": types_summary(plan),
-                   "predicted_damage": plan.damage.total,
+                   "predicted_damage": plan.damage.total, "importance_not_from_imatrix": " ".join(filled),
                    "moeplan_bytes": ours.stat().st_size, "llama_quantize_bytes": theirs.stat().st_size,
                    "moeplan_kld": res["moeplan"]["kld"], "llama_quantize_kld": res["llama-quantize"]["kld"],
                    "kld_ratio": res["moeplan"]["kld"] / res["llama-quantize"]["kld"],
@@ -295,7 +316,11 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
         "`convert_hf_to_gguf.py` with the plan's `--tensor-type` overrides. Both files hold the same tensors with "
         "identical types, shapes and sizes (checked), and both are quantized with the same importance: "
         f"llama-imatrix's on calib.txt (`-c {imat_ctx} --chunks {imat_chunks} --process-output`), which moeplan "
-        "reads with `--importance imatrix.gguf`. KLD: llama-perplexity against the F32 GGUF on valid.txt "
+        "reads with kernels.imatrix (`--importance imatrix.gguf`). llama-imatrix never records token_embd (a row "
+        "lookup): llama-quantize quantizes it without importance (ggml's own x^2 weighting), moeplan, whose IQ kernels "
+        "need importance, with its profile's vector for it (ones), merged with the imatrix's into one .safetensors. "
+        "DeepSeek's kv_b_proj: moeplan gives attn_v_b the imatrix's per-head vectors pooled over heads, attn_k_b "
+        "ones (its export's rule); llama-quantize uses the per-head vectors of both. KLD: llama-perplexity against the F32 GGUF on valid.txt "
         f"(`-c {ctx} --chunks {chunks}`, the second half of each window scored), "
         "`--kl-divergence-base` once, then `--kl-divergence` per file; repacking off (`-nr`). Ratio = moeplan / "
         "llama-quantize (below 1: moeplan's file is closer to F32).",
