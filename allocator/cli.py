@@ -24,6 +24,9 @@ from typing import Callable
 
 from moeplan.kernels.outputs import check_output, write_text
 
+# the format menu of --synthetic-profile when --formats is not given (with --profile: the profile's own menu)
+SYNTHETIC_DEFAULT_FORMATS = "Q2_K,Q3_K,Q4_K,Q6_K,Q8_0"
+
 # modules that register subcommands of their own (imported if they exist)
 EXTENSION_MODULES: list[str] = ["moeplan.sensitivity.commands", "moeplan.kernels.materialize", "moeplan.allocator.demo"]
 
@@ -90,8 +93,9 @@ def _add_problem(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the synthetic profile (default 0)")
     ap.add_argument("--target", choices=["free", "gguf"], default="free",
                     help="free: per-expert formats, per-layer counts and top-k; gguf: what llama.cpp loads (default free)")
-    ap.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q8_0",
-                    help="comma-separated format menu (default Q2_K,Q3_K,Q4_K,Q6_K,Q8_0)")
+    ap.add_argument("--formats", default=None,
+                    help="comma-separated format menu (default: with --profile, every format the profile measured; "
+                         f"with --synthetic-profile, {SYNTHETIC_DEFAULT_FORMATS})")
     ap.add_argument("--context", type=nonneg_int, default=4096, help="context length the KV cache must hold (default 4096)")
     ap.add_argument("--reserve", default="2GB", help="memory kept for the runtime's buffers (default 2GB)")
     ap.add_argument("--bandwidth", type=positive_float, metavar="GB/S", help="memory bandwidth, for a decode-speed constraint")
@@ -142,10 +146,18 @@ def _speed(args):
 
 
 def _menu(args) -> list[str]:
+    """--formats, else the profile's measured menu (--profile) or SYNTHETIC_DEFAULT_FORMATS."""
     from moeplan.kernels import formats as fmts
 
+    formats = args.formats
+    if formats is None:
+        if getattr(args, "profile", None) and not getattr(args, "synthetic_profile", False):
+            from moeplan.sensitivity.profile import Profile
+
+            return [fmts.get(f).name for f in Profile.load(args.profile).formats]
+        formats = SYNTHETIC_DEFAULT_FORMATS
     try:
-        return [fmts.get(f.strip()).name for f in args.formats.split(",") if f.strip()]
+        return [fmts.get(f.strip()).name for f in formats.split(",") if f.strip()]
     except ValueError as exc:
         raise ValueError(f"--formats: {exc}") from None
 

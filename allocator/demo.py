@@ -32,7 +32,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moeplan.allocator import paper_baseline, solve
-    from moeplan.allocator.plan import make_plan
+    from moeplan.allocator.plan import PlanError, make_plan
     from moeplan.allocator.sweep import ProblemFactory, sweep, write
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
@@ -80,7 +80,10 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
         _say(f"      exact check skipped: {exc}")
     plan = make_plan(problem, sol.assignment, sol.report())
     plan.save(out / "plan.json")
-    write_text(out / "llama-quantize-args.txt", plan.llama_quantize_args())
+    try:
+        write_text(out / "llama-quantize-args.txt", plan.llama_quantize_args())
+    except PlanError as exc:  # a plan that prunes experts: llama-quantize cannot write it
+        write_text(out / "llama-quantize-args.txt", f"# {exc}\n")
 
     # 3. predicted sweep, both targets, with the baselines
     budgets = [int(r * bf16) + kv for r in np.linspace(0.06, 0.35, sweep_points)]

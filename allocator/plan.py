@@ -312,7 +312,7 @@ class Plan(_Strict):
         """llama-quantize arguments (one per line): a --tensor-type REGEX=TYPE per GGUF tensor and the
         metadata overrides for the expert counts. Use as
         `llama-quantize $(grep -v '^#' FILE) in-bf16.gguf out.gguf TYPE`. llama-quantize cannot remove
-        experts: the pruned model itself comes from `moeplan materialize`."""
+        experts: a plan that prunes is refused (PlanError); its GGUF comes from `moeplan materialize`."""
         from .gguf_names import gguf_arch, gguf_names
 
         if self.target != "gguf":
@@ -321,6 +321,12 @@ class Plan(_Strict):
             if not uniform or len(counts) > 1 or len({l.top_k for l in self.layers}) > 1:
                 raise PlanError("this plan (target free) gives experts of one layer different formats, counts or "
                                 "top-k, which a GGUF file cannot hold; solve with --target gguf")
+        pruned = next((l for l in self.layers if len(l.kept) != l.n_experts), None)
+        if pruned is not None:
+            raise PlanError(f"this plan removes experts (layer {pruned.layer} keeps {len(pruned.kept)} of "
+                            f"{pruned.n_experts}) and llama-quantize cannot: it keeps every expert tensor, so "
+                            "its file would not load; write the GGUF with `moeplan materialize MODEL PLAN --gguf "
+                            "OUT.gguf` instead")
         arch = gguf_arch(self.model.model_type)
         lines = [f"# moeplan plan for {self.model.model_type} (fingerprint {self.model.fingerprint}), target {self.target}",
                  "# usage: llama-quantize $(grep -v '^#' THIS_FILE) model-bf16.gguf model-out.gguf Q4_K"]

@@ -77,7 +77,7 @@ def parse_json(raw: bytes | str, where: str) -> Any:
     except RecursionError:
         raise CheckpointError(f"{where}: JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: not valid JSON ({exc})") from None
+        raise CheckpointError(f"{where}: not JSON ({exc})") from None
 
 
 def checkpoint_shards(path: Path) -> list[Path]:

@@ -823,6 +823,7 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
     import gguf
 
     w.add_name(model_dir.resolve().name)
+    w.add_type(gguf.GGUFType.MODEL)  # general.type, as llama.cpp's converter writes it
     fam.metadata(w, config, plan.n_expert, plan.top_k)
     ft = _file_type(plan.stored)
     if ft is not None:
@@ -835,6 +836,7 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
     _add_vocab(w, vocab)
     for s in plan.stored:
         w.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.nbytes, raw_dtype=gguf.GGMLQuantizationType(int(s.fmt.type_id)))
+    _add_size_label(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -863,6 +865,16 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
     finally:
         if bar is not None:
             bar.close()
+
+
+def _add_size_label(w) -> None:
+    """general.size_label from the tensors written ("8x1.2M" for a MoE: experts x (shared + one expert's
+    parameters)), computed as llama.cpp's converter does (gguf-py's parameter count and size_label)."""
+    import gguf
+
+    total, shared, expert, count = w.get_total_parameter_count()
+    if total > 0:
+        w.add_size_label(gguf.size_label(total, shared, expert, count))
 
 
 def _pad(fout) -> None:

@@ -41,6 +41,10 @@ def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
     p = Path(importance_file) if importance_file else model_dir / "profile.importance.safetensors"
     if importance_file and not p.exists():
         raise FileNotFoundError(f"--importance {p} does not exist")
+    if importance_file:  # a moeplan .safetensors or a llama-imatrix file (GGUF / .dat), by content
+        from .imatrix import load_importance_file
+
+        return load_importance_file(p, model_dir)
     return load_importance(p) if p.exists() else None
 
 
@@ -232,7 +236,8 @@ def _args(ap) -> None:
     ap.add_argument("plan", metavar="PLAN", help="plan JSON from `moeplan solve`")
     ap.add_argument("--gguf", metavar="OUT.gguf", help="write a GGUF file for llama.cpp (needs a gguf-target plan)")
     ap.add_argument("--hf", metavar="OUTDIR", help="write a transformers checkpoint (dequantized weights)")
-    ap.add_argument("--importance", metavar="FILE", help="importance vectors (default: the model's shipped "
+    ap.add_argument("--importance", metavar="FILE", help="importance vectors: a .safetensors from `moeplan profile` "
+                    "or a llama-imatrix file (GGUF or legacy .dat) (default: the model's shipped "
                     "profile.importance.safetensors, if any)")
 
 

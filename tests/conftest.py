@@ -85,3 +85,28 @@ def tiny_input_ids(n_tokens: int = 12, batch: int = 2, seed: int = 0) -> torch.T
 def tiny_moe_builder():
     """Callable ``(family, *, seed=0, router_scale=20.0, **config_overrides) -> model``."""
     return build_tiny_moe
+
+
+@pytest.fixture
+def llama_no_repack(monkeypatch):
+    """Weight repacking off in every llama_cpp.Llama() the test makes.
+
+    llama.cpp's CPU backend moves weights into "extra" buffer types at load time (CPU_REPACK, and on
+    CPUs with AMX the AMX buffer, on which this build crashes for quantized files). The binaries turn
+    it off with -nr / --repack 0 (env LLAMA_ARG_REPACK=0, read by llama.cpp's common argument parser
+    only); llama-cpp-python 0.3.36's Llama() has no argument for it and the library reads no
+    environment variable, but it builds its model parameters from llama_cpp.llama_cpp.
+    llama_model_default_params() at construction, whose use_extra_bufts field is the switch
+    (llama_model_params.use_extra_bufts). The fixture returns those defaults with the field False."""
+    try:
+        import llama_cpp.llama_cpp as lc
+    except ImportError:
+        return
+    defaults = lc.llama_model_default_params
+
+    def no_extra_bufts():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(lc, "llama_model_default_params", no_extra_bufts)

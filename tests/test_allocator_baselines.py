@@ -165,13 +165,23 @@ def test_cli_solve(inv_file, tmp_path, capsys):
     rc = cli.main(["solve", str(inv_file), "--synthetic-profile", "--memory", "2000000", "--reserve", "0",
                    "--context", "8", "--target", "gguf", "--formats", "Q2_K,Q4_K,Q8_0", "--out", str(plan),
                    "--llama-quantize-args", str(args), "--dump-model", str(tmp_path / "m.lp")])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "SYNTHETIC" in out and "gap" in out and "routed_expert" in out
+    # this budget prunes experts: the plan is written, the llama-quantize arguments are refused
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert "SYNTHETIC" in captured.out and "gap" in captured.out and "routed_expert" in captured.out
     p = Plan.load(plan)
     assert p.target == "gguf" and p.totals.weight_bytes <= 2000000
-    assert "--override-kv deepseek2.expert_count" in args.read_text()
+    assert any(len(l.kept) < l.n_experts for l in p.layers)
+    assert "removes experts" in captured.err and "moeplan materialize" in captured.err
+    assert not args.exists()
     assert (tmp_path / "m.lp").stat().st_size > 0
+    # a budget that keeps every expert: the arguments are written
+    rc = cli.main(["solve", str(inv_file), "--synthetic-profile", "--memory", "1GB", "--reserve", "0",
+                   "--context", "8", "--target", "gguf", "--formats", "Q2_K,Q4_K,Q8_0", "--out", str(plan),
+                   "--llama-quantize-args", str(args)])
+    assert rc == 0
+    assert all(len(l.kept) == l.n_experts for l in Plan.load(plan).layers)
+    assert "--override-kv deepseek2.expert_count=int:8" in args.read_text()
 
 
 def test_cli_solve_infeasible(inv_file, capsys):

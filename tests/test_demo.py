@@ -6,6 +6,8 @@ import pytest
 
 from moeplan.sensitivity.inventory import MODELS_DIR
 
+pytestmark = pytest.mark.usefixtures("llama_no_repack")  # llama.cpp's weight repacking off (conftest.py)
+
 
 @pytest.mark.skipif(not (MODELS_DIR / "tiny-deepseek-v3" / "profile.json").exists(),
                     reason="the shipped tiny-deepseek-v3 model and profile are not in this checkout")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -582,6 +583,7 @@ except ImportError:  # pragma: no cover
     _HAVE_LLAMA = False
 
 needs_llama = pytest.mark.skipif(not _HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install moeplan[llama])")
+pytestmark = pytest.mark.usefixtures("llama_no_repack")  # llama.cpp's weight repacking off (conftest.py)
 
 TIGHT_TOL = 1e-4  # max |llama.cpp - transformers| / max |logit| without activation rounding (measured ~3e-6)
 MIXED_MEDIAN_TOL = 0.1  # the median position's max |diff| / max |logit| with rounding (measured 0.8e-2 to 4.7e-2)
@@ -795,5 +797,50 @@ def test_llama_cpp_tokenizes_like_the_checkpoint(qwen_dir, tmp_path):
         for text in (PY_TEXT, "x = [1, 22, 333]  # it's   spaced\n\n\tdone", "naïve café — ünïcode"):
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text).ids, text
         assert llm.token_bos() == 0 and llm.token_eos() == 1
+    finally:
+        llm.close()
+
+
+def _converter_size_label(reader) -> str:
+    """general.size_label as llama.cpp's converter computes it: shared parameters plus one expert's,
+    times the expert count ("6x1.2M"), from the tensors in the file."""
+    shared = expert = 0
+    counts = []
+    for t in reader.tensors:
+        n = int(np.prod([int(d) for d in t.shape]))
+        if "_exps." in t.name and len(t.shape) >= 3:
+            e = int(t.shape[-1])  # GGUF order: (cols, rows, experts)
+            expert += n // e
+            counts.append(e)
+        else:
+            shared += n
+    return gguf.size_label(shared + expert * (sum(counts) // max(len(counts), 1)), shared, expert,
+                           sum(counts) // max(len(counts), 1))
+
+
+@pytest.mark.parametrize("kept", [None, {0: [0, 2, 3, 5], 1: [1, 2, 4, 5]}])
+def test_general_type_and_size_label(qwen_dir, tmp_path, kept):
+    inv = build_inventory(qwen_dir)
+    path = tmp_path / "qw.gguf"
+    _write(qwen_dir, path, _plan_quant(inv), kept_experts=kept, top_k=None if kept is None else 2)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.type"].contents() == "model"
+    label = reader.fields["general.size_label"].contents()
+    assert label == _converter_size_label(reader)
+    assert re.fullmatch(r"\d+x\d+(\.\d+)?[KMBT]", label), label
+    assert label.startswith("6x" if kept is None else "4x")
+
+
+@needs_llama
+def test_llama_cpp_loads_without_weight_repacking(qwen_dir, tmp_path):
+    """The llama_no_repack fixture reaches llama.cpp: no tensor goes to the CPU_REPACK (or AMX) buffer."""
+    import llama_cpp
+
+    inv = build_inventory(qwen_dir)
+    path = tmp_path / "q4.gguf"
+    _write(qwen_dir, path, {t.name: "Q4_0" for t in inv if t.quantizable})  # Q4_0 repacks on x86 with AVX2
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, verbose=False)
+    try:
+        assert llm.model_params.use_extra_bufts is False
     finally:
         llm.close()

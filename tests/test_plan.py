@@ -123,8 +123,18 @@ def test_shipped_schema_is_the_models(solved):
     assert any("budget.memory_bytes" in e for e in errors) and any("damage" in e for e in errors)
 
 
+def _unpruned(plan: Plan) -> Plan:
+    """`plan` with every expert kept (the stacked formats stand for all of them)."""
+    obj = json.loads(plan.to_json_text())
+    for l in obj["layers"]:
+        l["kept"] = list(range(l["n_experts"]))
+    obj["totals"]["kept_experts"] = sum(l["n_experts"] for l in obj["layers"])
+    return Plan.from_obj(obj)
+
+
 def test_llama_quantize_arguments(solved):
-    inv, p, sol, plan = solved["gguf"]
+    inv, p, sol, pruned = solved["gguf"]
+    plan = _unpruned(pruned)
     text = plan.llama_quantize_args()
     lines = [l for l in text.splitlines() if not l.startswith("#")]
     tt = [l for l in lines if l.startswith("--tensor-type ")]
@@ -142,6 +152,16 @@ def test_llama_quantize_arguments(solved):
     assert f"--override-kv deepseek2.expert_count=int:{kept}" in lines
     assert f"--override-kv deepseek2.expert_used_count=int:{plan.layers[0].top_k}" in lines
     assert "SYNTHETIC" in text
+
+
+def test_llama_quantize_arguments_refuse_a_plan_that_prunes(solved):
+    # llama-quantize keeps every expert tensor: with expert_count overridden its file would not load
+    # (check_tensor_dims: blk.1.ffn_gate_inp.weight wrong shape), so a pruning plan is refused
+    inv, p, sol, plan = solved["gguf"]
+    assert any(len(l.kept) < l.n_experts for l in plan.layers), "the fixture's gguf plan should prune"
+    with pytest.raises(PlanError, match=r"removes experts \(layer \d+ keeps \d+ of 6\).*moeplan materialize") as exc:
+        plan.llama_quantize_args()
+    assert "\n" not in str(exc.value)
 
 
 def test_free_plans_with_mixed_expert_formats_have_no_gguf_form(solved):
