@@ -128,6 +128,9 @@ def build(case: dict, max_abs: float | None = None):
             x[int(rng.integers(n))] = rng.choice([-1, 1]) * above
     elif kind == "bits":
         x = _random_finite_bits(rng, n).astype(np.float64)
+    elif kind == "fill":  # case["value"] with alternating signs (reproducers of reported defects)
+        x = np.full(n, float(case["value"]))
+        x[1::2] *= -1
     elif kind == "ties":
         x = rng.integers(-64, 65, n) / 2.0 * 2.0 ** int(rng.integers(-20, 20))
     elif kind == "sparse":
