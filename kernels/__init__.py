@@ -26,7 +26,7 @@ else:
     from . import formats
     from .formats import FORMATS, Format, GGMLType
 
-    _API = ("quantize", "dequantize", "quant_error", "QuantError", "available_formats", "openmp_info")
+    _API = ("quantize", "dequantize", "quant_error", "QuantError", "available_formats", "openmp_info", "format_range")
 
     __all__ = ["formats", "FORMATS", "Format", "GGMLType", *_API]
 

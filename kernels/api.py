@@ -185,18 +185,68 @@ def _as_importance(importance: Any, groups: int, ncols: int, three_d: bool) -> n
     return np.ascontiguousarray(np.broadcast_to(w, (groups, ncols)))
 
 
-def _raise_bad_row(bad_row: int, shape: tuple[int, ...], what: str = "x") -> None:
-    if bad_row >= 0:
-        if len(shape) == 3:
-            e, r = divmod(bad_row, shape[1])
-            where = f"expert {e}, row {r}"
-        else:
-            where = f"row {bad_row}"
-        raise ValueError(f"{what} holds NaN or Inf (first at {where}); quantization needs finite values")
+def format_range(fmt: str | Format | int) -> float:
+    """The largest |x| `fmt` encodes: its fp16 block scale (at most 65504) times its largest level
+    magnitude, or for F16 / BF16 the largest value that rounds to a finite number (F32: float32's max).
+    quantize and quant_error refuse a tensor holding a value beyond it (ValueError)."""
+    f = _kernel_format(fmt)
+    return _C.format_range(int(f.type_id))
+
+
+def _range_reason(f: Format, limit: float) -> str:
+    if f.name == "F16":
+        return "the largest float16 is 65504; from 65520 on, values round to inf"
+    if f.name == "BF16":
+        return "the largest bfloat16 is 3.3895314e+38; beyond this bound, values round to inf"
+    if f.name in ("Q4_1", "Q5_1"):
+        return "the block minimum is stored as fp16, at most 65504"
+    if f.name in ("TQ1_0", "TQ2_0"):
+        return "the block's max |x| is its fp16 scale, at most 65504"
+    return f"the fp16 scale tops out at 65504, times {limit / 65504:g} for the largest level"
+
+
+def _row_values(src: _Src, row: int) -> np.ndarray:
+    """Row `row` (of all rows, experts flattened) widened to float32 as the C code sees it."""
+    r = src.buf.reshape(-1, src.shape[-1])[row]
+    if src.code == _SRC_F16:
+        return r.view(np.float16).astype(np.float32)
+    if src.code == _SRC_BF16:
+        return (r.astype(np.uint32) << 16).view(np.float32)
+    return r
+
+
+def _raise_bad_row(bad_row: int, src: _Src, fmts: Sequence[Format], what: str = "x") -> None:
+    """The C code returned the first row holding a NaN/Inf or a value beyond a format's range: name
+    the first such value, its position, and the format whose range it leaves."""
+    if bad_row < 0:
+        return
+    shape = src.shape
+    if len(shape) == 3:
+        e, r = divmod(bad_row, shape[1])
+        where = f"expert {e}, row {r}"
+    else:
+        where = f"row {bad_row}"
+    v = _row_values(src, bad_row)
+    limits = [(f, format_range(f)) for f in fmts]
+    lowest = min(lim for _, lim in limits)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(v) <= np.float32(lowest))
+    col = int(np.argmax(bad)) if bad.any() else 0
+    val = v[col]
+    if not np.isfinite(val):
+        raise ValueError(f"{what} holds NaN or Inf (first at {where}, column {col}); quantization needs finite values")
+    f, limit = next((f, lim) for f, lim in limits if not abs(val) <= np.float32(lim))
+    raise ValueError(
+        f"value {str(np.float32(val))} at {where}, column {col} is outside {f.name}'s range "
+        f"(|x| <= {str(np.float32(limit))}: {_range_reason(f, limit)})"
+    )
 
 
 def quantize(x: Any, fmt: str | Format | int, importance: Any = None, *, threads: int | None = None) -> np.ndarray:
     """Quantize a 2-D or 3-D tensor to GGUF blocks.
+
+    Every value must be finite and within the format's range (`format_range`): a ValueError names the
+    first one that is not (row, column; callers add the tensor's name).
 
     Returns uint8 of shape (*x.shape[:-1], row_bytes), the byte layout GGUF stores (the `gguf`
     package's `quant_shape_to_byte_shape`). `importance`: per input column weights (cols,), or
@@ -216,7 +266,7 @@ def quantize(x: Any, fmt: str | Format | int, importance: Any = None, *, threads
     out = np.empty((*src.shape[:-1], f.row_bytes(ncols)), dtype=np.uint8)
     if nrows:
         bad = _C.quantize(int(f.type_id), src.buf, src.code, nrows, ncols, out, w, max(rows, 1), _threads(threads))
-        _raise_bad_row(bad, src.shape)
+        _raise_bad_row(bad, src, [f])
     return out
 
 
@@ -306,5 +356,5 @@ def quant_error(x: Any, formats: Sequence[str | Format | int], importance: Any =
     if groups * rows:
         bad = _C.quant_error([int(f.type_id) for f in fmts], src.buf, src.code, groups * rows, ncols, w,
                              max(rows, 1), err, norm, _threads(threads))
-        _raise_bad_row(bad, src.shape)
+        _raise_bad_row(bad, src, fmts)
     return QuantError(tuple(f.name for f in fmts), err, norm, rows * ncols)

@@ -82,7 +82,7 @@ def test_empty_rows():
 def test_non_finite_values_name_the_first_bad_row(x, bad):
     x[3, 5] = bad
     x[1, 60] = bad
-    with pytest.raises(ValueError, match=r"x holds NaN or Inf \(first at row 1\)"):
+    with pytest.raises(ValueError, match=r"x holds NaN or Inf \(first at row 1, column 60\)"):
         kernels.quantize(x, "Q4_0")
     with pytest.raises(ValueError, match=r"first at row 1"):
         kernels.quant_error(x, ["Q8_0", "IQ4_NL"])

@@ -282,7 +282,7 @@ def test_edge_cases(fmt):
         "outliers": np.where(rng.random((3, 2 * n)) < 0.01, 5e3, rng.standard_normal((3, 2 * n))),
         "tiny": rng.standard_normal((3, 2 * n)) * 1e-7,
         "float32-subnormal": rng.standard_normal((3, 2 * n)) * 1e-40,
-        "beyond the fp16 scale range": rng.standard_normal((3, 2 * n)) * 1e9,
+        "at the edge of the range": rng.uniform(-1, 1, (3, 2 * n)) * kernels.format_range(fmt),
     }
     for name, x in cases.items():
         x = x.astype(np.float32)
@@ -293,6 +293,8 @@ def test_edge_cases(fmt):
                 assert np.array_equal(y, np.zeros_like(y))
             if name == "constant":  # 0.4375 = 113 * dh for an fp16 dh, or close to it
                 assert np.allclose(y, x, rtol=2e-3), name
+    with pytest.raises(ValueError, match=f"outside {fmt}'s range"):  # beyond it: refused
+        kernels.quantize((rng.standard_normal((3, 2 * n)) * 1e9).astype(np.float32), fmt)
     for shape in [(1, n), (1, 1, n), (7, 3 * n)]:
         x = rng.standard_normal(shape).astype(np.float32)
         q = kernels.quantize(x, fmt)
@@ -318,9 +320,13 @@ def test_property_quantize_never_crashes(fmt, data):
     x = data.draw(tensors(fmt, None))
     w = data.draw(hnp.arrays(np.float32, (x.shape[-1],), elements=st.floats(0, float(np.float32(1e30)), width=32))
                   | st.none())
+    if np.abs(x).max() > kernels.format_range(fmt):  # beyond the fp16 scale: refused, by name
+        with pytest.raises(ValueError, match=f"outside {fmt}'s range"):
+            kernels.quantize(x, fmt, w)
+        return
     y = kernels.dequantize(kernels.quantize(x, fmt, w), fmt)
     assert y.shape == x.shape
-    assert np.all(np.isfinite(y))  # the fp16 scale saturates instead of overflowing
+    assert np.all(np.isfinite(y))
 
 
 @pytest.mark.parametrize("fmt", IQ4)

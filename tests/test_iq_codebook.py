@@ -198,9 +198,13 @@ def test_special_rows(name):
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_values_beyond_the_fp16_scale_saturate(name):
-    # scales past fp16's 65504 are clamped: large but finite output that still follows x
+def test_values_beyond_the_fp16_scale_are_refused(name):
+    # beyond fp16's 65504 times the largest level the input is refused by name; up to it, the output
+    # is finite and follows x
     x = (np.random.default_rng(9).standard_normal((2, 256)) * 1e8).astype(np.float32)
+    with pytest.raises(ValueError, match=f"outside {name}'s range"):
+        kernels.quantize(x, name, np.ones(256, np.float32))
+    x = (np.random.default_rng(9).uniform(-1, 1, (2, 256)) * kernels.format_range(name)).astype(np.float32)
     q = kernels.quantize(x, name, np.ones(256, np.float32))
     y = kernels.dequantize(q, name)
     assert np.all(np.isfinite(y))

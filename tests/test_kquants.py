@@ -202,17 +202,22 @@ def test_tiny_values_stay_finite(fmt, scale):
 
 
 @pytest.mark.parametrize("fmt", KQUANTS)
-def test_values_beyond_fp16_scales_saturate(fmt):
-    """Up to float32's max: fp16 super-block scales top out at 65504, so the decode saturates at the
-    format's extreme levels (the smallest is Q2_K's most negative, -15 * 65504), finite and of the
-    right sign."""
+def test_values_beyond_fp16_scales_are_refused(fmt):
+    """fp16 super-block scales top out at 65504: a value beyond what the format's extreme level then
+    reaches (kernels.format_range; the smallest is Q2_K's most negative, -15 * 65504) is refused
+    with a ValueError that names it, instead of saturating; up to the range, blocks decode closely."""
     rng = np.random.default_rng(14)
     x = (rng.uniform(-1, 1, (3, 512)) * 1e38).astype(np.float32)
     x[0, 0], x[1, 300] = np.finfo(np.float32).max, -np.finfo(np.float32).max
+    with pytest.raises(ValueError, match=rf"at row 0, column 0 is outside {fmt}'s range"):
+        kernels.quantize(x, fmt)
+    R = kernels.format_range(fmt)
+    x = (rng.uniform(-1, 1, (3, 512)) * R).astype(np.float32)
+    x[0, 0], x[1, 300] = R, -R
     q, y = roundtrip(x, fmt)
     assert np.isfinite(y).all()
     assert_decoders_agree(q, fmt, y)
-    assert y[0, 0] >= 15 * 65504 and y[1, 300] <= -15 * 65504
+    assert abs(y[0, 0] - R) <= 0.1 * R and abs(y[1, 300] + R) <= 0.1 * R
 
 
 @pytest.mark.parametrize("fmt", KQUANTS)

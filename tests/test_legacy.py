@@ -211,6 +211,12 @@ def test_f16_bytes_identical_to_gguf():
     edges = _f16_edge_values()
     rand = rng.integers(0, 0x7F800000, 200000, dtype=np.uint32).view(np.float32)  # finite, all exponents
     for v in (edges, rand, rng.standard_normal(4096).astype(np.float32)):
+        # values that round to inf in fp16 (|x| >= 65520) are refused; every other one is gguf's
+        beyond = np.abs(v) >= 65520
+        if beyond.any():
+            with pytest.raises(ValueError, match=r"outside F16's range \(\|x\| <= 65519.996"):
+                kernels.quantize(v[: v.size // 8 * 8].reshape(-1, 8), "F16")
+        v = v[~beyond]
         x = v[: v.size // 8 * 8].reshape(-1, 8)
         got = kernels.quantize(x, "F16")
         assert np.array_equal(got, gguf_quantize(x, "F16").view(np.uint8))
@@ -220,6 +226,12 @@ def test_f16_bytes_identical_to_gguf():
 def test_bf16_bytes_identical_to_gguf():
     rng = np.random.default_rng(6)
     for v in (_bf16_edge_values(rng), rng.integers(0, 0x7F800000, 200000, dtype=np.uint32).view(np.float32)):
+        # values that round to inf in bfloat16 (|x| >= 0x1.ffp127) are refused; every other one is gguf's
+        beyond = np.abs(v) >= np.float32(float.fromhex("0x1.ffp127"))
+        if beyond.any():
+            with pytest.raises(ValueError, match=r"outside BF16's range"):
+                kernels.quantize(v[: v.size // 16 * 16].reshape(-1, 16), "BF16")
+        v = v[~beyond]
         x = v[: v.size // 16 * 16].reshape(-1, 16)
         got = kernels.quantize(x, "BF16")
         want = gguf_quantize(x, "BF16")
@@ -400,9 +412,14 @@ def tensors(max_abs: float | None):
 def test_property_quantize_never_crashes(fmt, x, data):
     w = data.draw(hnp.arrays(np.float32, (x.shape[-1],),
                              elements=st.floats(0, float(np.float32(1e30)), width=32)) | st.none())
+    if np.abs(x).max() > kernels.format_range(fmt):  # beyond the fp16 scale: refused, by name
+        with pytest.raises(ValueError, match=f"outside {fmt}'s range"):
+            kernels.quantize(x, fmt, w)
+        return
     q = kernels.quantize(x, fmt, w)
     assert q.shape == (*x.shape[:-1], formats.get(fmt).row_bytes(x.shape[-1]))
-    assert kernels.dequantize(q, fmt).shape == x.shape
+    y = kernels.dequantize(q, fmt)
+    assert y.shape == x.shape and np.isfinite(y).all()
 
 
 @pytest.mark.parametrize("fmt", LEGACY)

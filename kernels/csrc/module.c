@@ -6,6 +6,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <stdlib.h>
 
 #include "moeplan.h"
@@ -45,29 +46,61 @@ static const mp_format *get_format_or_raise(int type) {
 static int src_elem_size(int src_dtype) { return src_dtype == SRC_F32 ? 4 : 2; }
 
 /* Convert one row to float32 in `out` (or point at the source when it already is float32).
- * Returns 0 when a value is NaN or Inf. */
-static int load_row(const void *src, int src_dtype, int64_t ncols, float *out, const float **row) {
-    int finite = 1;
+ * Returns 0 when a value is NaN, Inf or beyond max_abs (the format's range, mp_max_abs): one
+ * comparison per value, !(|x| <= max_abs), catches all three. */
+static int load_row(const void *src, int src_dtype, int64_t ncols, float *out, const float **row, float max_abs) {
+    int ok = 1;
     if (src_dtype == SRC_F32) {
         const float *s = (const float *)src;
-        for (int64_t j = 0; j < ncols; j++) finite &= isfinite(s[j]) ? 1 : 0;
+        /* 8 independent lanes: the compiler keeps the comparisons in vector registers */
+        int lane[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+        int64_t j = 0;
+        for (; j + 8 <= ncols; j += 8)
+            for (int q = 0; q < 8; q++) lane[q] &= fabsf(s[j + q]) <= max_abs;
+        for (; j < ncols; j++) ok &= fabsf(s[j]) <= max_abs;
+        for (int q = 0; q < 8; q++) ok &= lane[q];
         *row = s;
     } else if (src_dtype == SRC_F16) {
         const uint16_t *s = (const uint16_t *)src;
         for (int64_t j = 0; j < ncols; j++) {
-            finite &= ((s[j] & 0x7c00u) != 0x7c00u);
             out[j] = mp_fp16_to_fp32(s[j]);
+            ok &= fabsf(out[j]) <= max_abs;
         }
         *row = out;
     } else {
         const uint16_t *s = (const uint16_t *)src;
         for (int64_t j = 0; j < ncols; j++) {
-            finite &= ((s[j] & 0x7f80u) != 0x7f80u);
             out[j] = mp_bf16_to_fp32(s[j]);
+            ok &= fabsf(out[j]) <= max_abs;
         }
         *row = out;
     }
-    return finite;
+    return ok;
+}
+
+/* The largest |x| a format encodes: its fp16 scale(s) at most 65504 times its largest level, or
+ * the float format's largest finite value (after rounding). Codebook formats read their grid. */
+float mp_iq_max_abs(int type);
+
+static float format_max_abs(const mp_format *fmt) {
+    return fmt->max_abs > 0.f ? fmt->max_abs : mp_iq_max_abs(fmt->type);
+}
+
+/* The importance as the kernels see it: each block of `block` columns multiplied by the power of two
+ * that brings its largest weight into [1, 2) (a block of zeros stays zero). Scaling by a power of two
+ * is exact and every quantizer's choice is invariant to a common factor of its block's weights, so the
+ * bytes do not change; but sums of w x^2 can no longer overflow (importance up to FLT_MAX) and
+ * subnormal importance is no longer lost to underflow. Returns NULL when out of memory. */
+static float *normalized_importance(const float *w, int64_t n, int block) {
+    float *out = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (!out) return NULL;
+    for (int64_t b = 0; b < n; b += block) {
+        float m = 0.f;
+        for (int j = 0; j < block; j++) m = w[b + j] > m ? w[b + j] : m;
+        const int e = m > 0.f ? ilogbf(m) : 0;
+        for (int j = 0; j < block; j++) out[b + j] = ldexpf(w[b + j], -e);
+    }
+    return out;
 }
 
 static int resolve_threads(int nthreads) {
@@ -117,6 +150,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const int64_t row_bytes = ncols / fmt->block_size * fmt->type_size;
     const int64_t ngroups = (nrows + rows_per_group - 1) / rows_per_group;
     PyObject *result = NULL;
+    float *wn = NULL; /* normalized importance */
     if (src.len != (Py_ssize_t)(nrows * ncols * src_elem_size(src_dtype)) || dst.len != (Py_ssize_t)(nrows * row_bytes) ||
         (have_imp && imp.len != (Py_ssize_t)(ngroups * ncols * 4))) {
         PyErr_Format(PyExc_ValueError, "%s: buffer sizes do not match shape (%lld, %lld)", fmt->name, nrows, ncols);
@@ -130,7 +164,12 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const int nt = resolve_threads(nthreads);
     const char *s = (const char *)src.buf;
     char *d = (char *)dst.buf;
-    const float *w = have_imp ? (const float *)imp.buf : NULL;
+    if (have_imp && fmt->block_size > 1) {
+        wn = normalized_importance((const float *)imp.buf, ngroups * ncols, fmt->block_size);
+        if (!wn) { PyErr_NoMemory(); goto done; }
+    }
+    const float *w = wn ? wn : (have_imp ? (const float *)imp.buf : NULL);
+    const float max_abs = format_max_abs(fmt);
     const int es = src_elem_size(src_dtype);
     int oom = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -151,7 +190,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         for (int64_t r = 0; r < nrows; r++) {
             if (!tmp) continue;
             const float *row;
-            if (!load_row(s + r * ncols * es, src_dtype, ncols, tmp, &row)) {
+            if (!load_row(s + r * ncols * es, src_dtype, ncols, tmp, &row, max_abs)) {
 #ifdef MOEPLAN_OPENMP
 #pragma omp critical(mp_bad_row)
 #endif
@@ -167,6 +206,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     if (oom) { PyErr_NoMemory(); goto done; }
     result = PyLong_FromLongLong(bad_row);
 done:
+    free(wn);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     if (have_imp) PyBuffer_Release(&imp);
@@ -266,6 +306,9 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
     }
     const int64_t ngroups = (nrows + rows_per_group - 1) / rows_per_group;
     PyObject *result = NULL;
+    const float *wq[64] = {NULL}; /* per format: the importance its quantizer sees (normalized per block) */
+    float *wn[3] = {NULL, NULL, NULL};
+    int wn_block[3] = {0, 0, 0};
     if (src.len != (Py_ssize_t)(nrows * ncols * src_elem_size(src_dtype)) ||
         (have_imp && imp.len != (Py_ssize_t)(ngroups * ncols * 4)) ||
         err.len != (Py_ssize_t)(ntypes * ngroups * 8) || norm.len != (Py_ssize_t)(ngroups * 8)) {
@@ -288,6 +331,22 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
     const char *s = (const char *)src.buf;
     const float *w_all = have_imp ? (const float *)imp.buf : NULL;
     const int es = src_elem_size(src_dtype);
+    float max_abs = FLT_MAX;
+    for (Py_ssize_t i = 0; i < ntypes; i++) {
+        const float m = format_max_abs(fmts[i]);
+        max_abs = m < max_abs ? m : max_abs;
+        wq[i] = w_all;
+        if (!w_all || fmts[i]->block_size == 1) continue;
+        int k = 0; /* one normalized copy per block size (1, 32 and 256 are all there are) */
+        while (k < 3 && wn_block[k] != 0 && wn_block[k] != fmts[i]->block_size) k++;
+        if (k == 3) continue; /* not reached */
+        if (wn_block[k] == 0) {
+            wn[k] = normalized_importance(w_all, ngroups * ncols, fmts[i]->block_size);
+            if (!wn[k]) { PyErr_NoMemory(); goto done; }
+            wn_block[k] = fmts[i]->block_size;
+        }
+        wq[i] = wn[k];
+    }
     Py_BEGIN_ALLOW_THREADS
 #ifdef MOEPLAN_OPENMP
 #pragma omp parallel num_threads(nt)
@@ -310,7 +369,7 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
         for (int64_t r = 0; r < nrows; r++) {
             if (!ok) continue;
             const float *row;
-            if (!load_row(s + r * ncols * es, src_dtype, ncols, tmp, &row)) {
+            if (!load_row(s + r * ncols * es, src_dtype, ncols, tmp, &row, max_abs)) {
 #ifdef MOEPLAN_OPENMP
 #pragma omp critical(mp_bad_row)
 #endif
@@ -323,13 +382,21 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
             for (int64_t j = 0; j < ncols; j++) nsum += (double)(w ? w[j] : 1.0f) * (double)row[j] * (double)row[j];
             acc[g] += nsum;
             for (Py_ssize_t i = 0; i < ntypes; i++) {
-                fmts[i]->quantize_row(row, q, ncols, w);
+                fmts[i]->quantize_row(row, q, ncols, wq[i] ? wq[i] + g * ncols : NULL);
                 fmts[i]->dequantize_row(q, deq, ncols);
+                /* in double: w (up to FLT_MAX) times a squared difference neither overflows nor
+                 * underflows (float32 would for |dlt| > 1.8e19 or < 1e-23) */
                 double esum = 0.0;
                 if (w) {
-                    for (int64_t j = 0; j < ncols; j++) { const float dlt = row[j] - deq[j]; esum += (double)(w[j] * dlt * dlt); }
+                    for (int64_t j = 0; j < ncols; j++) {
+                        const double dlt = (double)row[j] - (double)deq[j];
+                        esum += (double)w[j] * (dlt * dlt);
+                    }
                 } else {
-                    for (int64_t j = 0; j < ncols; j++) { const float dlt = row[j] - deq[j]; esum += (double)(dlt * dlt); }
+                    for (int64_t j = 0; j < ncols; j++) {
+                        const double dlt = (double)row[j] - (double)deq[j];
+                        esum += dlt * dlt;
+                    }
                 }
                 acc[(1 + i) * ngroups + g] += esum;
             }
@@ -351,6 +418,7 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
     if (oom) { PyErr_NoMemory(); goto done; }
     result = PyLong_FromLongLong(bad_row);
 done:
+    for (int k = 0; k < 3; k++) free(wn[k]);
     PyBuffer_Release(&src);
     if (have_imp) PyBuffer_Release(&imp);
     PyBuffer_Release(&err);
@@ -388,6 +456,15 @@ static PyObject *py_format_table(PyObject *self, PyObject *noargs) {
     return list;
 }
 
+/* format_range(type): the largest |x| the format encodes (values beyond it are refused) */
+static PyObject *py_format_range(PyObject *self, PyObject *args) {
+    int type;
+    if (!PyArg_ParseTuple(args, "i", &type)) return NULL;
+    const mp_format *fmt = get_format_or_raise(type);
+    if (!fmt) return NULL;
+    return PyFloat_FromDouble((double)format_max_abs(fmt));
+}
+
 static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 #ifdef MOEPLAN_OPENMP
     return Py_BuildValue("(Oi)", Py_True, omp_get_max_threads());
@@ -402,6 +479,7 @@ static PyMethodDef methods[] = {
     {"quant_error", py_quant_error, METH_VARARGS, "Weighted squared error of many formats in one pass (internal)."},
     {"set_grid", py_set_grid, METH_VARARGS, "Install a codebook grid (internal; kernels.iq_grids.load does it)."},
     {"format_table", py_format_table, METH_NOARGS, "(type, name, block_size, sizeof(block), needs_importance) per format."},
+    {"format_range", py_format_range, METH_VARARGS, "Largest |x| a format encodes (internal; use kernels.api.format_range)."},
     {"openmp", py_openmp, METH_NOARGS, "(built with OpenMP, max threads)."},
     {NULL, NULL, 0, NULL},
 };

@@ -163,7 +163,13 @@ typedef struct {
     int needs_importance;     /* 1: quantize refuses importance == NULL */
     mp_quantize_row_fn quantize_row;
     mp_dequantize_row_fn dequantize_row;
+    /* the largest |x| the format encodes (module.c refuses rows beyond it): the largest fp16 scale
+     * 65504 times the largest level magnitude, or the float format's largest finite value after
+     * rounding; 0 for the codebook formats, whose range comes from their grid (mp_iq_max_abs) */
+    float max_abs;
 } mp_format;
+
+#define MP_FP16_SCALE_MAX 65504.f
 
 /* Each family file defines one table terminated by an entry with name == NULL.
  * module.c walks all of them; a format with no entry has no kernel in this build. */
@@ -174,6 +180,6 @@ extern const mp_format mp_formats_iq4[];     /* q_iq4.c:    IQ4_NL, IQ4_XS */
 extern const mp_format mp_formats_tq[];      /* q_tq.c:     TQ1_0, TQ2_0 */
 extern const mp_format mp_formats_iq[];      /* q_iq.c:     IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M */
 
-#define MP_FORMAT_END { 0, NULL, 0, 0, 0, NULL, NULL }
+#define MP_FORMAT_END { 0, NULL, 0, 0, 0, NULL, NULL, 0.f }
 
 #endif

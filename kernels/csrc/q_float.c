@@ -1,4 +1,6 @@
 /* F32, F16, BF16: one weight per "block". */
+#include <float.h>
+
 #include "moeplan.h"
 
 static void quantize_row_f32(const float *x, void *y, int64_t n, const float *imp) {
@@ -28,8 +30,8 @@ static void dequantize_row_bf16(const void *x, float *y, int64_t n) {
 }
 
 const mp_format mp_formats_float[] = {
-    {MP_F32, "F32", 1, 4, 0, quantize_row_f32, dequantize_row_f32},
-    {MP_F16, "F16", 1, 2, 0, quantize_row_f16, dequantize_row_f16},
-    {MP_BF16, "BF16", 1, 2, 0, quantize_row_bf16, dequantize_row_bf16},
+    {MP_F32, "F32", 1, 4, 0, quantize_row_f32, dequantize_row_f32, FLT_MAX},
+    {MP_F16, "F16", 1, 2, 0, quantize_row_f16, dequantize_row_f16, 0x1.ffdffep15f /* < 65520 rounds to <= 65504 */},
+    {MP_BF16, "BF16", 1, 2, 0, quantize_row_bf16, dequantize_row_bf16, 0x1.fefffep127f /* rounds to <= 0x1.fep127 */},
     MP_FORMAT_END,
 };

@@ -81,6 +81,9 @@ static int grid_nwant(int type) {
     }
 }
 
+/* The largest |x| a codebook format encodes: the fp16 super-scale at most 65504, times the largest
+ * sub-block factor a * (2 lmax + 1), times the grid's largest |level| (IQ1: the +-1/8 shift is left
+ * out, so the range is one every group reaches whatever its shift). 0 before the grid is loaded. */
 int mp_iq_ready(int type) {
     const int s = grid_slot(type);
     return s < 0 ? 1 : grids[s].ready;
@@ -479,7 +482,9 @@ static void quantize_signed_superblock(const signed_spec *sp, const iq_grid *g, 
         float best_e = FLT_MAX;
         for (int lb = l0; lb <= l1; lb++) {
             const float e = project_run(g, tb, wb, sub, d * sp->a * (2 * lb + 1), pts);
-            if (e < best_e) {
+            /* the first candidate is always taken: an error that is not below FLT_MAX (inf, NaN)
+             * must not leave the sub-block's points unwritten */
+            if (lb == l0 || e < best_e) {
                 best_e = e;
                 st->l[b] = (uint8_t)lb;
                 memcpy(st->pt + b * sub / dim, pts, sizeof(uint16_t) * (size_t)(sub / dim));
@@ -699,8 +704,8 @@ static void dequantize_row_iq3_s(const void *vx, float *y, int64_t n) {
  * weights in order of |x|, which splits into two runs already in event order (one per divisor).
  * Returns the scale (0 when none is positive) and its score sumqx^2 / sumq2. */
 static float ternary_fit(const float *x, const float *w, float dlt, int n, const int *by_abs, float *score) {
-    int run_a[33], run_b[33], na = 0, nb = 0;
-    float key_a[33], key_b[33];
+    int run_a[32], run_b[32], na = 0, nb = 0;
+    float key_a[32], key_b[32];
     const float ca = 1.f / (0.5f + IQ1_DELTA), cb = 1.f / (0.5f - IQ1_DELTA);
     float qx = 0.f, q2 = 0.f;
     for (int k = 0; k < n; k++) {
@@ -712,18 +717,19 @@ static float ternary_fit(const float *x, const float *w, float dlt, int n, const
         qx += w[i] * x[i] * q;
         q2 += w[i] * q * q;
     }
-    key_a[na] = key_b[nb] = FLT_MAX;
+    /* the merge of the two runs is bounded by their lengths, never by a sentinel key: a key can be
+     * inf (|x| / (1/2 - 1/8) overflows for |x| > 1.3e38) and so compare equal to any sentinel */
     float best = 0.f, scale = 0.f;
     if (qx > 0.f && q2 > 0.f) { best = qx * qx / q2; scale = qx / q2; }
     int ia = 0, ib = 0;
     for (int k = 0; k < n; k++) {
         int i;
         float kc;
-        if (key_a[ia] <= key_b[ib]) { kc = key_a[ia]; i = run_a[ia++]; }
+        if (ib >= nb || (ia < na && key_a[ia] <= key_b[ib])) { kc = key_a[ia]; i = run_a[ia++]; }
         else { kc = key_b[ib]; i = run_b[ib++]; }
         qx -= w[i] * fabsf(x[i]);
         q2 -= w[i] * (1.f + 2.f * (x[i] < 0.f ? -dlt : dlt));
-        if (fminf(key_a[ia], key_b[ib]) == kc) continue; /* ties move together */
+        if ((ia < na && key_a[ia] == kc) || (ib < nb && key_b[ib] == kc)) continue; /* ties move together */
         if (qx > 0.f && q2 > 0.f && qx * qx > best * q2) { best = qx * qx / q2; scale = qx / q2; }
     }
     *score = best;
@@ -867,7 +873,7 @@ static void quantize_ternary_superblock(const iq_grid *g, int sub, int group_shi
             }
             float e_tot = 0.f;
             for (int k = 0; k < ng; k++) e_tot += e_run[k];
-            if (e_tot < best_e) {
+            if (lb == l0 || e_tot < best_e) { /* the first always: no sub-block is left unwritten */
                 best_e = e_tot;
                 st->l[b] = (uint8_t)lb;
                 memcpy(st->pt + b * ng, pt, sizeof(uint16_t) * (size_t)ng);
@@ -957,13 +963,33 @@ static void dequantize_row_iq1_m(const void *vx, float *y, int64_t n) {
 
 /* ------------------------------------------------------------------------------------------ */
 
+/* The largest |x| a codebook format encodes: the fp16 super-scale at most 65504, times the largest
+ * sub-block factor a * (2 lmax + 1), times the grid's largest |level| (IQ1: the +-1/8 shift is left
+ * out, so that every group reaches the range whatever its shift). 0 before the grid is loaded. */
+float mp_iq_max_abs(int type) {
+    const int s = grid_slot(type);
+    if (s < 0 || !grids[s].ready) return 0.f;
+    const iq_grid *g = &grids[s];
+    const float top = fabsf(g->lev[0]) > fabsf(g->lev[g->nlev - 1]) ? fabsf(g->lev[0]) : fabsf(g->lev[g->nlev - 1]);
+    float factor;
+    switch (type) {
+    case MP_IQ2_XXS: factor = spec_iq2_xxs.a * 31.f; break;
+    case MP_IQ2_XS: factor = spec_iq2_xs.a * 31.f; break;
+    case MP_IQ2_S: factor = spec_iq2_s.a * 31.f; break;
+    case MP_IQ3_XXS: factor = spec_iq3_xxs.a * 31.f; break;
+    case MP_IQ3_S: factor = spec_iq3_s.a * 31.f; break;
+    default: factor = 15.f; /* IQ1_S, IQ1_M: a = 1, lmax = 7 */
+    }
+    return MP_FP16_SCALE_MAX * factor * top;
+}
+
 const mp_format mp_formats_iq[] = {
-    {MP_IQ2_XXS, "IQ2_XXS", QK_K, sizeof(block_iq2_xxs), 1, quantize_row_iq2_xxs, dequantize_row_iq2_xxs},
-    {MP_IQ2_XS, "IQ2_XS", QK_K, sizeof(block_iq2_xs), 1, quantize_row_iq2_xs, dequantize_row_iq2_xs},
-    {MP_IQ2_S, "IQ2_S", QK_K, sizeof(block_iq2_s), 1, quantize_row_iq2_s, dequantize_row_iq2_s},
-    {MP_IQ3_XXS, "IQ3_XXS", QK_K, sizeof(block_iq3_xxs), 1, quantize_row_iq3_xxs, dequantize_row_iq3_xxs},
-    {MP_IQ3_S, "IQ3_S", QK_K, sizeof(block_iq3_s), 1, quantize_row_iq3_s, dequantize_row_iq3_s},
-    {MP_IQ1_S, "IQ1_S", QK_K, sizeof(block_iq1_s), 1, quantize_row_iq1_s, dequantize_row_iq1_s},
-    {MP_IQ1_M, "IQ1_M", QK_K, sizeof(block_iq1_m), 1, quantize_row_iq1_m, dequantize_row_iq1_m},
+    {MP_IQ2_XXS, "IQ2_XXS", QK_K, sizeof(block_iq2_xxs), 1, quantize_row_iq2_xxs, dequantize_row_iq2_xxs, 0.f},
+    {MP_IQ2_XS, "IQ2_XS", QK_K, sizeof(block_iq2_xs), 1, quantize_row_iq2_xs, dequantize_row_iq2_xs, 0.f},
+    {MP_IQ2_S, "IQ2_S", QK_K, sizeof(block_iq2_s), 1, quantize_row_iq2_s, dequantize_row_iq2_s, 0.f},
+    {MP_IQ3_XXS, "IQ3_XXS", QK_K, sizeof(block_iq3_xxs), 1, quantize_row_iq3_xxs, dequantize_row_iq3_xxs, 0.f},
+    {MP_IQ3_S, "IQ3_S", QK_K, sizeof(block_iq3_s), 1, quantize_row_iq3_s, dequantize_row_iq3_s, 0.f},
+    {MP_IQ1_S, "IQ1_S", QK_K, sizeof(block_iq1_s), 1, quantize_row_iq1_s, dequantize_row_iq1_s, 0.f},
+    {MP_IQ1_M, "IQ1_M", QK_K, sizeof(block_iq1_m), 1, quantize_row_iq1_m, dequantize_row_iq1_m, 0.f},
     MP_FORMAT_END,
 };

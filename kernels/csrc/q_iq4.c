@@ -313,7 +313,7 @@ static void dequantize_row_iq4_xs(const void *vx, float *y, int64_t n) {
 }
 
 const mp_format mp_formats_iq4[] = {
-    {MP_IQ4_NL, "IQ4_NL", QK4_NL, sizeof(block_iq4_nl), 0, quantize_row_iq4_nl, dequantize_row_iq4_nl},
-    {MP_IQ4_XS, "IQ4_XS", QK_K, sizeof(block_iq4_xs), 0, quantize_row_iq4_xs, dequantize_row_iq4_xs},
+    {MP_IQ4_NL, "IQ4_NL", QK4_NL, sizeof(block_iq4_nl), 0, quantize_row_iq4_nl, dequantize_row_iq4_nl, 127.f * MP_FP16_SCALE_MAX},
+    {MP_IQ4_XS, "IQ4_XS", QK_K, sizeof(block_iq4_xs), 0, quantize_row_iq4_xs, dequantize_row_iq4_xs, 4064.f * MP_FP16_SCALE_MAX /* d * -32 * -127 */},
     MP_FORMAT_END,
 };

@@ -794,10 +794,10 @@ static void dequantize_row_q6_K(const void *vx, float *y, int64_t n) {
 }
 
 const mp_format mp_formats_k[] = {
-    {MP_Q2_K, "Q2_K", QK_K, sizeof(block_q2_K), 0, quantize_row_q2_K, dequantize_row_q2_K},
-    {MP_Q3_K, "Q3_K", QK_K, sizeof(block_q3_K), 0, quantize_row_q3_K, dequantize_row_q3_K},
-    {MP_Q4_K, "Q4_K", QK_K, sizeof(block_q4_K), 0, quantize_row_q4_K, dequantize_row_q4_K},
-    {MP_Q5_K, "Q5_K", QK_K, sizeof(block_q5_K), 0, quantize_row_q5_K, dequantize_row_q5_K},
-    {MP_Q6_K, "Q6_K", QK_K, sizeof(block_q6_K), 0, quantize_row_q6_K, dequantize_row_q6_K},
+    {MP_Q2_K, "Q2_K", QK_K, sizeof(block_q2_K), 0, quantize_row_q2_K, dequantize_row_q2_K, 15.f * MP_FP16_SCALE_MAX /* dmin * 15 */},
+    {MP_Q3_K, "Q3_K", QK_K, sizeof(block_q3_K), 0, quantize_row_q3_K, dequantize_row_q3_K, 124.f * MP_FP16_SCALE_MAX /* d * 31 * -4 */},
+    {MP_Q4_K, "Q4_K", QK_K, sizeof(block_q4_K), 0, quantize_row_q4_K, dequantize_row_q4_K, 63.f * MP_FP16_SCALE_MAX /* dmin * 63 */},
+    {MP_Q5_K, "Q5_K", QK_K, sizeof(block_q5_K), 0, quantize_row_q5_K, dequantize_row_q5_K, 63.f * MP_FP16_SCALE_MAX /* dmin * 63 */},
+    {MP_Q6_K, "Q6_K", QK_K, sizeof(block_q6_K), 0, quantize_row_q6_K, dequantize_row_q6_K, 4064.f * MP_FP16_SCALE_MAX /* d * 127 * -32 */},
     MP_FORMAT_END,
 };

@@ -91,6 +91,8 @@ static mp_half search_symmetric(const float *x, const float *w, int n, int nmax,
             }
         }
     }
+    /* a least-squares scale can land just beyond the fp16 range: keep it finite */
+    best_d = clampf(best_d, -MP_FP16_SCALE_MAX, MP_FP16_SCALE_MAX);
     const mp_half dh = MP_FP32_TO_FP16(best_d);
     const float d = MP_FP16_TO_FP32(dh);
     const float id = (d != 0.0f && isfinite(d)) ? inv_scale(d) : 0.0f;
@@ -149,8 +151,9 @@ static void search_affine(const float *x, const float *w, int n, int nmax, mp_ha
             if (err < best_err) { best_err = err; best_d = d; best_m = m; }
         }
     }
-    *dh = MP_FP32_TO_FP16(best_d);
-    *mh = MP_FP32_TO_FP16(best_m);
+    /* a least-squares fit can land just beyond the fp16 range: keep both finite */
+    *dh = MP_FP32_TO_FP16(clampf(best_d, 0.0f, MP_FP16_SCALE_MAX));
+    *mh = MP_FP32_TO_FP16(clampf(best_m, -MP_FP16_SCALE_MAX, MP_FP16_SCALE_MAX));
     const float d = MP_FP16_TO_FP32(*dh), m = MP_FP16_TO_FP32(*mh);
     const float id = (d > 0.0f && isfinite(d) && isfinite(m)) ? inv_scale(d) : 0.0f;
     for (int j = 0; j < n; j++) {
@@ -405,10 +408,10 @@ static void dequantize_row_q5_1(const void *vx, float *y, int64_t n) {
 }
 
 const mp_format mp_formats_legacy[] = {
-    {MP_Q4_0, "Q4_0", QK4_0, sizeof(block_q4_0), 0, quantize_row_q4_0, dequantize_row_q4_0},
-    {MP_Q4_1, "Q4_1", QK4_1, sizeof(block_q4_1), 0, quantize_row_q4_1, dequantize_row_q4_1},
-    {MP_Q5_0, "Q5_0", QK5_0, sizeof(block_q5_0), 0, quantize_row_q5_0, dequantize_row_q5_0},
-    {MP_Q5_1, "Q5_1", QK5_1, sizeof(block_q5_1), 0, quantize_row_q5_1, dequantize_row_q5_1},
-    {MP_Q8_0, "Q8_0", QK8_0, sizeof(block_q8_0), 0, quantize_row_q8_0, dequantize_row_q8_0},
+    {MP_Q4_0, "Q4_0", QK4_0, sizeof(block_q4_0), 0, quantize_row_q4_0, dequantize_row_q4_0, 8.f * MP_FP16_SCALE_MAX},
+    {MP_Q4_1, "Q4_1", QK4_1, sizeof(block_q4_1), 0, quantize_row_q4_1, dequantize_row_q4_1, MP_FP16_SCALE_MAX /* the fp16 min */},
+    {MP_Q5_0, "Q5_0", QK5_0, sizeof(block_q5_0), 0, quantize_row_q5_0, dequantize_row_q5_0, 16.f * MP_FP16_SCALE_MAX},
+    {MP_Q5_1, "Q5_1", QK5_1, sizeof(block_q5_1), 0, quantize_row_q5_1, dequantize_row_q5_1, MP_FP16_SCALE_MAX /* the fp16 min */},
+    {MP_Q8_0, "Q8_0", QK8_0, sizeof(block_q8_0), 0, quantize_row_q8_0, dequantize_row_q8_0, 127.f * MP_FP16_SCALE_MAX},
     MP_FORMAT_END,
 };

@@ -99,7 +99,7 @@ static void dequantize_row_tq2_0(const void *vx, float *y, int64_t n) {
 }
 
 const mp_format mp_formats_tq[] = {
-    {MP_TQ1_0, "TQ1_0", QK_K, sizeof(block_tq1_0), 0, quantize_row_tq1_0, dequantize_row_tq1_0},
-    {MP_TQ2_0, "TQ2_0", QK_K, sizeof(block_tq2_0), 0, quantize_row_tq2_0, dequantize_row_tq2_0},
+    {MP_TQ1_0, "TQ1_0", QK_K, sizeof(block_tq1_0), 0, quantize_row_tq1_0, dequantize_row_tq1_0, MP_FP16_SCALE_MAX},
+    {MP_TQ2_0, "TQ2_0", QK_K, sizeof(block_tq2_0), 0, quantize_row_tq2_0, dequantize_row_tq2_0, MP_FP16_SCALE_MAX},
     MP_FORMAT_END,
 };
