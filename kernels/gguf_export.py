@@ -851,12 +851,17 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
         for s in plan.stored:
             _pad(fout)
             written = 0
-            for chunk in _tensor_bytes(s, ckpt, quantize, threads):
-                chunk = np.ascontiguousarray(chunk)
-                fout.write(memoryview(chunk).cast("B"))
-                written += chunk.nbytes
-                if bar is not None:
-                    bar.update(chunk.nbytes)
+            try:
+                for chunk in _tensor_bytes(s, ckpt, quantize, threads):
+                    chunk = np.ascontiguousarray(chunk)
+                    fout.write(memoryview(chunk).cast("B"))
+                    written += chunk.nbytes
+                    if bar is not None:
+                        bar.update(chunk.nbytes)
+            except ValueError as exc:  # a value beyond the format's range, named with its tensor
+                what = s.name if s.op == "experts" else f"{s.sources[0]} ({s.name})"
+                raise ValueError(f"{what} as {s.fmt.name}: {exc}; give it a wider format in the plan "
+                                 "(e.g. BF16)") from None
             if written != s.nbytes:
                 raise AssertionError(f"{s.name}: wrote {written} bytes, planned {s.nbytes}")
         _pad(fout)
@@ -908,7 +913,11 @@ def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -
             if tuple(x.shape) != s.shape[1:]:
                 raise ValueError(f"expert {e} of {s.prefix} {s.kind} has shape {tuple(x.shape)}, expected {s.shape[1:]}")
             imp = s.importance[i] if s.importance is not None else None
-            yield quantize(x, s.fmt, imp, threads=threads)
+            try:
+                q = quantize(x, s.fmt, imp, threads=threads)
+            except ValueError as exc:
+                raise ValueError(f"{s.prefix}.{e}.{s.kind}.weight: {exc}") from None
+            yield q
             del x
     elif s.op in ("k_b", "v_b"):
         h, _, _ = s.shape

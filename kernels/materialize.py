@@ -127,7 +127,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
         imp = None if importance is None else importance.get(name)
         if gguf_kv_b and name.endswith("kv_b_proj.weight"):
             return _kv_b_gguf(w, fmt, config, imp)
-        return quantize_dequantize(w, fmt, imp)
+        return quantize_dequantize(w, fmt, imp, name)
 
     ckpt = Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)

@@ -39,7 +39,8 @@ class Decision:
                    top_k={l.layer: l.top_k for l in plan.layers}, target=Target(plan.target))
 
 
-def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None = None) -> torch.Tensor:
+def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None = None,
+                        name: str | None = None) -> torch.Tensor:
     """w after a round trip through `fmt` (llama.cpp's fallback applied for its row length)."""
     f = fmts.resolve(fmt, w.shape[-1])
     if f.name in _NO_OP and w.dtype in (torch.bfloat16, torch.float32):
@@ -52,7 +53,10 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
         imp = None  # importance of another layout (e.g. kv_b before the gguf split)
         if f.needs_importance:
             imp = np.ones(x.shape[-1], dtype=np.float32)
-    q = kernels.quantize(x, f.name, imp)
+    try:
+        q = kernels.quantize(x, f.name, imp)
+    except ValueError as exc:
+        raise ValueError(f"{name or 'tensor'} as {f.name}: {exc}") from None
     return torch.from_numpy(kernels.dequantize(q, f.name, x.shape))
 
 
@@ -86,7 +90,7 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
         if Target(decision.target) is Target.GGUF and name.endswith("kv_b_proj.weight") and config.get("kv_lora_rank"):
             r.set(_kv_b_gguf(w, fmt, config, imp))
         else:
-            r.set(quantize_dequantize(w, fmt, imp))
+            r.set(quantize_dequantize(w, fmt, imp, name))
     prune_and_set_top_k(ad, decision.kept_experts, decision.top_k)
     return model
 

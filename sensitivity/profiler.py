@@ -244,7 +244,11 @@ class Profiler:
                 ncols = w.shape[-1]
                 stored = {f: fmts.resolve(f, ncols).name for f in {*self.formats, *self.calibration_formats}}
                 uniq = sorted(set(stored.values()))
-                qe = kernels.quant_error(w, uniq, importance[r.name])
+                try:
+                    qe = kernels.quant_error(w, uniq, importance[r.name])
+                except ValueError as exc:
+                    raise ValueError(f"tensor {r.name}: {exc}; profile with a menu of formats that can hold it "
+                                     "(--formats)") from None
                 by_stored = dict(zip(uniq, qe.err[:, 0]))
                 err[r.name] = {f: float(by_stored[s]) * share[r.name] for f, s in stored.items()}
                 bar.update()

@@ -164,6 +164,14 @@ def test_nan_weight_is_named_by_materialize_and_evaluate(capsys, ckpt, tmp_path)
     assert "perplexity" not in err
 
 
+def test_weight_beyond_its_formats_range_is_named(capsys, ckpt, plan_file, tmp_path):
+    d = broken_copy(ckpt, tmp_path)
+    name = _set_first_value(d, "mlp.experts.3.up_proj", 1e30)
+    code, err = run(capsys, "materialize", d, plan_file, "--gguf", tmp_path / "m.gguf", "--hf", tmp_path / "hf")
+    assert_user_error(code, err, "materialize", name, "outside")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_profile_with_nan_or_negative_cost_is_refused(capsys, tmp_path):
     for bad in (float("nan"), -1.0):
         prof = json.loads(Path(PROFILE).read_text())
