@@ -175,13 +175,13 @@ def as_float(x):
     return x.contiguous()
 
 
-def _finite(name: str, x):
-    """x, refusing NaN / Inf weights (a corrupt checkpoint; quantizing them would hide it)."""
+def finite(name: str, x, where: str = ""):
+    """x, refusing NaN / Inf weights (a corrupt checkpoint; quantizing or evaluating them would hide it)."""
     import torch
 
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"tensor {name} has a non-finite value ({x[tuple(bad)].item()} at index {tuple(bad)}): "
+        raise ValueError(f"{where}tensor {name} has a non-finite value ({x[tuple(bad)].item()} at index {tuple(bad)}): "
                          "the checkpoint is corrupt; re-export or repair it")
     return x
 
@@ -279,8 +279,8 @@ class Checkpoint:
         else:
             raise ValueError(f"{name} is a scalar; no GGUF tensor is made of one")
         if x.dtype == getattr(torch, "float8_e4m3fn", None):
-            return _finite(name, self._dequant_fp8(name, x, rows))
-        return _finite(name, as_float(x))
+            return finite(name, self._dequant_fp8(name, x, rows))
+        return finite(name, as_float(x))
 
     def _dequant_fp8(self, name: str, x, rows: tuple[int, int] | None):
         sname = name + "_scale_inv"
@@ -316,7 +316,7 @@ class Checkpoint:
             fused = f"{prefix}.gate_up_proj"  # (E, 2I, H): gate rows first, then up rows
             two_i = self.shape(fused)[1]
             half = (0, two_i // 2) if kind == "gate_proj" else (two_i // 2, two_i)
-            return _finite(fused, as_float(self._raw(fused, (e, e + 1), half)))
+            return finite(fused, as_float(self._raw(fused, (e, e + 1), half)))
         return self.read(f"{prefix}.down_proj", index=e)
 
 

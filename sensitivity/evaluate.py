@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from moeplan.kernels.checkpoint import checkpoint_shards, read_safetensors_header
+from moeplan.kernels.checkpoint import checkpoint_shards, finite, read_safetensors_header
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,8 @@ def check_finite_weights(model: torch.nn.Module, source) -> None:
     """Refuse a model with a NaN or infinite weight, naming the tensor (every figure computed from it
     would be meaningless)."""
     for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            bad = (~torch.isfinite(p)).nonzero()[0].tolist()
-            raise ValueError(f"{source}: tensor {name} has a non-finite value ({p[tuple(bad)].item()} at index "
-                             f"{tuple(bad)}); the checkpoint is corrupt: re-export or repair it")
+        if p.is_floating_point():
+            finite(name, p, f"{source}: ")
 
 
 class NonFiniteOutput(ValueError):
