@@ -115,7 +115,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     kept = {layer: sorted(decision.kept_experts.get(layer, range(ad.n_experts(layer)))) for layer in ad.moe_layers()}
     routers = {}  # checkpoint name of a router weight / correction bias -> the kept rows
     for layer in ad.moe_layers():
-        gate = ad._checkpoint_name(module_names[id(ad.router(layer))], layer)
+        gate = ad.checkpoint_name(module_names[id(ad.router(layer))], layer)
         routers[f"{gate}.weight"] = routers[f"{gate}.e_score_correction_bias"] = kept[layer]
     prune_and_set_top_k(ad, kept, decision.top_k)
     gguf_kv_b = Target(decision.target) is Target.GGUF and config.get("kv_lora_rank")

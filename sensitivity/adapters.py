@@ -167,6 +167,20 @@ class MoEAdapter:
         """Indices of the decoder layers with routed experts."""
         return list(self._moe_layers)
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        return self._layers
+
+    @property
+    def layers_prefix(self) -> str:
+        """Parameter-name prefix of the decoder layers ("model.layers")."""
+        return self._layers_name
+
+    def checkpoint_name(self, name: str, layer: int | None) -> str:
+        """The checkpoint's name for the in-memory parameter `name` of decoder layer `layer`."""
+        return self._checkpoint_name(name, layer)
+
     def n_layers(self) -> int:
         return len(self._layers)
 

@@ -50,7 +50,7 @@ class StreamingModel:
             self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         self.model.eval()
         self.ad = adapter_for(self.model)
-        self.layers = self.ad._layers
+        self.layers = self.ad.decoder_layers
         self.n_layers = len(self.layers)
         base = getattr(self.model, self.model.base_model_prefix)
         self._base = base
@@ -94,7 +94,7 @@ class StreamingModel:
                 name = f"{prefix}.{rel}" if prefix else rel
                 if name in filled:
                     continue
-                src = self.ad._checkpoint_name(name, layer)
+                src = self.ad.checkpoint_name(name, layer)
                 if src not in self.ckpt and t is getattr(self.model.get_input_embeddings(), "weight", None):
                     src = self._prefix[id(self.model.get_input_embeddings())] + ".weight"  # tied head
                 if src not in self.ckpt:
@@ -106,7 +106,7 @@ class StreamingModel:
                 t.copy_(x.to(t.dtype))
 
     def _layer_index(self, prefix: str) -> int | None:
-        lp = self.ad._layers_name + "."
+        lp = self.ad.layers_prefix + "."
         if prefix.startswith(lp):
             return int(prefix[len(lp):].split(".")[0])
         return None
