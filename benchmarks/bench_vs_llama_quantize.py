@@ -169,8 +169,18 @@ def _num(pattern: str, text: str) -> float:
 
 
 def kld(tools: LlamaTools, model: Path, base: Path, text: Path, ctx: int, chunks: int, log: Path) -> dict:
-    out = _run([tools.perplexity, "-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", "2",
-                *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base, "--kl-divergence"], log)
+    # On a busy machine llama-perplexity now and then stops before its statistics (seen a few times in
+    # twenty runs): up to three tries; the result is deterministic, so a retry changes no figure.
+    for attempt in range(3):
+        try:
+            out = _run([tools.perplexity, "-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", "2",
+                        *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base, "--kl-divergence"], log)
+            _num(r"Mean\s+KLD:\s+([-0-9.eE+]+)", out)
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            _say(f"llama-perplexity on {Path(model).name} stopped early; again")
     return {"kld": _num(r"Mean\s+KLD:\s+([-0-9.eE+]+)", out),
             "kld_p99": _num(r"99\.0%\s+KLD:\s+([-0-9.eE+]+)", out),
             "ppl": _num(r"Mean\s+PPL\(Q\)\s*:\s+([-0-9.eE+]+)", out),
