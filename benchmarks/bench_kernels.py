@@ -123,7 +123,7 @@ def gain_of(y: np.ndarray, x: np.ndarray) -> float:
 
 # formats whose kernels rescale every super-block to importance-weighted gain 1 (kernels/csrc/debias.c):
 # that trades a least-squares fit's RMSE/std r for up to r / sqrt(1 - r^2), the bound they are held to
-UNBIASED = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+UNBIASED = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
             "IQ1_M", "IQ1_S"}
 
 

@@ -198,9 +198,7 @@ def test_never_worse_than_the_simple_rule(fmt):
             assert e.sum() < 0.95 * e_simple.sum()
 
 
-# IQ4_XS rescales each super-block's d to gain 1 after the rounding (kernels/csrc/debias.c), so its
-# weights sit on the nearest grid value of the scale they were rounded at, not of the stored one
-@pytest.mark.parametrize("fmt", ["IQ4_NL"])
+@pytest.mark.parametrize("fmt", IQ4)
 def test_weights_sit_on_the_nearest_grid_value(fmt):
     # for the stored scale(s), every weight decodes to the grid value nearest to it (ties and float32
     # rounding of x/scale aside)

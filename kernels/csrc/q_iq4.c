@@ -202,12 +202,6 @@ static inline float sub_error(const float *x, const float *w, float swx2, float 
     return (e[0] + e[1]) + (e[2] + e[3]);
 }
 
-static void dequantize_row_iq4_xs(const void *vx, float *y, int64_t n);
-static void rescale_iq4_xs(void *block, float c) {
-    block_iq4_xs *b = (block_iq4_xs *)block;
-    b->d = mp_half_scaled(b->d, c);
-}
-
 static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float *imp) {
     block_iq4_xs *y = (block_iq4_xs *)vy;
     /* ws: weights of the sub-block searches (1 where a sub-block's importance is all zero, so that it
@@ -300,7 +294,6 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
         }
         y[b].scales_h = sh;
     }
-    mp_debias_row(x - (n / QK_K) * QK_K, vy, (int)sizeof(block_iq4_xs), n, imp, dequantize_row_iq4_xs, rescale_iq4_xs);
 }
 
 static void dequantize_row_iq4_xs(const void *vx, float *y, int64_t n) {
