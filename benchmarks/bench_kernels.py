@@ -85,6 +85,7 @@ class Row:
     dequant_mws_all: float | None = None
     rmse: float | None = None
     rmse_t3: float | None = None
+    gain: float | None = None  # <W, dequant(quant(W))> / <W, W> on the gaussian (1: not shrunk)
     ggml_mws: float | None = None
     ggml_rmse: float | None = None
     ggml_rmse_t3: float | None = None
@@ -108,6 +109,26 @@ def best_time(fn) -> tuple[float, float, object]:
         if total + t > TIME_BUDGET_S:
             break
     return best, best_cpu, out
+
+
+def gain_of(y: np.ndarray, x: np.ndarray) -> float:
+    """<x, y> / <x, x> in float64, a block of rows at a time: below 1, the reconstruction is shrunk."""
+    xy = xx = 0.0
+    for r in range(0, x.shape[0], 512):
+        a = x[r:r + 512].astype(np.float64)
+        xy += float(np.einsum("ij,ij->", a, y[r:r + 512]))
+        xx += float(np.einsum("ij,ij->", a, a))
+    return xy / xx
+
+
+# formats whose kernels rescale every super-block to importance-weighted gain 1 (kernels/csrc/debias.c):
+# that trades a least-squares fit's RMSE/std r for up to r / sqrt(1 - r^2), the bound they are held to
+UNBIASED = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+            "IQ1_M", "IQ1_S"}
+
+
+def _unbiased(ref: float | None, fmt: str) -> float | None:
+    return None if ref is None or fmt not in UNBIASED else float(f"{ref / np.sqrt(1.0 - ref * ref):.4g}")
 
 
 def rmse_over_std(y: np.ndarray, x: np.ndarray) -> float:
@@ -162,7 +183,11 @@ def _above(ours: float | None, ref: float | None) -> bool:
 def status_of(row: Row) -> str:
     if not row.check.startswith("ok"):
         return "WRONG"
-    worse = _above(row.rmse, row.ggml_rmse) or _above(row.rmse_t3, row.ggml_rmse_t3)
+    if row.format in UNBIASED:
+        worse = _above(row.rmse, _unbiased(row.ggml_rmse, row.format)) or \
+            _above(row.rmse_t3, _unbiased(row.ggml_rmse_t3, row.format))
+    else:
+        worse = _above(row.rmse, row.ggml_rmse) or _above(row.rmse_t3, row.ggml_rmse_t3)
     if worse:
         return "WORSE"
     if row.ggml_mws is None and row.ggml_rmse is None:
@@ -197,6 +222,7 @@ def bench_format(fmt: fmts.Format, gauss: np.ndarray, t3: np.ndarray, all_thread
             row.quant_mws_1t_cpu = n / c1 / 1e6 if c1 > 0 else None
             row.dequant_mws_1t, row.dequant_mws_all = n / d1 / 1e6, n / da / 1e6
             row.rmse = rmse_over_std(y, gauss)
+            row.gain = gain_of(y, gauss)
             if setting == settings[0]:  # t3 once per format: without importance where allowed
                 yt = kernels.dequantize(kernels.quantize(t3, fmt.name, imp, threads=all_threads), fmt.name)
                 row.rmse_t3 = rmse_over_std(yt, t3)
@@ -277,21 +303,24 @@ def to_markdown(rows: list[Row], facts: dict[str, str], command: str, size: int,
         "Mw/s: million weights per second (best of up to 3 runs, wall time). 1T: threads=1, the figure "
         "compared with ggml; all: every OpenMP thread. 'by CPU time': the same single-thread runs timed "
         "by the quantizing thread's CPU time, which other processes competing for the cores do not "
-        "inflate (wall and CPU figures agree on an idle machine). Status: WORSE if an RMSE/std is above ggml's (compared at the "
-        "precision ggml's figure is given to), else SLOWER if single-thread quantize (wall) is below ggml's Mw/s, else PASS; n/a "
+        "inflate (wall and CPU figures agree on an idle machine). Gain: <W, W_hat> / <W, W> on the gaussian (below 1: "
+        "the reconstruction is shrunk; the formats marked * rescale each super-block to importance-weighted gain 1, "
+        "kernels/csrc/debias.c, which costs squared error: a least-squares fit's RMSE/std r becomes up to "
+        "r / sqrt(1 - r^2)). Status: WORSE if an RMSE/std is above ggml's (compared at the "
+        "precision ggml's figure is given to; for the * formats above ggml's r / sqrt(1 - r^2)), else SLOWER if single-thread quantize (wall) is below ggml's Mw/s, else PASS; n/a "
         "without a reference.",
         "",
-        "| format | bpw | importance | quant Mw/s 1T | ggml Mw/s | speed ratio | RMSE/std | ggml | ratio "
+        "| format | bpw | importance | quant Mw/s 1T | ggml Mw/s | speed ratio | RMSE/std | ggml | ratio | gain "
         "| t3 RMSE/std | ggml t3 | quant Mw/s 1T by CPU time | quant Mw/s all | dequant Mw/s 1T / all "
         "| gguf-py Mw/s, RMSE/std | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gp = "-" if r.gguf_py_mws is None else f"{r.gguf_py_mws:.2f}, {r.gguf_py_rmse:.4f}"
         out.append(
-            f"| {r.format} | {r.bits_per_weight:.4g} | {r.importance} | {fmt_num(r.quant_mws_1t, 1)} "
+            f"| {r.format}{'*' if r.format in UNBIASED else ''} | {r.bits_per_weight:.4g} | {r.importance} | {fmt_num(r.quant_mws_1t, 1)} "
             f"| {fmt_num(r.ggml_mws, 1)} | {fmt_num(r.speed_ratio, 2)} | {fmt_num(r.rmse, 5)} "
-            f"| {fmt_num(r.ggml_rmse, 4)} | {fmt_num(r.rmse_ratio, 3)} | {fmt_num(r.rmse_t3, 4)} "
+            f"| {fmt_num(r.ggml_rmse, 4)} | {fmt_num(r.rmse_ratio, 3)} | {fmt_num(r.gain, 4)} | {fmt_num(r.rmse_t3, 4)} "
             f"| {fmt_num(r.ggml_rmse_t3, 3)} | {fmt_num(r.quant_mws_1t_cpu, 1)} | {fmt_num(r.quant_mws_all, 1)} "
             f"| {fmt_num(r.dequant_mws_1t, 0)} / {fmt_num(r.dequant_mws_all, 0)} | {gp} | {r.status} |"
         )

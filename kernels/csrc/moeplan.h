@@ -171,6 +171,14 @@ typedef struct {
 
 #define MP_FP16_SCALE_MAX 65504.f
 
+/* debias.c: multiply the stored scale(s) of one block by c (the block then decodes times c) */
+typedef void (*mp_rescale_block_fn)(void *block, float c);
+mp_half mp_half_scaled(mp_half h, float c);
+/* after a row of super-blocks is quantized: rescale each so that its importance-weighted gain
+ * <x, x_hat>_w / <x, x>_w is ~1 */
+void mp_debias_row(const float *x, void *blocks, int type_size, int64_t n, const float *imp,
+                   mp_dequantize_row_fn deq, mp_rescale_block_fn rescale);
+
 /* Each family file defines one table terminated by an entry with name == NULL.
  * module.c walks all of them; a format with no entry has no kernel in this build. */
 extern const mp_format mp_formats_float[];   /* q_float.c:  F32, F16, BF16 */

@@ -14,7 +14,9 @@
  * super-scale d and the 3/4-bit sub-block scale indices are chosen together to minimise the
  * weighted error of the fitted points, and every group is projected again at its final quantized
  * scale (trying the neighbouring scale index too). IQ1's sub-block scale and shift come from an
- * exact ternary least-squares fit before the grid is consulted.
+ * exact ternary least-squares fit before the grid is consulted. Last, the super-scale d is
+ * multiplied by sum w x^2 / sum w x x_hat so that the super-block's reconstruction is not shrunk
+ * (gain 1; kernels/csrc/debias.c explains why).
  */
 #include <float.h>
 #include <stdlib.h>
@@ -301,6 +303,35 @@ static inline float group_err(const iq_grid *g, int p, const float *x, const flo
     return e;
 }
 
+
+/* ---- unbiased scales (debias.c): forward declarations of the decoders and the scale patchers ---- */
+static void dequantize_row_iq2_xxs(const void *vx, float *y, int64_t n);
+static void dequantize_row_iq2_xs(const void *vx, float *y, int64_t n);
+static void dequantize_row_iq2_s(const void *vx, float *y, int64_t n);
+static void dequantize_row_iq3_xxs(const void *vx, float *y, int64_t n);
+static void dequantize_row_iq3_s(const void *vx, float *y, int64_t n);
+static void dequantize_row_iq1_s(const void *vx, float *y, int64_t n);
+static void dequantize_row_iq1_m(const void *vx, float *y, int64_t n);
+
+/* the fp16 super-scale d that leads the block (every codebook format but IQ1_M) */
+static void rescale_d0(void *block, float c) {
+    mp_half h;
+    memcpy(&h, block, 2);
+    h = mp_half_scaled(h, c);
+    memcpy(block, &h, 2);
+}
+
+/* IQ1_M: d's four nibbles sit on top of the four 16-bit scale words */
+static void rescale_iq1_m(void *block, float c) {
+    block_iq1_m *b = (block_iq1_m *)block;
+    uint16_t sc[4];
+    memcpy(sc, b->scales, 8);
+    mp_half h = (mp_half)((sc[0] >> 12) | (sc[1] >> 12) << 4 | (sc[2] >> 12) << 8 | (sc[3] >> 12) << 12);
+    h = mp_half_scaled(h, c);
+    for (int i = 0; i < 4; i++) sc[i] = (uint16_t)((sc[i] & 0x0fff) | ((h >> (4 * i)) & 15) << 12);
+    memcpy(b->scales, sc, 8);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* shared pieces                                                                                */
 
@@ -527,6 +558,7 @@ static void quantize_row_iq2_xxs(const float *x, void *vy, int64_t n, const floa
             memcpy(y[ib].qs + 4 * b + 2, &a1, 4);
         }
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq2_xxs), n, imp, dequantize_row_iq2_xxs, rescale_d0);
 }
 
 static void quantize_row_iq2_xs(const float *x, void *vy, int64_t n, const float *imp) {
@@ -540,6 +572,7 @@ static void quantize_row_iq2_xs(const float *x, void *vy, int64_t n, const float
             y[ib].qs[k] = (uint16_t)(st.pt[k] | (uint16_t)(sign_byte(st.neg + 8 * k) & 127) << 9);
         for (int b = 0; b < QK_K / 32; b++) y[ib].scales[b] = (uint8_t)(st.l[2 * b] | st.l[2 * b + 1] << 4);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq2_xs), n, imp, dequantize_row_iq2_xs, rescale_d0);
 }
 
 static void quantize_row_iq2_s(const float *x, void *vy, int64_t n, const float *imp) {
@@ -557,6 +590,7 @@ static void quantize_row_iq2_s(const float *x, void *vy, int64_t n, const float 
         }
         for (int b = 0; b < QK_K / 32; b++) y[ib].scales[b] = (uint8_t)(st.l[2 * b] | st.l[2 * b + 1] << 4);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq2_s), n, imp, dequantize_row_iq2_s, rescale_d0);
 }
 
 static void quantize_row_iq3_xxs(const float *x, void *vy, int64_t n, const float *imp) {
@@ -574,6 +608,7 @@ static void quantize_row_iq3_xxs(const float *x, void *vy, int64_t n, const floa
             memcpy(y[ib].qs + QK_K / 4 + 4 * b, &a1, 4);
         }
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq3_xxs), n, imp, dequantize_row_iq3_xxs, rescale_d0);
 }
 
 static void quantize_row_iq3_s(const float *x, void *vy, int64_t n, const float *imp) {
@@ -591,6 +626,7 @@ static void quantize_row_iq3_s(const float *x, void *vy, int64_t n, const float 
         for (int k = 0; k < QK_K / 8; k++) y[ib].signs[k] = sign_byte(st.neg + 8 * k);
         for (int b = 0; b < 4; b++) y[ib].scales[b] = (uint8_t)(st.l[2 * b] | st.l[2 * b + 1] << 4);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq3_s), n, imp, dequantize_row_iq3_s, rescale_d0);
 }
 
 /* ---- decoding of the signed formats ---- */
@@ -899,6 +935,7 @@ static void quantize_row_iq1_s(const float *x, void *vy, int64_t n, const float 
             y[ib].qh[b] = h;
         }
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq1_s), n, imp, dequantize_row_iq1_s, rescale_d0);
 }
 
 static void quantize_row_iq1_m(const float *x, void *vy, int64_t n, const float *imp) {
@@ -920,6 +957,7 @@ static void quantize_row_iq1_m(const float *x, void *vy, int64_t n, const float 
             memcpy(y[ib].scales + 2 * i, &sc, 2);
         }
     }
+    mp_debias_row(x, vy, (int)sizeof(block_iq1_m), n, imp, dequantize_row_iq1_m, rescale_iq1_m);
 }
 
 static inline void decode_ternary(const iq_grid *g, int p, float dl, float dlt, float *y) {

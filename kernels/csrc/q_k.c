@@ -8,7 +8,9 @@
  *   Q6_K  16 sub-blocks of 16: y = (d*sc)*q,             q in -32..31, sc int8
  *
  * Quantization minimizes sum_i w_i (x_i - y_i)^2 per super-block, w_i = the importance of the
- * column when one is given, else 1 (plain squared error).
+ * column when one is given, else 1 (plain squared error). Then d (and dmin, so that the block
+ * scales uniformly) is multiplied by sum w x^2 / sum w x x_hat: the reconstruction's weighted gain
+ * is 1, not the shrunk 1 - (relative squared error) of a least-squares fit (kernels/csrc/debias.c).
  *
  * Symmetric formats (Q3_K, Q6_K): the fp16 super-block scale d is set from the largest sub-block
  * extreme; each sub-block then tries K integer scales s around the one that maps its extreme to the
@@ -568,6 +570,36 @@ static void unpack_scales_k4(const uint8_t *q, float d, float dmin, float *dl, f
     }
 }
 
+
+/* ---- unbiased scales (debias.c) ---- */
+static void dequantize_row_q2_K(const void *vx, float *y, int64_t n);
+static void dequantize_row_q3_K(const void *vx, float *y, int64_t n);
+/* Q2_K: d and dmin together, so that the whole block (d sc q - dmin m) scales by c */
+static void rescale_q2_K(void *block, float c) {
+    block_q2_K *b = (block_q2_K *)block;
+    b->d = mp_half_scaled(b->d, c);
+    b->dmin = mp_half_scaled(b->dmin, c);
+}
+static void dequantize_row_q4_K(const void *vx, float *y, int64_t n);
+static void dequantize_row_q5_K(const void *vx, float *y, int64_t n);
+static void dequantize_row_q6_K(const void *vx, float *y, int64_t n);
+/* Q4_K / Q5_K: d and dmin lead the block */
+static void rescale_dd(void *block, float c) {
+    mp_half h[2];
+    memcpy(h, block, 4);
+    h[0] = mp_half_scaled(h[0], c);
+    h[1] = mp_half_scaled(h[1], c);
+    memcpy(block, h, 4);
+}
+static void rescale_q6_K(void *block, float c) {
+    block_q6_K *b = (block_q6_K *)block;
+    b->d = mp_half_scaled(b->d, c);
+}
+static void rescale_q3_K(void *block, float c) {
+    block_q3_K *b = (block_q3_K *)block;
+    b->d = mp_half_scaled(b->d, c);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Q2_K                                                                                       */
 /* ------------------------------------------------------------------------------------------ */
@@ -591,6 +623,7 @@ static void quantize_row_q2_K(const float *x, void *vy, int64_t n, const float *
         for (int j = 0; j < 16; j++) b->scales[j] = (uint8_t)(sc[j] | (mn[j] << 4));
         pack_2bit(L, b->qs);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_q2_K), n, imp, dequantize_row_q2_K, rescale_q2_K);
 }
 
 static void dequantize_row_q2_K(const void *vx, float *y, int64_t n) {
@@ -644,6 +677,7 @@ static void quantize_row_q3_K(const float *x, void *vy, int64_t n, const float *
         pack_highbit(L, 2, b->hmask);
         pack_2bit(L, b->qs);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_q3_K), n, imp, dequantize_row_q3_K, rescale_q3_K);
 }
 
 static void dequantize_row_q3_K(const void *vx, float *y, int64_t n) {
@@ -690,6 +724,7 @@ static void quantize_row_q4_K(const float *x, void *vy, int64_t n, const float *
         pack_scales_k4(sc, mn, b->scales);
         pack_4bit(L, b->qs);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_q4_K), n, imp, dequantize_row_q4_K, rescale_dd);
 }
 
 static void dequantize_row_q4_K(const void *vx, float *y, int64_t n) {
@@ -726,6 +761,7 @@ static void quantize_row_q5_K(const float *x, void *vy, int64_t n, const float *
         pack_highbit(L, 4, b->qh);
         pack_4bit(L, b->qs);
     }
+    mp_debias_row(x, vy, (int)sizeof(block_q5_K), n, imp, dequantize_row_q5_K, rescale_dd);
 }
 
 static void dequantize_row_q5_K(const void *vx, float *y, int64_t n) {
@@ -772,6 +808,7 @@ static void quantize_row_q6_K(const float *x, void *vy, int64_t n, const float *
                 b->qh[32 * h + l] = (uint8_t)((q[0] >> 4) | ((q[32] >> 4) << 2) | ((q[64] >> 4) << 4) | ((q[96] >> 4) << 6));
             }
     }
+    mp_debias_row(x, vy, (int)sizeof(block_q6_K), n, imp, dequantize_row_q6_K, rescale_q6_K);
 }
 
 static void dequantize_row_q6_K(const void *vx, float *y, int64_t n) {
