@@ -41,6 +41,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from .checkpoint import regular_file
+
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -252,6 +254,15 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
     return out
 
 
+def check_importance(values: Mapping[str, np.ndarray], source) -> Mapping[str, np.ndarray]:
+    """Refuse importance vectors with negative or non-finite values (a mean of squares is neither)."""
+    for name, v in values.items():
+        if not (np.isfinite(v).all() and (v >= 0).all()):
+            raise ValueError(f"importance file {source}: {name} has negative or non-finite values; importance is "
+                             "a mean of squares (re-run `moeplan profile` or llama-imatrix)")
+    return values
+
+
 def load_importance_file(path: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Importance vectors from `path`, detected by content: a moeplan importance .safetensors
     (`moeplan profile`'s PROFILE.importance.safetensors), or a llama-imatrix file (GGUF or legacy
@@ -261,6 +272,7 @@ def load_importance_file(path: str | os.PathLike, model_dir: str | os.PathLike |
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"importance file {path} does not exist")
+    regular_file(path, "importance file")  # a FIFO would block the content sniffing below
     kind = _kind_of(path)
     if kind == "safetensors":
         return load_importance(path)
@@ -270,7 +282,7 @@ def load_importance_file(path: str | os.PathLike, model_dir: str | os.PathLike |
             raise ValueError("reading a llama.cpp imatrix as importance needs the checkpoint (model_dir)")
         from moeplan.sensitivity.inventory import build_inventory
 
-        out = imatrix_importance(im, build_inventory(model_dir))
+        out = check_importance(imatrix_importance(im, build_inventory(model_dir)), path)
         if not out:
             raise ImportanceFileError(f"{path}: none of the imatrix's {len(im.entries)} tensors (e.g. "
                                       f"{next(iter(im.entries), '-')}) is a tensor of {model_dir}")

@@ -43,6 +43,7 @@ import torch
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import read_safetensors_header
+from moeplan.kernels.imatrix import check_importance
 from moeplan.kernels.outputs import output_file
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
@@ -412,12 +413,7 @@ def load_importance(path: str | Path) -> dict[str, np.ndarray]:
     bad = [n for n, t in header.items() if t.dtype not in ("F32", "F16", "BF16", "F64")]
     if bad:
         raise ValueError(f"importance file {path}: tensor {bad[0]} has dtype {header[bad[0]].dtype}, not float")
-    out = load_file(str(path))
-    for name, v in out.items():
-        if not (np.isfinite(v).all() and (v >= 0).all()):
-            raise ValueError(f"importance file {path}: {name} has negative or non-finite values; importance is a "
-                             "mean of squares (re-run `moeplan profile`)")
-    return out
+    return dict(check_importance(load_file(str(path)), path))
 
 
 def importance_path(profile_path: str | Path) -> Path:
