@@ -64,7 +64,7 @@ def _number(kind, test, wants):
             v = kind(text)
         except (TypeError, ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {wants}") from None
-        if kind is float and not math.isfinite(v) or not test(v):
+        if (kind is float and not math.isfinite(v)) or not test(v):
             raise argparse.ArgumentTypeError(f"{text!r} is not {wants}")
         return v
     parse.__name__ = wants  # argparse names the type in its messages

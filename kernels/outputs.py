@@ -168,13 +168,6 @@ def write_text(path: str | os.PathLike, text: str, flag: str = "output") -> Path
     return Path(path)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, flag: str = "output") -> Path:
-    with output_file(path, flag) as tmp:
-        with open(tmp, "xb") as f:
-            f.write(data)
-    return Path(path)
-
-
 def json_text(obj: Any, **kwargs) -> str:
     """Strict JSON (NaN and infinities are refused, not written as the invalid `NaN`)."""
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeplan.kernels.checkpoint import write_safetensors
+from moeplan.kernels.checkpoint import ST_ITEMSIZE, write_safetensors
 from moeplan.kernels.outputs import json_text, output_dir
 
 FP8_BLOCK = 128
@@ -63,14 +63,19 @@ def write_random_checkpoint(out_dir: str | os.PathLike, config: dict, *, dtype: 
     inv = _from_config(config, "generated")
     n_layers = int(config["num_hidden_layers"])
     gen = torch.Generator().manual_seed(seed)
-    itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
     # (name, dtype, shape, produce) per tensor, split into shards of about shard_bytes
     shards: list[list] = [[]]
     size = 0
     for t in inv.tensors:
         fp8 = dtype == "F8_E4M3" and len(t.shape) == 2 and t.quantizable and "embed" not in t.name \
             and "lm_head" not in t.name
-        nbytes = int(np.prod(t.shape)) * (1 if fp8 else (itemsize if dtype != "F8_E4M3" else 2))
+        if dtype != "F8_E4M3":
+            stored = dtype
+        elif fp8:
+            stored = "F8_E4M3"
+        else:  # what DeepSeek's FP8 release keeps unquantized: F32 correction biases, BF16 the rest
+            stored = "F32" if "e_score_correction_bias" in t.name else "BF16"
+        nbytes = int(np.prod(t.shape)) * ST_ITEMSIZE[stored]
         if size and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -86,9 +91,7 @@ def write_random_checkpoint(out_dir: str | os.PathLike, config: dict, *, dtype: 
             shards[-1].append((t.name, "F8_E4M3", t.shape, weight))
             shards[-1].append((t.name + "_scale_inv", "F32", grid, lambda cache=cache: cache.pop("s")))
         else:
-            keep = "F32" if dtype == "F8_E4M3" and "e_score_correction_bias" in t.name else \
-                ("BF16" if dtype == "F8_E4M3" else dtype)
-            shards[-1].append((t.name, keep, t.shape, lambda t=t: _values(t.name, t.shape, gen, n_layers)))
+            shards[-1].append((t.name, stored, t.shape, lambda t=t: _values(t.name, t.shape, gen, n_layers)))
     with output_dir(out_dir, "checkpoint") as tmp:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {}

@@ -118,13 +118,13 @@ class Profile:
                 if not isinstance(v, list):
                     raise ValueError(f"{where}.{k} must be a list (one value per expert)")
                 fields[k] = [_cost(x, f"{where}.{k}[{i}]") for i, x in enumerate(v)]
-            experts[_layer(layer, where)] = ExpertStats(**fields)
+            experts[_index(layer, where)] = ExpertStats(**fields)
         topk = {}
         for layer, v in d["topk_cost"].items():
             where = f"{source}: topk_cost[{layer}]"
             if not isinstance(v, dict):
                 raise ValueError(f"{where} must map k to a cost")
-            topk[_layer(layer, where)] = {_layer(k, where): _cost(c, f"{where}[{k}]") for k, c in v.items()}
+            topk[_index(layer, where)] = {_index(k, where): _cost(c, f"{where}[{k}]") for k, c in v.items()}
         meta = d.get("meta", {})
         if not isinstance(meta, dict):
             raise ValueError(f"{source}: field 'meta' must be an object")
@@ -154,7 +154,7 @@ def _cost(v, where: str) -> float:
     return float(v)
 
 
-def _layer(v, where: str) -> int:
+def _index(v, where: str) -> int:
     try:
         i = int(v)
     except (TypeError, ValueError):
