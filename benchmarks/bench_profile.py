@@ -35,6 +35,7 @@ from moeplan.sensitivity.adapters import adapter_for
 from moeplan.sensitivity.compress import Decision, apply_decision, predicted_damage
 from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
 from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.sensitivity.layerwise import LayerwiseProfiler
 from moeplan.sensitivity.profiler import Profiler, importance_path, save_importance
 
 RESULTS = ROOT / "results"
@@ -76,7 +77,7 @@ def random_decision(profile, model, rng: np.random.Generator) -> Decision:
 
 
 def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: bool, seed: int = 0,
-              models_dir: Path = MODELS_DIR) -> dict:
+              models_dir: Path = MODELS_DIR, method: str = "layerwise") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = models_dir / name
@@ -87,7 +88,10 @@ def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: b
     inv = build_inventory(path)
 
     t0 = time.perf_counter()
-    profiler = Profiler(model, calib, seq_len=128, max_tokens=max_tokens, progress=True)
+    if method == "layerwise":
+        profiler = LayerwiseProfiler(path, calib, seq_len=128, max_tokens=max_tokens, progress=True)
+    else:
+        profiler = Profiler(model, calib, seq_len=128, max_tokens=max_tokens, progress=True)
     profile, importance = profiler.run(inv.fingerprint)
     profile_s = time.perf_counter() - t0
     if ship:
@@ -122,9 +126,11 @@ def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: b
     rho_np = float(spearmanr(no_prune.predicted_kld, no_prune.measured_kld).statistic) if len(no_prune) > 2 else float("nan")
     pr = float(pearsonr(df.predicted_kld, df.measured_kld).statistic)
     ratio = float(np.median(df.predicted_kld / df.measured_kld.clip(lower=1e-12)))
-    _atomic_csv(df, RESULTS / f"profile-{name}.csv")
-    _scatter(df, name, rho, RESULTS / f"profile-{name}.png")
-    return {"model": name, "profile_seconds": profile_s, "profile_breakdown": profile.meta["seconds"],
+    stem = f"profile-{name}" + ("" if method == "layerwise" else f"-{method}")
+    _atomic_csv(df, RESULTS / f"{stem}.csv")
+    _scatter(df, f"{name} ({method})", rho, RESULTS / f"{stem}.png")
+    return {"model": name, "profiler": method, "stem": stem,
+            "full_pass_equivalents": profile.meta.get("full_pass_equivalents"), "profile_seconds": profile_s, "profile_breakdown": profile.meta["seconds"],
             "calibration_tokens": profile.meta["calibration_tokens"], "validation_tokens": ref.n_tokens,
             "plans": n_plans, "spearman": rho, "spearman_no_pruning": rho_np, "pearson": pr, "median_pred_over_meas": ratio,
             "reference_ppl_valid": ref.perplexity, "joint_correction": profile.meta.get("joint_correction", {})}
@@ -178,21 +184,30 @@ def _markdown(summaries: list[dict]) -> list[str]:
         "evaluated against the original on the held-out validation split. Spearman without pruning: the "
         "same over the plans that prune no expert.",
         "",
-        "| model | profile time (s) | load avg | calib tokens | valid tokens | plans | Spearman | Spearman without pruning | Pearson | median predicted/measured | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Profilers: `layerwise` (sensitivity/layerwise.py, the default of `moeplan profile`: the checkpoint "
+        "streamed one decoder layer at a time, local measurements on each layer's cached inputs, end-to-end gains "
+        "from hidden-state streams) and `passes` (sensitivity/profiler.py, the in-memory reference: a forward pass "
+        "from the changed layer on for every measurement). Full passes: forward work in decoder-layer passes over "
+        "the calibration set / layers.",
+        "",
+        "| model | profiler | profile time (s) | full passes | load avg | calib tokens | valid tokens | plans | Spearman | Spearman without pruning | Pearson | median predicted/measured | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        lines.append(f"| {s['model']} | {s['profile_seconds']:.0f} | {s['load_average_end']} | {s['calibration_tokens']} | "
+        fpe = s.get("full_pass_equivalents")
+        lines.append(f"| {s['model']} | {s.get('profiler', 'passes')} | {s['profile_seconds']:.0f} | "
+                     f"{fpe if fpe is not None else '-'} | {s['load_average_end']} | {s['calibration_tokens']} | "
                      f"{s['validation_tokens']} | {s['plans']} | {s['spearman']:.3f} | {s['spearman_no_pruning']:.3f} | "
                      f"{s['pearson']:.3f} | {s['median_pred_over_meas']:.2f} | `{s['command']}` |")
     lines += ["", "Profile time breakdown (s):", ""]
     for s in summaries:
-        lines.append(f"- {s['model']}: " + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
+        lines.append(f"- {s['model']} ({s.get('profiler', 'passes')}): "
+                     + ", ".join(f"{k} {v}" for k, v in s["profile_breakdown"].items()))
     lines += ["", "Joint correction per class and format (measured KL of the class quantized uniformly / sum of its "
               "groups' predictions):", ""]
     for s in summaries:
         for cls, rho in (s.get("joint_correction") or {}).items():
-            lines.append(f"- {s['model']}, {cls}: " + ", ".join(f"{k} {v:.2f}" for k, v in rho.items()))
+            lines.append(f"- {s['model']} ({s.get('profiler', 'passes')}), {cls}: " + ", ".join(f"{k} {v:.2f}" for k, v in rho.items()))
     lines += ["", "Goals: Spearman >= 0.95, profiling under 3 minutes on 2 cores.",
               "Per-plan rows: results/profile-<model>.csv; scatter: results/profile-<model>.png; "
               "summary: results/profile-<model>.json.", ""]
@@ -206,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--valid-tokens", type=int, default=8192)
     ap.add_argument("--quick", action="store_true", help="8 plans, 1024 calibration and validation tokens")
+    ap.add_argument("--profiler", choices=("layerwise", "passes"), default="layerwise",
+                    help="layerwise: the streaming profiler (default); passes: the in-memory reference profiler")
     ap.add_argument("--no-ship", action="store_true", help="do not write the profile next to the model")
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where the models are (default: the shipped ones)")
     ap.add_argument("--table-only", action="store_true",
@@ -224,17 +241,18 @@ def main(argv=None):
     for name in names:
         print(f"== {name}", flush=True)
         summaries.append(run_model(name, args.plans, args.calib_tokens, args.valid_tokens, not args.no_ship,
-                                   models_dir=args.models_dir))
+                                   models_dir=args.models_dir, method=args.profiler))
     cmd = "python benchmarks/bench_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = os.getloadavg()[0]
     for s in summaries:
         s.update(command=cmd.strip(), load_average_end=round(load, 2))
-        _atomic_text(RESULTS / f"profile-{s['model']}.json", json.dumps(s, indent=1) + "\n")
+        _atomic_text(RESULTS / f"{s['stem']}.json", json.dumps(s, indent=1) + "\n")
     print("\n".join(_write_table()))
 
 
 def _write_table() -> list[str]:
-    summaries = sorted((json.loads(p.read_text()) for p in RESULTS.glob("profile-*.json")), key=lambda s: s["model"])
+    summaries = sorted((json.loads(p.read_text()) for p in RESULTS.glob("profile-*.json")),
+                       key=lambda s: (s["model"], s.get("profiler", "passes")))
     lines = _markdown(summaries)
     _atomic_text(RESULTS / "profile.md", "\n".join(lines))
     return lines

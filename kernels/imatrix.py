@@ -318,3 +318,61 @@ def write_imatrix_gguf(path: str | os.PathLike, entries: Mapping[str, tuple[np.n
     w.write_tensors_to_file()
     w.close()
 
+
+
+def profile_imatrix_entries(importance: Mapping[str, np.ndarray], counts: Mapping[str, float], tensors: Iterable,
+                            config: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """llama-imatrix's entries (GGUF name -> (sums, counts)) for importance vectors (checkpoint name ->
+    per-column mean of x^2) measured on `counts` tokens each: the inverse of imatrix_importance.
+
+    Routed experts stack into their layer's *_exps entry, one row and one count per expert (an
+    expert no token was routed to: zeros, count 0, which llama-quantize reads as ones). DeepSeek's
+    kv_b_proj gives attn_v_b, whose input is kv_b_proj's, the vector repeated once per head with
+    one count (llama-imatrix's layout); attn_k_b, whose input is the query's per-head part, has no
+    entry (llama-quantize then quantizes it without importance). The token embedding is a lookup:
+    no entry, as llama-imatrix writes none."""
+    from moeplan.allocator.gguf_names import gguf_names
+
+    entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    stacked: dict[str, dict[int, tuple[np.ndarray, float]]] = {}
+    for t in tensors:
+        if len(t.shape) != 2 or t.name not in importance:
+            continue
+        try:
+            gnames = gguf_names(t.name)
+        except ValueError:
+            continue
+        if not gnames or gnames[0].startswith("token_embd"):
+            continue
+        vec = np.asarray(importance[t.name], dtype=np.float64)
+        n = float(counts.get(t.name, 0.0))
+        m = _EXPERT_RE.match(t.name)
+        if m:
+            stacked.setdefault(gnames[0], {})[int(m.group(2))] = (vec, n)
+        elif t.name.endswith("self_attn.kv_b_proj.weight"):
+            heads = int(t.shape[0]) // (int(config["v_head_dim"]) + int(config["qk_nope_head_dim"]))
+            v_b = [g for g in gnames if g.endswith("attn_v_b.weight")][0]
+            entries[v_b] = (np.tile(vec * n, heads)[None], np.array([n]))
+        else:
+            entries[gnames[0]] = ((vec * n)[None], np.array([n]))
+    for g, per in stacked.items():
+        n_e = max(per) + 1
+        cols = len(next(iter(per.values()))[0])
+        sums, cnt = np.zeros((n_e, cols)), np.zeros(n_e)
+        for e, (vec, n) in per.items():
+            sums[e], cnt[e] = vec * n, n
+        entries[g] = (sums, cnt)
+    return entries
+
+
+def write_profile_imatrix(path: str | os.PathLike, importance: Mapping[str, np.ndarray], counts: Mapping[str, float],
+                          inventory, tokens: int, chunk_size: int, dataset: str = "calibration text") -> None:
+    """A llama.cpp imatrix GGUF (llama-quantize --imatrix) of a profile's importance vectors."""
+    from .outputs import output_file
+
+    entries = profile_imatrix_entries(importance, counts, inventory.tensors, inventory.config)
+    if not entries:
+        raise ValueError("no importance vector maps to a GGUF tensor: nothing to write as an imatrix")
+    with output_file(path, "--imatrix") as tmp:
+        write_imatrix_gguf(tmp, entries, chunk_count=max(1, int(tokens) // int(chunk_size)),
+                           chunk_size=int(chunk_size), datasets=[dataset])

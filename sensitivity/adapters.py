@@ -263,8 +263,9 @@ class MoEAdapter:
 
     # ---- every tensor under its checkpoint name ----------------------------------------------
 
-    def tensors(self) -> Iterator[TensorRef]:
-        """Every tensor ``save_pretrained`` writes, under its checkpoint name, in module order.
+    def tensors(self, layer: int | None = None) -> Iterator[TensorRef]:
+        """Every tensor ``save_pretrained`` writes, under its checkpoint name, in module order
+        (``layer``: those of that decoder layer only).
 
         The fused expert parameters expand to one entry per (expert, kind). Tied weights appear
         once (under the first name, as in the saved file); non-persistent buffers are skipped.
@@ -272,7 +273,11 @@ class MoEAdapter:
         seen: set[int] = set()
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         experts_modules = {id(self._experts(i)) for i in self._moe_layers}
-        for mod_name, module in self.model.named_modules():
+        if layer is None:
+            modules = self.model.named_modules()
+        else:
+            modules = self._layers[layer].named_modules(prefix=f"{self._layers_name}.{layer}")
+        for mod_name, module in modules:
             if id(module) in experts_modules:
                 yield from self._expert_refs(self._layer_of(mod_name))
                 continue
@@ -292,9 +297,9 @@ class MoEAdapter:
                     _get=tensor.detach,
                 )
 
-    def linear_tensors(self) -> Iterator[TensorRef]:
-        """The 2-D weights among ``tensors()`` (what gets a quantization format)."""
-        return (t for t in self.tensors() if len(t.shape) == 2)
+    def linear_tensors(self, layer: int | None = None) -> Iterator[TensorRef]:
+        """The 2-D weights among ``tensors(layer)`` (what gets a quantization format)."""
+        return (t for t in self.tensors(layer) if len(t.shape) == 2)
 
     def expert_tensor_name(self, layer: int, expert: int, kind: ExpertKind | str) -> str:
         kind = ExpertKind(kind)
@@ -358,24 +363,38 @@ class MoEAdapter:
 
     # ---- routing --------------------------------------------------------------------------------
 
-    def route(self, layer: int, logits: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, layer: int, logits: torch.Tensor, top_k: int | None = None,
+              exclude: int | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's selection rule applied to router logits (T, E): (weights (T, k), indices (T, k)).
 
         Same rule as the model's router (softmax or sigmoid scores, DeepSeek's correction bias and
         group limit, normalization, scaling) for what-if analyses with another ``top_k``; the
-        order of the k columns may differ from the model's.
+        order of the k columns may differ from the model's. ``exclude``: experts (an index or a
+        sequence) that are never chosen, as if removed (softmax scores renormalize over the others;
+        with group-limited routing the groups stay as they are, the experts' choice scores pushed
+        down as by a -1e9 correction bias).
         """
         spec = self.routing_spec(layer)
         k = spec.top_k if top_k is None else top_k
         self._check_top_k(layer, k, spec)
         logits = logits.float()
+        if exclude is not None:
+            exclude = [int(exclude)] if isinstance(exclude, int) else [int(e) for e in exclude]
+            for e in exclude:
+                self._check_expert(layer, e)
         if spec.score_function is ScoreFunction.SOFTMAX:
+            if exclude is not None:
+                logits = logits.clone()
+                logits[:, exclude] = float("-inf")
             scores = torch.softmax(logits, dim=-1)
             choice = scores
         else:
             scores = torch.sigmoid(logits)
             bias = self.e_score_correction_bias(layer)
             choice = scores + bias.float() if bias is not None else scores
+            if exclude is not None:
+                choice = choice.clone()
+                choice[:, exclude] -= 1e9
         if spec.n_group > 1:
             t, e = choice.shape
             grouped = choice.view(t, spec.n_group, e // spec.n_group)

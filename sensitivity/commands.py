@@ -39,20 +39,60 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
                     default=",".join(DEFAULT_FORMATS))
     ap.add_argument("--tokens", type=positive_int, default=4096, help="calibration tokens (default: %(default)s)")
     ap.add_argument("--seq-len", type=positive_int, default=128, help="calibration window length (default: %(default)s)")
+    ap.add_argument("--method", choices=("layerwise", "passes"), default="layerwise",
+                    help="layerwise (default): the checkpoint streamed one decoder layer at a time, any size, "
+                         "resumable; passes: the in-memory reference profiler (the whole model in float32 RAM)")
+    ap.add_argument("--removal", choices=("auto", "streams", "fisher"), default="auto",
+                    help="expert removal costs (layerwise): streams, one per expert, measured end to end; fisher, "
+                         "the Fisher metric of each layer's output (one backward sweep, for models with many "
+                         "experts); auto (default): streams up to 2048 routed experts")
+    ap.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda / cuda:N (layerwise)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="compute dtype (default auto: float32 on the CPU, bfloat16 on CUDA)")
+    ap.add_argument("--threads", type=positive_int, help="CPU threads for torch and the kernels (default: all)")
+    ap.add_argument("--imatrix", metavar="FILE", help="also write the importance vectors as a llama.cpp imatrix "
+                    "GGUF (for llama-quantize --imatrix; layerwise)")
+
+
+def _device(s: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: use cpu, cuda or cuda:N")
+    if s.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s}: this torch build sees no CUDA device; use --device cpu")
+        n = int(s.split(":")[1]) if ":" in s else 0
+        if n >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return s
 
 
 def _profile_run(args) -> int:
-    from .profiler import importance_path, profile_model
+    import torch
+
+    from .profiler import importance_path, profile_model, state_path
 
     check_output(args.out, "--out")
     check_output(importance_path(args.out), "--out (its importance file)")
+    if args.imatrix:
+        check_output(args.imatrix, "--imatrix")
+        if args.method != "layerwise":
+            raise ValueError("--imatrix needs --method layerwise (it records the token counts llama.cpp needs)")
+    if args.method == "layerwise" and state_path(args.out).exists():
+        _say(f"resuming from {state_path(args.out)} (remove it to start again)")
     text = _read_text(args.calib, "--calib") if args.calib else None
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
-                         seq_len=args.seq_len, progress=True)
+                         seq_len=args.seq_len, progress=True, method=args.method, device=args.device, dtype=dtype,
+                         threads=args.threads, imatrix_out=args.imatrix, removal=args.removal)
     m = prof.meta
+    fpe = f", {m['full_pass_equivalents']} full-pass equivalents" if "full_pass_equivalents" in m else ""
     _say(f"profile of {args.model}: {len(prof.tensor_damage)} tensors x {len(prof.formats)} formats, "
          f"{sum(s.n_experts for s in prof.experts.values())} experts, {m['calibration_tokens']} calibration tokens, "
-         f"{m['seconds']['total']:.0f} s -> {args.out}")
+         f"{m['seconds']['total']:.0f} s{fpe} -> {args.out}" + (f" (+ imatrix {args.imatrix})" if args.imatrix else ""))
     return 0
 
 

@@ -45,10 +45,11 @@ def encode_text(tokenizer, text: str) -> list[int]:
         tokenizer.model_max_length = saved
 
 
-def load_model_and_text(model, text: str | None, split: str, purpose: str, option: str):
-    """(checkpoint dir, float32 model, token ids) for `purpose` ("profiling", "evaluation"): `text`,
-    or else the checkpoint's shipped split file (calib.txt / valid.txt)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_text_ids(model, text: str | None, split: str, purpose: str, option: str):
+    """(checkpoint dir, token ids) for `purpose` ("profiling", "evaluation"): `text`, or else the
+    checkpoint's shipped split file (calib.txt / valid.txt), tokenized by the checkpoint's tokenizer.
+    Every shard's header is checked; no weight is read."""
+    from transformers import AutoTokenizer
 
     from .inventory import resolve_model
 
@@ -63,7 +64,15 @@ def load_model_and_text(model, text: str | None, split: str, purpose: str, optio
     for shard in checkpoint_shards(path):  # every header checked before transformers reads one
         read_safetensors_header(shard)
     tok = AutoTokenizer.from_pretrained(str(path))
-    ids = encode_text(tok, text)
+    return path, encode_text(tok, text)
+
+
+def load_model_and_text(model, text: str | None, split: str, purpose: str, option: str):
+    """(checkpoint dir, float32 model, token ids) for `purpose` ("profiling", "evaluation"): `text`,
+    or else the checkpoint's shipped split file (calib.txt / valid.txt)."""
+    from transformers import AutoModelForCausalLM
+
+    path, ids = load_text_ids(model, text, split, purpose, option)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     check_finite_weights(model, path)
     return path, model, ids

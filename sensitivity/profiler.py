@@ -421,17 +421,57 @@ def importance_path(profile_path: str | Path) -> Path:
     return p.with_name(p.name.removesuffix(".json") + ".importance.safetensors")
 
 
+PROFILERS = ("layerwise", "passes")
+
+
+def state_path(profile_path: str | Path) -> Path:
+    """Where the layer-streaming profiler keeps its resumable state while it writes PROFILE."""
+    p = Path(profile_path)
+    return p.with_name(p.name.removesuffix(".json") + ".state.safetensors")
+
+
 def profile_model(model: str, calib_text: str | None = None, *, out: str | Path | None = None,
                   formats: Sequence[str] | None = None, max_tokens: int = 4096, seq_len: int = 128,
-                  progress: bool = True) -> Profile:
+                  progress: bool = True, method: str = "layerwise", device: str = "cpu",
+                  dtype: torch.dtype | None = None, threads: int | None = None,
+                  imatrix_out: str | Path | None = None, removal: str = "auto") -> Profile:
     """Profile a checkpoint directory or a shipped reference model on calibration text
     (default: the model's shipped calibration split). Writes PROFILE (json) and its importance
-    vectors (PROFILE.importance.safetensors) when `out` is given."""
-    path, m, ids = load_model_and_text(model, calib_text, "calib", "profiling", "--calib")
-    fingerprint = build_inventory(path).fingerprint
-    prof, importance = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
-                                progress=progress).run(fingerprint)
+    vectors (PROFILE.importance.safetensors) when `out` is given, and a llama.cpp imatrix GGUF of
+    the same importance data when `imatrix_out` is given.
+
+    method "layerwise" (default): sensitivity.layerwise, the checkpoint streamed one decoder layer
+    at a time (resumable: an interrupted run with the same `out` continues after its last finished
+    layer); "passes": the in-memory reference profiler (the whole model in float32)."""
+    from .evaluate import load_text_ids
+
+    if method not in PROFILERS:
+        raise ValueError(f"method {method!r}: use one of {', '.join(PROFILERS)}")
+    if method == "passes" and (device != "cpu" or dtype not in (None, torch.float32)):
+        raise ValueError("the in-memory profiler (method 'passes') runs on the CPU in float32; use method "
+                         "'layerwise' for --device / --dtype")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    fingerprint = build_inventory(model).fingerprint
+    if method == "layerwise":
+        from .layerwise import LayerwiseProfiler
+
+        path, ids = load_text_ids(model, calib_text, "calib", "profiling", "--calib")
+        profiler = LayerwiseProfiler(path, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
+                                     progress=progress, device=device, dtype=dtype, threads=threads,
+                                     state_path=state_path(out) if out is not None else None, removal=removal)
+    else:
+        path, m, ids = load_model_and_text(model, calib_text, "calib", "profiling", "--calib")
+        profiler = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats, progress=progress)
+    prof, importance = profiler.run(fingerprint)
     if out is not None:
         prof.save(out)
         save_importance(importance, importance_path(out))
+    if imatrix_out is not None:
+        from moeplan.kernels.imatrix import write_profile_imatrix
+
+        if method != "layerwise":
+            raise ValueError("an imatrix needs the token counts only the layerwise profiler records")
+        write_profile_imatrix(imatrix_out, importance, profiler.token_counts, build_inventory(model),
+                              prof.meta["calibration_tokens"], seq_len)
     return prof

@@ -1,0 +1,974 @@
+"""The layer-streaming profiler: a model's profile from one pass over its weights, one decoder layer at a time.
+
+    prof, importance = LayerwiseProfiler("path/to/checkpoint", token_ids).run(fingerprint)
+
+The checkpoint stays on disk (streaming.StreamingModel): decoder layer l is read, measured and
+dropped before layer l+1 is read, so the process holds one layer in the compute dtype, the
+calibration activations and the streams below, whatever the model's size.
+
+Method
+------
+Every decision (a tensor's format, an expert's removal, a layer's top-k) changes one decoder layer
+(or the embedding, or the head). Its cost is the product of two measured factors:
+
+1. Locally, on the layer's cached inputs: the energy of the change of the layer's output, summed
+   over the calibration tokens, computed exactly: the layer (for tensors of the MLP block, the
+   block; for routed experts, the experts module with the recorded routing) is run with the change.
+   Tensor x format: the importance-weighted error of the error kernel (every format; importance =
+   per-column mean of x^2 over the tensor's inputs, over the tokens routed to the expert for expert
+   tensors, scaled by the expert's share of the tokens), mapped to output energy by a local gain
+   measured by really quantizing each tensor group (each non-expert tensor; each of gate / up / down
+   of the layer's routed experts) to the calibration formats, interpolated log-log in the group's
+   error energy. Top-k: the router re-run with k.
+2. End to end: the KL divergence of the model's output per unit of output energy of layer l, for
+   each kind of change, measured by hidden-state streams. At layer l, the layer's output with the
+   change in place becomes a stream that advances through layers l+1.. together with the reference
+   (each layer's weights are read once for all streams); at the head, KL / energy is the gain. One
+   stream per layer and kind: its routed experts quantized to STREAM_FORMAT; its other tensors
+   quantized to STREAM_FORMAT; top-k lowered by one. (The KL per unit of energy differs between
+   rounding noise, which is spread over all directions, and routing changes, which move a token's
+   output along an expert's output.)
+
+The joint correction of the in-memory profiler (profiler.py) is kept: per format f and class
+(routed experts; every other tensor), one stream with every tensor of the class quantized to f, and
+rho_f = its KL / the sum of the class's predicted damages.
+
+Expert removal. The KL per unit of energy of removing an expert varies several-fold between the
+experts of one layer (on tiny-qwen3-moe, 0.2x to 5x of the layer's median), more than between kinds
+of change, so no per-layer gain predicts it well. removal="streams" (the default while the model has
+at most REMOVAL_STREAMS_MAX routed experts) gives every expert's removal its own stream, measured end
+to end as the in-memory profiler does, but with each layer read once. removal="fisher" (larger
+models) measures each removal in the Fisher metric of its layer's output: the gradients of sampled
+next tokens' log-likelihoods are carried back through the layers in one backward sweep, and
+E[(g . delta)^2] / 2 over the samples is the second-order KL of the change delta; each layer's values
+are scaled so that the expert of median token count, removed for real in a stream, comes out at its
+measured KL. (On tiny-qwen3-moe the Fisher values rank a layer's experts with Spearman 0.85-0.98
+against the measured removal KLs; see results/profile.md for the plan-level fidelity of both.)
+
+Forward work, in full-pass equivalents (decoder-layer runs over the calibration set / layers; runs of
+the MLP block or the routed experts count for their share of the layer's multiply-adds): 1
+(reference) + 2 F (joint correction) + about 3 x L / 2 (the gain streams) + the local runs + either
+the expert streams (removal="streams", about experts x L / 2) or the backward sweep (removal=
+"fisher", 1 + 2 x FISHER_SAMPLES). The profile's meta records the count and the wall time of each part.
+
+Experts that calibration never routes to get the layer's mean importance vector, the mean share of
+a routed expert and the layer's mean removal cost (meta["unrouted_experts"] lists them): never a
+zero cost that would make them free to prune or to quantize to 1 bit.
+
+Every statistic is a sum over calibration tokens (energies, KL sums, sums of squares, routing
+counts), so a share of the windows can be measured apart and the sums added (_Share).
+
+Resumption: after each layer the state (reference and stream hidden states, the measurements so
+far) is written atomically to STATE; a run started with the same STATE, model and settings resumes
+after the last finished layer and gives the same profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from moeplan import kernels
+from moeplan.kernels import formats as fmts
+from moeplan.kernels.checkpoint import read_safetensors_header
+from moeplan.kernels.outputs import json_text, output_file
+
+from .adapters import ExpertKind, MoEAdapter, TensorRole
+from .evaluate import chunk_tokens
+from .profile import ExpertStats, Profile
+from .profiler import CALIBRATION_FORMATS, CORRECTION_CLASSES, QUANTIZABLE, _interpolate_gain, _menu
+from .streaming import StreamingModel
+
+STREAM_FORMAT = "Q3_K"
+FISHER_SAMPLES = 4  # sampled next tokens per position for the Fisher metric of expert removal
+REMOVAL_METHODS = ("auto", "streams", "fisher")
+# removal "auto": one stream per expert (exact) while the model has at most this many routed experts and
+# two layers' expert streams fit in this much memory; else the Fisher metric (one backward sweep)
+REMOVAL_STREAMS_MAX = 2048
+REMOVAL_STREAMS_BYTES = 4 << 30
+STATE_VERSION = 1
+_CHUNK = 4096  # tokens per experts-module call in the local runs
+EXPERTS, OTHER = CORRECTION_CLASSES
+REMOVAL, TOPK = "removal", "topk"  # the gain streams of expert removal and of top-k
+
+
+def _energy(delta: torch.Tensor) -> float:
+    d = delta.double()
+    return float((d * d).sum())
+
+
+def _kl_sum(ref_lp: torch.Tensor, lp: torch.Tensor) -> float:
+    """Sum over positions of KL(P_ref || P) (each clamped at 0, as evaluate() does)."""
+    return float((ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0).double().sum())
+
+
+@contextlib.contextmanager
+def _replaced(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Each live tensor of `pairs` set to its replacement inside the block, restored after."""
+    saved = []
+    with torch.no_grad():
+        for live, new in pairs:
+            saved.append(live.clone())
+            live.copy_(new.to(live.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (live, _), old in zip(pairs, saved):
+                live.copy_(old)
+
+
+def _qdq(w: torch.Tensor, fmt: str, importance: np.ndarray | None, name: str) -> torch.Tensor:
+    """`w` (2-D, or 3-D stacked experts) quantized to `fmt` (llama.cpp's fallback for its row length
+    applied) and dequantized by the kernels, float32."""
+    x = w.detach().float().cpu().contiguous()
+    stored = fmts.resolve(fmt, x.shape[-1]).name
+    try:
+        data = kernels.quantize(x, stored, importance)
+    except ValueError as exc:
+        raise ValueError(f"tensor {name} ({stored}): {exc}; profile with a menu of formats that can hold it "
+                         "(--formats)") from None
+    return torch.from_numpy(kernels.dequantize(data, stored, x.shape)).to(w.device)
+
+
+@dataclass
+class _Group:
+    """Tensors measured together: one non-expert tensor, or one kind of a layer's routed experts."""
+
+    key: str  # "name" for a tensor, "L/experts/gate" for an expert kind
+    cls: str  # EXPERTS or OTHER
+    names: list[str]  # the member tensors' checkpoint names
+    where: str  # "experts" (the experts module), "mlp" (the MLP block), "layer", "embedding", "head"
+
+
+@dataclass
+class _Share:
+    """A share of the calibration windows with its hidden states: the reference and every stream,
+    one tensor per batch. Every measurement of a share is a sum over its tokens."""
+
+    windows: torch.Tensor  # (n, T) token ids
+    batch_size: int
+    ref: list[torch.Tensor] = field(default_factory=list)
+    kw: list[dict] = field(default_factory=list)
+    streams: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for b, i in enumerate(range(0, self.windows.shape[0], self.batch_size)):
+            yield b, self.windows[i: i + self.batch_size]
+
+
+class LayerwiseProfiler:
+    def __init__(self, model_dir: str | Path, calib_ids: Sequence[int] | torch.Tensor, *, seq_len: int = 128,
+                 max_tokens: int = 4096, batch_size: int = 8, formats: Sequence[str] | None = None,
+                 calibration_formats: Sequence[str] = CALIBRATION_FORMATS, stream_format: str = STREAM_FORMAT,
+                 device: str = "cpu", dtype: torch.dtype | None = None, threads: int | None = None,
+                 progress: bool = True, state_path: str | Path | None = None, joint_correction: bool = True,
+                 fisher_samples: int = FISHER_SAMPLES, removal: str = "auto"):
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = threads
+        self.sm = StreamingModel(model_dir, dtype=dtype, device=self.device)
+        self.ad: MoEAdapter = self.sm.ad
+        if getattr(self.sm.model.config, "tie_word_embeddings", False):
+            raise ValueError(f"{model_dir}: the head is tied to the embedding; the layer-streaming profiler "
+                             "measures them apart: profile with --method passes")
+        self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
+        self.share = _Share(self.windows, batch_size)
+        self.formats = _menu(formats)
+        self.calibration_formats = _menu(list(calibration_formats))
+        self.stream_format = _menu([stream_format])[0]
+        self.all_formats = list(dict.fromkeys([*self.formats, *self.calibration_formats, self.stream_format]))
+        self.joint_correction = joint_correction
+        self.progress = progress
+        self.state_path = Path(state_path) if state_path is not None else None
+        # measurements, all JSON-able (they are the resumable state with the hidden states)
+        self.m: dict = {"err": {}, "local": {}, "groups": {}, "stream_energy": {}, "stream_kl": {},
+                        "removal_energy": {}, "topk_energy": {}, "experts": {}, "unrouted": {},
+                        "head_kl": {}, "counts": {}, "removal_fisher": {}, "removal_stream_expert": {},
+                        "passes": 0.0, "seconds": {}, "done": -1}
+        self.importance: dict[str, np.ndarray] = {}
+        self.n_positions = 0
+        self.fisher_samples = fisher_samples
+        self.boundary: dict[int, list[torch.Tensor]] = {}  # MoE layers' reference inputs, for the backward sweep
+        self.grads: list[list[torch.Tensor]] = []
+        self.first_moe = min(self.ad.moe_layers())
+        if removal not in REMOVAL_METHODS:
+            raise ValueError(f"removal {removal!r}: use one of {', '.join(REMOVAL_METHODS)}")
+        if removal == "auto":
+            n_exp = sum(self.ad.n_experts(l) for l in self.ad.moe_layers())
+            h = int(self.sm.model.config.hidden_size)
+            per_layer = max(self.ad.n_experts(l) for l in self.ad.moe_layers())
+            fits = per_layer * self.windows.numel() * h * 4 * 2 <= REMOVAL_STREAMS_BYTES
+            removal = "streams" if n_exp <= REMOVAL_STREAMS_MAX and fits else "fisher"
+        self.removal = removal
+
+    @property
+    def token_counts(self) -> dict[str, float]:
+        """Tokens each importance vector was measured on (routed tokens for an expert's tensors)."""
+        return self.m["counts"]
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+
+    def _tick(self, part: str, t0: float) -> None:
+        self.m["seconds"][part] = self.m["seconds"].get(part, 0.0) + time.perf_counter() - t0
+
+    def _count_passes(self, layer_runs: float) -> None:
+        """Forward work in full-pass equivalents: `layer_runs` decoder-layer runs over all windows."""
+        self.m["passes"] += layer_runs / self.sm.n_layers
+
+    def _settings(self, fingerprint: str) -> dict:
+        return {"version": STATE_VERSION, "fingerprint": fingerprint, "formats": self.formats,
+                "fisher_samples": self.fisher_samples, "removal": self.removal,
+                "calibration_formats": self.calibration_formats, "stream_format": self.stream_format,
+                "windows": list(self.windows.shape), "windows_sha": _sha(self.windows),
+                "batch_size": self.share.batch_size, "dtype": str(self.dtype), "joint": self.joint_correction}
+
+    # ---- layer-local runs ----------------------------------------------------------------------
+
+    def _costs(self, l: int, refs) -> dict[str, float]:
+        """Multiply-adds per token of layer l's parts, as fractions of the whole layer's: what one run
+        of the MLP block or of the routed experts counts for in full-pass equivalents."""
+        k = self.ad.top_k(l) if l in self.ad.moe_layers() else 0
+        n_e = self.ad.n_experts(l) if k else 1
+        macs = {"experts": 0.0, "mlp": 0.0, "layer": 0.0}
+        for r in refs:
+            n = float(np.prod(r.shape))
+            if r.role is TensorRole.ROUTED_EXPERT:
+                n *= k / n_e
+                macs["experts"] += n
+            if r.role in (TensorRole.ROUTED_EXPERT, TensorRole.SHARED_EXPERT, TensorRole.DENSE_MLP):
+                macs["mlp"] += n
+            macs["layer"] += n
+        return {p: v / macs["layer"] for p, v in macs.items()}
+
+    def _run_layer(self, layer, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.sm.run_layer(layer, h, self.share.kw[b]) for b, h in enumerate(hidden)]
+
+    @torch.inference_mode()
+    def _experts_out(self, experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([experts(x[i: i + _CHUNK], idx[i: i + _CHUNK], w[i: i + _CHUNK])
+                          for i in range(0, x.shape[0], _CHUNK)]) if x.shape[0] else x.clone()
+
+    @torch.inference_mode()
+    def _reference_pass(self, l: int, layer) -> dict:
+        """Layer l over the reference hidden states with everything the local runs need recorded;
+        the reference advances to layer l's output."""
+        ad, sm = self.ad, self.sm
+        moe = l in ad.moe_layers()
+        rec: dict = {"mlp_in": [], "mlp_out": [], "ex_in": [], "idx": [], "w": [], "ex_out": [], "logits": [],
+                     "sq": {}, "n": {}}
+        handles = []
+        mlp = layer.mlp
+        handles.append(mlp.register_forward_pre_hook(lambda m, a: rec["mlp_in"].append(a[0])))
+        handles.append(mlp.register_forward_hook(lambda m, a, o: rec["mlp_out"].append(o)))
+        if moe:
+            def ex_pre(mod, args, kwargs):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+                rec["ex_in"].append(vals[0])
+                rec["idx"].append(vals[1])
+                rec["w"].append(vals[2])
+
+            handles.append(ad.experts_module(l).register_forward_pre_hook(ex_pre, with_kwargs=True))
+            handles.append(ad.experts_module(l).register_forward_hook(lambda m, a, k, o: rec["ex_out"].append(o),
+                                                                      with_kwargs=True))
+
+            def router_out(mod, args, out):
+                if not (isinstance(out, tuple) and len(out) == 3):
+                    raise ValueError(f"layer {l}: the router returns {type(out).__name__}, not (logits, weights, "
+                                     "indices); the layer-streaming profiler cannot re-route this family")
+                rec["logits"].append(out[0].float())
+
+            handles.append(ad.router(l).register_forward_hook(router_out))
+        prefix = f"{ad.layers_prefix}.{l}"
+        experts = ad.experts_module(l) if moe else None
+        for name, mod in layer.named_modules(prefix=prefix):
+            if isinstance(mod, torch.nn.Linear) and not (experts is not None and name.startswith(
+                    sm._prefix[id(experts)])):
+                key = ad.checkpoint_name(f"{name}.weight", l)
+
+                def lin(m, a, key=key):
+                    x = a[0].detach().reshape(-1, a[0].shape[-1]).double()
+                    rec["sq"][key] = rec["sq"].get(key, 0) + (x * x).sum(0)
+                    rec["n"][key] = rec["n"].get(key, 0) + x.shape[0]
+
+                handles.append(mod.register_forward_pre_hook(lin))
+        try:
+            rec["h_in"] = self.share.ref
+            rec["h_out"] = self._run_layer(layer, self.share.ref)
+        finally:
+            for h in handles:
+                h.remove()
+        self._count_passes(1)
+        for k in ("mlp_in", "mlp_out", "ex_in", "ex_out", "idx", "w", "logits"):
+            rec[k] = torch.cat([t.reshape(-1, t.shape[-1]) for t in rec[k]]) if rec[k] else None
+        return rec
+
+    def _expert_statistics(self, l: int, rec: dict) -> tuple[dict, dict[str, np.ndarray], dict[str, float]]:
+        """Routing statistics and the importance vector and token share of every expert tensor of layer l."""
+        ad = self.ad
+        experts = ad.experts_module(l)
+        n, k = ad.n_experts(l), ad.top_k(l)
+        x, idx, w = rec["ex_in"], rec["idx"], rec["w"].float()
+        tokens = x.shape[0]
+        count, wsum, reap = np.zeros(n), np.zeros(n), np.zeros(n)
+        h, inter = x.shape[1], experts.down_proj.shape[-1]
+        sq_in, sq_mid = np.zeros((n, h)), np.zeros((n, inter))
+        self._count_passes(self.cost["experts"])  # every routed expert's output, once
+        with torch.inference_mode():
+            for e in torch.unique(idx).tolist():
+                tok, slot = torch.nonzero(idx == e, as_tuple=True)
+                xe = x[tok]
+                g, u = torch.nn.functional.linear(xe, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                mid = experts.act_fn(g) * u
+                out = torch.nn.functional.linear(mid, experts.down_proj[e]).float()
+                we = w[tok, slot]
+                count[e] = tok.numel()
+                wsum[e] = float(we.double().sum())
+                reap[e] = float((we * out.norm(dim=-1)).double().sum())
+                xd, md = xe.double(), mid.double()
+                sq_in[e] = (xd * xd).sum(0).cpu().numpy()
+                sq_mid[e] = (md * md).sum(0).cpu().numpy()
+        routed = count > 0
+        unrouted = [int(e) for e in np.nonzero(~routed)[0]]
+        total = max(count.sum(), 1.0)
+        mean_in, mean_mid = sq_in.sum(0) / total, sq_mid.sum(0) / total
+        imp, share = {}, {}
+        for e in range(n):
+            c = count[e]
+            for kind in ExpertKind:
+                name = ad.expert_tensor_name(l, e, kind)
+                self.m["counts"][name] = float(c)
+                if c > 0:
+                    v = (sq_mid[e] if kind is ExpertKind.DOWN else sq_in[e]) / c
+                    share[name] = c / max(tokens, 1)
+                else:  # never routed on the calibration text: the layer's mean expert (stated in meta)
+                    v = mean_mid if kind is ExpertKind.DOWN else mean_in
+                    share[name] = k / n
+                imp[name] = v.astype(np.float32)
+        slots = max(count.sum(), 1.0)
+        freq = count / slots * k
+        mean_score = np.where(routed, wsum / np.maximum(count, 1), 0.0)
+        stats = {"freq": freq.tolist(), "mean_score": mean_score.tolist(),
+                 "paper_importance": (0.5 * freq + 0.5 * mean_score).tolist(),
+                 "reap": np.where(routed, reap / np.maximum(count, 1), 0.0).tolist()}
+        return stats | {"unrouted": unrouted}, imp, share
+
+    # ---- one decoder layer -----------------------------------------------------------------------
+
+    def _layer(self, l: int) -> None:
+        ad, sm, m = self.ad, self.sm, self.m
+        layer = sm.layers[l]
+        moe = l in ad.moe_layers()
+        t0 = time.perf_counter()
+        with sm.loaded(layer):
+            rec = self._reference_pass(l, layer)
+            if l >= self.first_moe and self.removal == "fisher":
+                self.boundary[l] = rec["h_in"]
+            self._tick("reference", t0)
+            refs = [r for r in ad.linear_tensors(l) if r.role in QUANTIZABLE]
+            self.cost = self._costs(l, refs)
+            others = [r for r in refs if r.role is not TensorRole.ROUTED_EXPERT]
+            imp, share = {}, {}
+            for r in others:
+                n = rec["n"].get(r.name, 0)
+                v = rec["sq"][r.name] / n if n else torch.ones(r.shape[-1], dtype=torch.float64)
+                imp[r.name] = v.float().cpu().numpy()
+                share[r.name] = 1.0
+                m["counts"][r.name] = float(n)
+            experts = ad.experts_module(l) if moe else None
+            if moe:
+                stats, eimp, eshare = self._expert_statistics(l, rec)
+                imp |= eimp
+                share |= eshare
+                m["experts"][str(l)] = stats
+                if stats["unrouted"]:
+                    m["unrouted"][str(l)] = stats["unrouted"]
+            self.importance |= imp
+
+            # the error kernel: every tensor x every format, one pass per tensor (experts per kind, stacked)
+            t1 = time.perf_counter()
+            groups: list[_Group] = []
+            for r in others:
+                where = "mlp" if r.role in (TensorRole.SHARED_EXPERT, TensorRole.DENSE_MLP) else "layer"
+                groups.append(_Group(r.name, OTHER, [r.name], where))
+                self._errors(r.name, [r.name], r.get(), imp[r.name][None], np.array([1.0]))
+            if moe:
+                n_e = ad.n_experts(l)
+                for kind in ExpertKind:
+                    names = [ad.expert_tensor_name(l, e, kind) for e in range(n_e)]
+                    groups.append(_Group(f"{l}/experts/{kind.value}", EXPERTS, names, "experts"))
+                    self._errors(groups[-1].key, names, _kind_view(experts, kind),
+                                 np.stack([imp[n] for n in names]), np.array([share[n] for n in names]))
+            self._tick("error_kernel", t1)
+
+            # local runs and the streams, one format at a time (one quantized copy of the layer in memory)
+            t2 = time.perf_counter()
+            live = {g.key: (_kind_view(experts, ExpertKind(g.key.rsplit("/", 1)[1])) if g.cls == EXPERTS
+                            else next(r for r in others if r.name == g.key).get()) for g in groups}
+            g_imp = {g.key: (np.stack([imp[n] for n in g.names]) if g.cls == EXPERTS else imp[g.key]) for g in groups}
+            in_flight = [s for s in self.share.streams if s.startswith("gain/")]
+            for f in self.all_formats:
+                q = {g.key: _qdq(live[g.key], f, g_imp[g.key], g.key) for g in groups}
+                if f in self.calibration_formats:
+                    for g in groups:
+                        with _replaced([(live[g.key], q[g.key])]):
+                            e = self._local_energy(l, layer, g.where, rec)
+                        m["local"].setdefault(g.key, {})[f] = e
+                if f == self.stream_format:
+                    for cls in (EXPERTS, OTHER):
+                        members = [g for g in groups if g.cls == cls]
+                        if not members:
+                            continue
+                        with _replaced([(live[g.key], q[g.key]) for g in members]):
+                            out = self._changed_output(l, layer, "experts" if cls == EXPERTS else "layer", rec)
+                        name = f"gain/{l}/{cls}"
+                        m["stream_energy"][name] = sum(_energy(o - r) for o, r in zip(out, rec["h_out"]))
+                        self.share.streams[name] = out
+                if f in self.formats and self.joint_correction:
+                    for cls in (EXPERTS, OTHER):
+                        members = [g for g in groups if g.cls == cls]
+                        name = f"joint/{cls}/{f}"
+                        if name not in self.share.streams:
+                            if not members:
+                                continue  # still identical to the reference
+                            self.share.streams[name] = rec["h_in"]
+                        with _replaced([(live[g.key], q[g.key]) for g in members]):
+                            self.share.streams[name] = self._run_layer(layer, self.share.streams[name])
+                        self._count_passes(1)
+                del q
+            self._tick("local_and_streams", t2)
+
+            if moe:
+                t3 = time.perf_counter()
+                self._routing_changes(l, experts, rec)
+                self._tick("removal_and_topk", t3)
+            t4 = time.perf_counter()
+            for name in in_flight:
+                self.share.streams[name] = self._run_layer(layer, self.share.streams[name])
+            self._count_passes(len(in_flight))
+            self._tick("streams", t4)
+            for g in groups:
+                m["groups"][g.key] = {"cls": g.cls, "names": g.names, "layer": l}
+        self.share.ref = rec["h_out"]
+
+    def _errors(self, key: str, names: list[str], w: torch.Tensor, importance: np.ndarray, share: np.ndarray) -> None:
+        """Importance-weighted error of the tensors `names` (rows of the stack `w`) in every format."""
+        x = w.detach().float().cpu().contiguous()
+        if x.dim() == 2:
+            x, importance = x[None], importance.reshape(1, -1)
+        stored = {f: fmts.resolve(f, x.shape[-1]).name for f in self.all_formats}
+        uniq = sorted(set(stored.values()))
+        try:
+            qe = kernels.quant_error(x, uniq, importance)
+        except ValueError as exc:
+            raise ValueError(f"tensor {key}: {exc}; profile with a menu of formats that can hold it "
+                             "(--formats)") from None
+        by = dict(zip(uniq, qe.err))
+        for i, n in enumerate(names):
+            self.m["err"][n] = {f: float(by[s][i]) * float(share[i]) for f, s in stored.items()}
+
+    @torch.inference_mode()
+    def _changed_output(self, l: int, layer, where: str, rec: dict) -> list[torch.Tensor]:
+        """Layer l's output per batch with the change in place, from its cached inputs. `where`: the
+        smallest part that sees the change (the rest of the layer is unchanged, its output reused)."""
+        if where == "layer":
+            self._count_passes(1)
+            return self._run_layer(layer, rec["h_in"])
+        if where == "mlp":
+            outs, i = [], 0
+            for b, h in enumerate(rec["h_out"]):
+                n = h.shape[0] * h.shape[1]
+                x = rec["mlp_in"][i: i + n].view_as(h)
+                outs.append(h + (layer.mlp(x) - rec["mlp_out"][i: i + n].view_as(h)))
+                i += n
+            self._count_passes(self.cost["mlp"])
+            return outs
+        experts = self.ad.experts_module(l)
+        new = self._experts_out(experts, rec["ex_in"], rec["idx"], rec["w"])
+        self._count_passes(self.cost["experts"])
+        return _add_by_batch(rec["h_out"], new - rec["ex_out"])
+
+    def _local_energy(self, l: int, layer, where: str, rec: dict) -> float:
+        if where == "experts":  # only the routed experts' output changes: no need to rebuild the layer output
+            new = self._experts_out(self.ad.experts_module(l), rec["ex_in"], rec["idx"], rec["w"])
+            self._count_passes(self.cost["experts"])
+            return _energy(new - rec["ex_out"])
+        return sum(_energy(o - r) for o, r in zip(self._changed_output(l, layer, where, rec), rec["h_out"]))
+
+    @torch.inference_mode()
+    def _routing_changes(self, l: int, experts, rec: dict) -> None:
+        """Output energy of every smaller top-k, and the two gain streams of routing changes (they
+        move a token's output along an expert's output, not like rounding noise, and their KL per
+        unit of energy differs): the routed expert of median token count removed; top-k lowered by one."""
+        ad = self.ad
+        x, logits, out = rec["ex_in"], rec["logits"], rec["ex_out"]
+        k0 = ad.top_k(l)
+        work = 0.0
+        topk = {}
+        for k in range(1, k0):
+            w, i = ad.route(l, logits, top_k=k)
+            topk[str(k)] = _energy(self._experts_out(experts, x, i, w.to(rec["w"].dtype)) - out)
+            work += x.shape[0] * k / k0
+        freq = self.m["experts"][str(l)]["freq"]
+        routed = sorted((f, e) for e, f in enumerate(freq) if f > 0)
+        median = routed[len(routed) // 2][1]
+        variants = {}
+        if self.removal == "streams":  # every expert's removal, each its own stream: measured end to end
+            idx, energy = rec["idx"], [0.0] * ad.n_experts(l)
+            for e in range(ad.n_experts(l)):
+                tok, w, i = _rerouted(ad, l, logits, idx, rec["w"], exclude=e)
+                if not bool(tok.any()):
+                    continue
+                delta = torch.zeros_like(out)
+                delta[tok] = self._experts_out(experts, x[tok], i, w.to(rec["w"].dtype)) - out[tok]
+                energy[e] = _energy(delta)
+                work += int(tok.sum())
+                self.share.streams[f"gain/{l}/expert/{e}"] = _add_by_batch(rec["h_out"], delta)
+            self.m["removal_energy"][str(l)] = energy
+        else:
+            variants[REMOVAL] = ad.route(l, logits, exclude=median)
+        if k0 > 1:
+            variants[TOPK] = ad.route(l, logits, top_k=k0 - 1)
+        for kind, (w, i) in variants.items():
+            new = self._experts_out(experts, x, i, w.to(rec["w"].dtype))
+            work += x.shape[0]
+            name = f"gain/{l}/{kind}"
+            self.m["stream_energy"][name] = _energy(new - out)
+            self.share.streams[name] = _add_by_batch(rec["h_out"], new - out)
+        self.m["removal_stream_expert"][str(l)] = median
+        self._count_passes(self.cost["experts"] * work / max(x.shape[0], 1))
+        self.m["topk_energy"][str(l)] = topk
+
+    # ---- the backward sweep: expert removal in the Fisher metric ---------------------------------
+
+    def _fisher_grads(self, head, norm, ref_lp: list[torch.Tensor]) -> None:
+        """FISHER_SAMPLES next-token samples per position from the model's own distribution, and the
+        gradient of each sample's log-likelihood with respect to the last layer's output: E over the
+        samples of (g . delta)^2 / 2 is the second-order KL of a change delta there (Fisher information)."""
+        gen = torch.Generator().manual_seed(0)
+        for p in (*head.parameters(), *norm.parameters()):
+            p.requires_grad_(False)
+        grads: list[list[torch.Tensor]] = [[] for _ in range(self.fisher_samples)]
+        for b, h_ref in enumerate(self.share.ref):
+            probs = ref_lp[b].exp().reshape(-1, ref_lp[b].shape[-1]).float().cpu()
+            with torch.enable_grad():
+                h = h_ref.clone().requires_grad_(True)
+                lp = _next_lp(head(norm(h)))
+                for s in range(self.fisher_samples):
+                    y = torch.multinomial(probs, 1, generator=gen).to(self.device).view(*lp.shape[:2], 1)
+                    (g,) = torch.autograd.grad(lp.gather(-1, y).sum(), h, retain_graph=s + 1 < self.fisher_samples)
+                    grads[s].append(g.detach())
+        self.grads = grads
+
+    def _backward_layer(self, l: int) -> None:
+        """At MoE layer l: every expert's removal in the Fisher metric of layer l's output; then the
+        gradients carried to layer l's input (one backward run per sample)."""
+        ad, sm = self.ad, self.sm
+        layer = sm.layers[l]
+        t0 = time.perf_counter()
+        with sm.loaded(layer):
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            if l in ad.moe_layers():
+                refs = [r for r in ad.linear_tensors(l) if r.role in QUANTIZABLE]
+                self.cost = self._costs(l, refs)
+                saved, self.share.ref = self.share.ref, self.boundary[l]
+                try:
+                    rec = self._reference_pass(l, layer)
+                finally:
+                    self.share.ref = saved
+                self._removals(l, ad.experts_module(l), rec)
+            if l > self.first_moe:
+                kw = [_plain(k) for k in self.share.kw]
+                new: list[list[torch.Tensor]] = [[] for _ in range(self.fisher_samples)]
+                for b, h_ref in enumerate(self.boundary[l]):
+                    with torch.enable_grad():
+                        h = h_ref.clone().requires_grad_(True)
+                        out = layer(h, **kw[b])
+                        out = out[0] if isinstance(out, tuple) else out
+                        for s in range(self.fisher_samples):
+                            (g,) = torch.autograd.grad(out, h, self.grads[s][b],
+                                                       retain_graph=s + 1 < self.fisher_samples)
+                            new[s].append(g.detach())
+                self.grads = new
+                self._count_passes(1 + 2 * self.fisher_samples)
+        self.boundary.pop(l, None)
+        self._tick("removal_fisher", t0)
+
+    @torch.inference_mode()
+    def _removals(self, l: int, experts, rec: dict) -> None:
+        """For each expert: its tokens re-routed without it; the output change's energy and its
+        second-order KL in the Fisher metric, 1/2 mean over samples of sum over tokens (g . delta)^2."""
+        ad = self.ad
+        x, idx, logits, out = rec["ex_in"], rec["idx"], rec["logits"], rec["ex_out"]
+        g = [torch.cat([t.reshape(-1, t.shape[-1]) for t in gs]) for gs in self.grads]  # per sample (N, H)
+        n = ad.n_experts(l)
+        energy, fisher = [0.0] * n, [0.0] * n
+        work = 0
+        for e in range(n):
+            tok, w, i = _rerouted(ad, l, logits, idx, rec["w"], exclude=e)
+            if not bool(tok.any()):
+                continue
+            delta = (self._experts_out(experts, x[tok], i, w.to(rec["w"].dtype)) - out[tok]).float()
+            energy[e] = _energy(delta)
+            win = torch.nonzero(tok).flatten() // self.windows.shape[1]  # the window of each changed token
+            per_window = []
+            for gs in g:
+                dot = (gs[tok].float() * delta).sum(-1).double()
+                per_window.append(float((torch.zeros(self.windows.shape[0], dtype=torch.float64, device=dot.device)
+                                         .index_add_(0, win, dot) ** 2).sum()))
+            fisher[e] = 0.5 * float(np.mean(per_window)) / self.n_positions
+            work += int(tok.sum())
+        self._count_passes(self.cost["experts"] * work / max(x.shape[0], 1))
+        self.m["removal_energy"][str(l)] = energy
+        self.m["removal_fisher"][str(l)] = fisher
+
+    # ---- embedding and head ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _embedding(self) -> None:
+        sm, m = self.sm, self.m
+        t0 = time.perf_counter()
+        emb = sm.model.get_input_embeddings()
+        name = sm._prefix[id(emb)] + ".weight"
+        self.share.ref, self.share.kw = [], []
+        for _, batch in self.share.batches():
+            h, kw = sm.embed(batch)
+            self.share.ref.append(h)
+            self.share.kw.append(kw)
+        with sm.loaded(emb):
+            w = emb.weight
+            for b, batch in self.share.batches():
+                if not torch.equal(self.share.ref[b], w[batch.to(self.device)].to(self.share.ref[b].dtype)):
+                    raise ValueError("the embedding output is not a plain row lookup; the layer-streaming "
+                                     "profiler cannot measure it: profile with --method passes")
+            ones = np.ones(w.shape[-1], dtype=np.float32)
+            self.importance[name] = ones
+            self._errors(name, [name], w, ones[None], np.array([1.0]))
+            m["groups"][name] = {"cls": OTHER, "names": [name], "layer": -1}
+            for f in self.all_formats:
+                delta = (_qdq(w, f, ones, name).to(w.dtype) - w)
+                outs = [h + delta[batch.to(self.device)] for (b, batch), h in zip(self.share.batches(), self.share.ref)]
+                if f in self.calibration_formats:
+                    m["local"].setdefault(name, {})[f] = sum(_energy(o - h) for o, h in zip(outs, self.share.ref))
+                if f == self.stream_format:
+                    m["stream_energy"][f"gain/-1/{OTHER}"] = sum(_energy(o - h) for o, h in zip(outs, self.share.ref))
+                    self.share.streams[f"gain/-1/{OTHER}"] = outs
+                if f in self.formats and self.joint_correction:
+                    self.share.streams[f"joint/{OTHER}/{f}"] = outs
+        self._tick("reference", t0)
+
+    def _head(self) -> None:
+        sm, m = self.sm, self.m
+        t0 = time.perf_counter()
+        norm, head = sm._base.norm, sm.model.get_output_embeddings()
+        name = sm._prefix[id(head)] + ".weight"
+        with sm.loaded(norm), sm.loaded(head):
+            ref_lp = self._head_measurements(norm, head, name)
+            if self.removal == "fisher":
+                self._fisher_grads(head, norm, ref_lp)
+        self.share.streams = {}
+        self.share.ref = []
+        self._tick("head", t0)
+
+    @torch.inference_mode()
+    def _head_measurements(self, norm, head, name: str) -> list[torch.Tensor]:
+        sm, m = self.sm, self.m
+        normed = [norm(h) for h in self.share.ref]
+        x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
+        imp = ((x * x).sum(0) / x.shape[0]).float().cpu().numpy()
+        self.importance[name] = imp
+        m["counts"][name] = float(x.shape[0])
+        self._errors(name, [name], head.weight, imp[None], np.array([1.0]))
+        m["groups"][name] = {"cls": OTHER, "names": [name], "layer": sm.n_layers}
+        ref_lp = [_next_lp(head(h)) for h in normed]
+        n_pos = sum(lp.shape[0] * lp.shape[1] for lp in ref_lp)
+        nll = -sum(float(lp.gather(-1, batch[:, 1:].to(self.device).unsqueeze(-1)).double().sum())
+                   for lp, (_, batch) in zip(ref_lp, self.share.batches()))
+        m["reference_perplexity"] = math.exp(nll / n_pos)
+        self.n_positions = n_pos
+        kl = {}
+        for s, hidden in self.share.streams.items():
+            if not s.startswith(f"joint/{OTHER}/"):
+                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden)) / n_pos
+        for f in self.all_formats:
+            q = _qdq(head.weight, f, imp, name)
+            with _replaced([(head.weight, q)]):
+                if f in self.calibration_formats:
+                    m["head_kl"][f] = sum(_kl_sum(r, _next_lp(head(h))) for r, h in zip(ref_lp, normed)) / n_pos
+                s = f"joint/{OTHER}/{f}"
+                if s in self.share.streams:
+                    kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h))))
+                                for r, h in zip(ref_lp, self.share.streams[s])) / n_pos
+        m["stream_kl"] = kl
+        m["calibration_tokens"] = n_pos
+        m["n_positions"] = n_pos
+        return ref_lp
+
+    # ---- the whole profile -------------------------------------------------------------------------
+
+    def run(self, fingerprint: str) -> tuple[Profile, dict[str, np.ndarray]]:
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        settings = self._settings(fingerprint)
+        n = self.sm.n_layers
+        steps = [("embedding", None), *(("layer", l) for l in range(n)), ("head", None)]
+        if self.removal == "fisher":
+            steps += [("backward", l) for l in range(n - 1, self.first_moe - 1, -1)]
+        done = self._resume(settings)
+        with tqdm(total=len(steps), initial=done + 1, desc="profile", unit="step", disable=not self.progress) as bar:
+            for i in range(done + 1, len(steps)):
+                kind, l = steps[i]
+                bar.set_postfix_str(f"{kind} {'' if l is None else l}, {len(self.share.streams)} streams".replace(" ,", ","))
+                if kind == "embedding":
+                    self._embedding()
+                elif kind == "layer":
+                    self._layer(l)
+                elif kind == "head":
+                    self._head()
+                else:
+                    self._backward_layer(l)
+                self._save(settings, i)
+                bar.update()
+        self.m["seconds"]["total"] = self.m["seconds"].get("total", 0.0) + time.perf_counter() - t0
+        prof = self._profile(fingerprint)
+        if self.state_path is not None and self.state_path.exists():
+            self.state_path.unlink()
+        self.sm.close()
+        return prof, dict(self.importance)
+
+    def _profile(self, fingerprint: str) -> Profile:
+        m, ad = self.m, self.ad
+        kl = m["stream_kl"]
+
+        def gain(l: int, cls: str) -> float:
+            s = f"gain/{l}/{cls}"
+            e = m["stream_energy"].get(s, 0.0)
+            return kl[s] / e if e > 0 else 0.0
+
+        damage: dict[str, dict[str, float]] = {}
+        points_out = {}
+        for key, g in m["groups"].items():
+            names, l = g["names"], g["layer"]
+            energy = {f: sum(m["err"][n][f] for n in names) for f in self.all_formats}
+            if l == self.sm.n_layers:  # the head: the local change is the output itself
+                pts = sorted((energy[c], m["head_kl"][c] / energy[c] if energy[c] > 0 else 0.0)
+                             for c in self.calibration_formats)
+                scale = 1.0
+            else:
+                pts = sorted((energy[c], m["local"][key][c] / energy[c] if energy[c] > 0 else 0.0)
+                             for c in self.calibration_formats)
+                scale = gain(l, g["cls"])
+            points_out[key] = pts
+            for f in self.formats:
+                lam = _interpolate_gain(pts, energy[f])
+                for n in names:
+                    damage.setdefault(n, {})[f] = scale * lam * m["err"][n][f]
+        joint: dict[str, dict[str, float]] = {c: {} for c in CORRECTION_CLASSES}
+        if self.joint_correction:
+            cls_of = {n: g["cls"] for g in m["groups"].values() for n in g["names"]}
+            for c in CORRECTION_CLASSES:
+                members = [n for n in damage if cls_of[n] == c]
+                for f in self.formats:
+                    s = f"joint/{c}/{f}"
+                    predicted = sum(damage[n][f] for n in members)
+                    if s in kl and predicted > 0:
+                        joint[c][f] = kl[s] / predicted
+            for n in damage:
+                for f, rho in joint[cls_of[n]].items():
+                    damage[n][f] *= rho
+        joint = {c: v for c, v in joint.items() if v}
+        experts: dict[int, ExpertStats] = {}
+        topk: dict[int, dict[int, float]] = {}
+        for l in ad.moe_layers():
+            st = m["experts"][str(l)]
+            # removal: the Fisher metric's KL of each expert, scaled so that the stream's expert (removed
+            # for real and measured end to end) comes out at its measured KL
+            fisher, med = m["removal_fisher"].get(str(l)), m["removal_stream_expert"][str(l)]
+            if self.removal == "streams":
+                removal = [kl.get(f"gain/{l}/expert/{e}", 0.0) for e in range(ad.n_experts(l))]
+            elif fisher[med] > 0:
+                c = kl[f"gain/{l}/{REMOVAL}"] / fisher[med]
+                removal = [c * f for f in fisher]
+            else:
+                g = gain(l, REMOVAL)
+                removal = [g * e for e in m["removal_energy"][str(l)]]
+            routed = [r for e, r in enumerate(removal) if e not in st["unrouted"]]
+            mean = float(np.mean(routed)) if routed else 0.0
+            removal = [mean if e in st["unrouted"] else r for e, r in enumerate(removal)]
+            experts[l] = ExpertStats(freq=st["freq"], mean_score=st["mean_score"],
+                                     paper_importance=st["paper_importance"], reap=st["reap"], removal_kl=removal)
+            gk = gain(l, TOPK)
+            topk[l] = {ad.top_k(l): 0.0} | {int(k): gk * e for k, e in m["topk_energy"][str(l)].items()}
+        meta = {
+            "method": "layer-streaming: per-layer local output energy of every decision on the layer's cached "
+                      "inputs (importance-weighted error kernel x a local gain calibrated per tensor group by "
+                      f"quantizing it to {' and '.join(self.calibration_formats)}; expert removal and top-k by "
+                      "re-routing), times a per-layer, per-class end-to-end gain measured by a hidden-state stream "
+                      f"injected at the layer (its experts / its other tensors quantized to {self.stream_format}); "
+                      + ("every format scaled per class by the measured KL of the class quantized to that format "
+                         "over the sum of its predictions (joint_correction)" if joint else "no joint correction"),
+            "profiler": "layerwise",
+            "removal": self.removal,
+            "removal_method": ("each expert's removal is its own hidden-state stream, measured end to end"
+                               if self.removal == "streams" else
+                               f"each expert's removal in the Fisher metric of its layer's output ({self.fisher_samples} "
+                               "sampled next tokens per position, one backward sweep), scaled per layer so that the "
+                               "expert of median token count, removed for real in a stream, comes out at its measured "
+                               "KL"),
+            "joint_correction": joint,
+            "calibration_tokens": int(m["calibration_tokens"]),
+            "seq_len": int(self.windows.shape[1]),
+            "reference_perplexity": m["reference_perplexity"],
+            "full_pass_equivalents": round(m["passes"], 2),
+            "seconds": {k: round(v, 2) for k, v in m["seconds"].items()},
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "stream_format": self.stream_format,
+            "layer_gain": {f"{l}/{c}": gain(l, c) for l in range(-1, self.sm.n_layers)
+                           for c in (*CORRECTION_CLASSES, REMOVAL, TOPK) if f"gain/{l}/{c}" in m["stream_energy"]},
+            "removal_stream_expert": m.get("removal_stream_expert", {}),
+            "gain_points": points_out,
+            "unrouted_experts": {l: v for l, v in m["unrouted"].items()},
+            "unrouted_estimate": "experts never routed on the calibration text get the layer's token-weighted mean "
+                                 "importance vector, a routed expert's mean token share (top-k / experts) and the "
+                                 "mean removal cost of the layer's routed experts",
+        }
+        return Profile(fingerprint, list(self.formats), damage, experts, topk, False, meta)
+
+    # ---- resumable state -------------------------------------------------------------------------
+
+    def _save(self, settings: dict, done: int) -> None:
+        if self.state_path is None:
+            return
+        from safetensors.torch import save_file
+
+        self.m["done"] = done
+        tensors = {}
+        for b, h in enumerate(self.share.ref):
+            tensors[f"ref/{b}"] = h
+        for s, hs in self.share.streams.items():
+            for b, h in enumerate(hs):
+                tensors[f"stream/{s}/{b}"] = h
+        for l, hs in self.boundary.items():
+            for b, h in enumerate(hs):
+                tensors[f"boundary/{l}/{b}"] = h
+        for si, gs in enumerate(self.grads):
+            for b, g in enumerate(gs):
+                tensors[f"grad/{si}/{b}"] = g
+        for n, v in self.importance.items():
+            tensors[f"importance/{n}"] = torch.from_numpy(np.ascontiguousarray(v))
+        meta = {"settings": json_text(settings), "m": json_text(self.m)}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with output_file(self.state_path, "profile state") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    def _resume(self, settings: dict) -> int:
+        """The last finished step of a matching saved state (-1: none)."""
+        if self.state_path is None or not self.state_path.exists():
+            return -1
+        from safetensors import safe_open
+
+        read_safetensors_header(self.state_path)
+        with safe_open(str(self.state_path), "pt") as f:
+            meta = f.metadata() or {}
+            saved = json.loads(meta.get("settings", "null"))
+            if saved != json.loads(json_text(settings)):
+                diff = sorted(k for k in settings if (saved or {}).get(k) != json.loads(json_text(settings))[k])
+                raise ValueError(f"profile state {self.state_path} is from another run (it differs in "
+                                 f"{', '.join(diff) or 'its format'}): remove it to start again")
+            self.m = json.loads(meta["m"])
+            ref, streams, boundary, grads = {}, {}, {}, {}
+            for key in f.keys():
+                kind, rest = key.split("/", 1)
+                t = f.get_tensor(key)
+                if kind == "ref":
+                    ref[int(rest)] = t.to(self.device)
+                elif kind == "stream":
+                    s, b = rest.rsplit("/", 1)
+                    streams.setdefault(s, {})[int(b)] = t.to(self.device)
+                elif kind in ("boundary", "grad"):
+                    a, b = rest.split("/")
+                    (boundary if kind == "boundary" else grads).setdefault(int(a), {})[int(b)] = t.to(self.device)
+                else:
+                    self.importance[rest] = t.numpy()
+        self.share.ref = [ref[b] for b in sorted(ref)]
+        self.share.streams = {s: [v[b] for b in sorted(v)] for s, v in streams.items()}
+        self.boundary = {l: [v[b] for b in sorted(v)] for l, v in boundary.items()}
+        self.grads = [[grads[si][b] for b in sorted(grads[si])] for si in sorted(grads)]
+        self.n_positions = int(self.m.get("n_positions", 0))
+        self.share.kw = [self.sm.embed(batch)[1] for _, batch in self.share.batches()]
+        return int(self.m["done"])
+
+
+def _kind_view(experts, kind: ExpertKind) -> torch.Tensor:
+    """The live (E, rows, cols) stack of one kind of a layer's routed experts."""
+    inter = experts.down_proj.shape[-1]
+    if kind is ExpertKind.DOWN:
+        return experts.down_proj.data
+    return experts.gate_up_proj.data[:, :inter] if kind is ExpertKind.GATE else experts.gate_up_proj.data[:, inter:]
+
+
+def _next_lp(logits: torch.Tensor) -> torch.Tensor:
+    from .evaluate import _next_token_log_probs
+
+    return _next_token_log_probs(logits)
+
+
+def _add_by_batch(hidden: list[torch.Tensor], flat_delta: torch.Tensor) -> list[torch.Tensor]:
+    outs, i = [], 0
+    for h in hidden:
+        n = h.shape[0] * h.shape[1]
+        outs.append(h + flat_delta[i: i + n].view_as(h).to(h.dtype))
+        i += n
+    return outs
+
+
+def _rerouted(ad, l: int, logits: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, **how):
+    """(tokens whose routing changes, their new weights, their new indices) when layer l routes with
+    `how` (exclude=..., top_k=...): not only the tokens that used an excluded expert -- its removal can
+    change a group's score (group-limited routing) or every token's weights (softmax without top-k
+    normalization)."""
+    w_new, i_new = ad.route(l, logits, **how)
+    if idx.shape != i_new.shape:  # another top-k: every token changes
+        tok = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
+    else:  # the same experts with the same weights, in any column order
+        o_old, o_new = idx.argsort(-1), i_new.argsort(-1)
+        same_idx = (idx.gather(-1, o_old) == i_new.gather(-1, o_new)).all(-1)
+        dw = (w.float().gather(-1, o_old) - w_new.gather(-1, o_new)).abs().amax(-1)
+        tok = ~(same_idx & (dw <= 1e-6 * w.float().abs().amax(-1)))
+    return tok, w_new[tok].to(w.dtype), i_new[tok]
+
+
+def _plain(kw: dict) -> dict:
+    """The layers' keyword arguments as ordinary tensors (those made under inference_mode cannot be
+    saved for a backward pass)."""
+    def conv(v):
+        if isinstance(v, torch.Tensor):
+            return v.clone()
+        if isinstance(v, tuple):
+            return tuple(conv(x) for x in v)
+        return v
+
+    with torch.inference_mode(False):
+        return {k: conv(v) for k, v in kw.items()}
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,329 @@
+"""The layer-streaming profiler: exact local measurements, sane costs, resumption, bounded memory, imatrix."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN = MODELS_DIR / "tiny-qwen3-moe"
+DSV3 = MODELS_DIR / "tiny-deepseek-v3"
+MENU = ["IQ2_XXS", "Q4_K", "Q8_0"]
+
+
+def _ids(path: Path, n: int = 4096) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from moeplan.sensitivity.evaluate import encode_text
+
+    return encode_text(AutoTokenizer.from_pretrained(str(path)), (path / "calib.txt").read_text())[:n]
+
+
+def _profile(path: Path, **kw):
+    from moeplan.sensitivity.layerwise import LayerwiseProfiler
+
+    kw = {"seq_len": 64, "max_tokens": 512, "formats": MENU, "progress": False} | kw
+    return LayerwiseProfiler(path, _ids(path), **kw).run(build_inventory(path).fingerprint)
+
+
+@pytest.fixture(scope="module")
+def qwen_profile():
+    return _profile(QWEN)
+
+
+def test_profile_is_complete_finite_and_ordered(qwen_profile):
+    prof, importance = qwen_profile
+    inv = build_inventory(QWEN)
+    quantizable = {t.name for t in inv if t.quantizable and len(t.shape) == 2}
+    assert set(prof.tensor_damage) == quantizable
+    for name, d in prof.tensor_damage.items():
+        assert set(d) == set(MENU) and all(np.isfinite(v) and v >= 0 for v in d.values()), name
+    # a coarser format costs more, for (nearly) every tensor
+    worse = sum(d["IQ2_XXS"] > d["Q4_K"] > d["Q8_0"] for d in prof.tensor_damage.values())
+    assert worse >= 0.95 * len(prof.tensor_damage)
+    for layer, st in prof.experts.items():
+        assert len(st.removal_kl) == st.n_experts and all(v > 0 for v in st.removal_kl)
+        k0 = max(prof.topk_cost[layer])
+        costs = [prof.topk_cost[layer][k] for k in range(1, k0 + 1)]
+        assert costs[-1] == 0 and all(a > b for a, b in zip(costs, costs[1:]))  # fewer experts, more damage
+    m = prof.meta
+    assert m["profiler"] == "layerwise" and m["calibration_tokens"] == 8 * 63
+    assert 0 < m["full_pass_equivalents"] < 2 * 4 + 2 * len(MENU) + 40
+    assert set(importance) == quantizable
+
+
+def test_profile_predicts_a_uniform_plan_exactly(qwen_profile):
+    """The joint correction makes a plan that quantizes one class uniformly come out at its measured KL:
+    re-measured here with the in-memory model."""
+    from transformers import AutoModelForCausalLM
+
+    from moeplan.sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate
+
+    prof, importance = qwen_profile
+    model = AutoModelForCausalLM.from_pretrained(str(QWEN), dtype=torch.float32).eval()
+    ref = ReferenceLogits(model, chunk_tokens(_ids(QWEN), 64, 512))
+    formats = {n: ("Q4_K" if ".experts." in n else "BF16") for n in prof.tensor_damage}
+    measured = evaluate(apply_decision(copy.deepcopy(model), Decision(formats=formats), importance), ref).kld_mean
+    predicted = sum(prof.tensor_damage[n]["Q4_K"] for n in prof.tensor_damage if ".experts." in n)
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("path", [QWEN, DSV3], ids=["qwen3-moe", "deepseek-v3"])
+def test_removal_energy_is_the_output_change_of_the_pruned_model(path):
+    """The re-routing of the local measurement equals a model with the expert physically removed
+    (DeepSeek: its choice score pushed down, the group limit kept, as the in-memory profiler does)."""
+    from transformers import AutoModelForCausalLM
+
+    from moeplan.sensitivity.adapters import adapter_for
+    from moeplan.sensitivity.layerwise import LayerwiseProfiler
+
+    p = LayerwiseProfiler(path, _ids(path), seq_len=32, max_tokens=128, formats=["Q8_0"], progress=False)
+    ad = p.ad
+    layer = ad.moe_layers()[0]
+    p._embedding()
+    for l in range(layer):
+        p._layer(l)
+    h_in = [h.clone() for h in p.share.ref]
+    p._layer(layer)
+    energies = p.m["removal_energy"][str(layer)]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    mad = adapter_for(model)
+    for e in (0, 5):
+        m2 = copy.deepcopy(model)
+        a2 = adapter_for(m2)
+        if a2.routing_spec(layer).n_group > 1:
+            a2.e_score_correction_bias(layer)[e] = -1e9
+        else:
+            a2.remove_experts(layer, [x for x in range(mad.n_experts(layer)) if x != e])
+        want = 0.0
+        with torch.inference_mode():
+            for b, h in enumerate(h_in):
+                ref = model.model.layers[layer](h, **p.share.kw[b])
+                new = m2.model.layers[layer](h, **p.share.kw[b])
+                ref, new = (x[0] if isinstance(x, tuple) else x for x in (ref, new))
+                want += float(((new - ref).double() ** 2).sum())
+        assert energies[e] == pytest.approx(want, rel=1e-4, abs=1e-9)
+
+
+def test_unrouted_experts_are_never_free(tmp_path):
+    """An expert calibration never routes to gets the layer's mean costs, stated in the profile."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(QWEN, d, ignore=shutil.ignore_patterns("profile*"))
+    st = load_file(str(d / "model.safetensors"))
+    key = "model.layers.1.mlp.gate.weight"
+    st[key][3] = -st[key].abs().max() * 50 - st[key][3] * 0  # a router row that never wins
+    st[key][3] = st[key][3] - 1.0
+    save_file(st, str(d / "model.safetensors"), metadata={"format": "pt"})
+    prof, importance = _profile(d, max_tokens=256)
+    assert prof.meta["unrouted_experts"].get("1") == [3]
+    s = prof.experts[1]
+    assert s.freq[3] == 0
+    routed = [r for e, r in enumerate(s.removal_kl) if e != 3]
+    assert s.removal_kl[3] == pytest.approx(np.mean(routed))
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    assert prof.tensor_damage[name]["IQ2_XXS"] > 0 and importance[name].max() > 0
+
+
+_KILL_PROBE = r"""
+import sys
+from moeplan.sensitivity.profiler import profile_model
+profile_model(sys.argv[1], out=sys.argv[2], formats=["IQ2_XXS", "Q4_K", "Q8_0"], max_tokens=512, seq_len=64,
+              progress=False)
+"""
+
+
+def _strip(d: dict) -> dict:
+    d = json.loads(json.dumps(d))
+    d["meta"].pop("seconds")
+    return d
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_same_profile(tmp_path):
+    from moeplan.sensitivity.profiler import state_path
+
+    whole = tmp_path / "whole.json"
+    subprocess.run([sys.executable, "-c", _KILL_PROBE, str(QWEN), str(whole)], check=True, timeout=900)
+    out = tmp_path / "resumed.json"
+    state = state_path(out)
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_PROBE, str(QWEN), str(out)])
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if state.exists():
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(state), "pt") as f:
+                        done = json.loads(f.metadata()["m"])["done"]
+                except Exception:
+                    done = -2
+                if done >= 1:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the profile finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert state.exists() and not out.exists()
+    subprocess.run([sys.executable, "-c", _KILL_PROBE, str(QWEN), str(out)], check=True, timeout=900)
+    assert not state.exists()
+    assert _strip(json.loads(out.read_text())) == _strip(json.loads(whole.read_text()))
+
+
+def test_state_of_another_run_is_refused(tmp_path):
+    from moeplan.sensitivity.layerwise import LayerwiseProfiler
+
+    state = tmp_path / "p.state.safetensors"
+    p = LayerwiseProfiler(QWEN, _ids(QWEN), seq_len=32, max_tokens=64, formats=["Q8_0"], progress=False,
+                          state_path=state)
+    fp = build_inventory(QWEN).fingerprint
+    p._embedding()
+    p._save(p._settings(fp), -1)
+    q = LayerwiseProfiler(QWEN, _ids(QWEN), seq_len=32, max_tokens=64, formats=["Q4_K"], progress=False,
+                          state_path=state)
+    with pytest.raises(ValueError, match="from another run.*formats.*remove it"):
+        q.run(fp)
+
+
+_RSS_PROBE = r"""
+import resource, sys
+import torch, transformers, numpy  # the libraries' own memory, before the baseline
+from moeplan.sensitivity.profiler import profile_model
+base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+profile_model(sys.argv[1], out=sys.argv[2], formats=["Q4_K", "Q8_0"], max_tokens=256, seq_len=64, progress=False)
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(base, peak)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_well_below_the_checkpoint(tmp_path):
+    from moeplan.sensitivity.generated import write_random_checkpoint
+
+    cfg = json.loads((QWEN / "config.json").read_text())
+    cfg.update(num_hidden_layers=8, hidden_size=512, moe_intermediate_size=512, num_experts=32,
+               num_experts_per_tok=4)
+    d = write_random_checkpoint(tmp_path / "big", cfg)
+    inv = build_inventory(d)
+    bf16 = inv.bytes_uniform("BF16")
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pytest.skip("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
+    r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(d), str(tmp_path / "p.json")], capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base, peak = map(int, r.stdout.split()[-2:])
+    assert bf16 > 350 << 20  # the checkpoint is really several hundred MB
+    assert peak - base < bf16 / 2, (peak - base, bf16)
+
+
+def test_imatrix_round_trips_through_gguf(qwen_profile, tmp_path):
+    from moeplan.kernels import imatrix as im
+
+    prof, importance = qwen_profile
+    # counts from a fresh small run (the fixture's profiler object is gone)
+    from moeplan.sensitivity.layerwise import LayerwiseProfiler
+
+    p = LayerwiseProfiler(QWEN, _ids(QWEN), seq_len=64, max_tokens=512, formats=MENU, progress=False)
+    _, imp = p.run(build_inventory(QWEN).fingerprint)
+    out = tmp_path / "imatrix.gguf"
+    im.write_profile_imatrix(out, imp, p.token_counts, build_inventory(QWEN), 512, 64)
+    import gguf
+
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.type"].contents() == "imatrix"
+    back = im.load_importance_file(out, QWEN)
+    assert "model.embed_tokens.weight" not in back  # a lookup: llama-imatrix records none either
+    for name, v in back.items():
+        np.testing.assert_allclose(v, imp[name], rtol=1e-5, atol=1e-12)
+    assert len(back) == len(imp) - 1
+
+
+def _tools():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from llama_tools import find_llama_tools
+    finally:
+        sys.path.pop(0)
+    return find_llama_tools()
+
+
+@pytest.mark.skipif(_tools() is None, reason="llama.cpp's tools are not built (python benchmarks/llama_tools.py)")
+def test_llama_quantize_accepts_the_imatrix(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from llama_tools import convert_hf_to_gguf
+    finally:
+        sys.path.pop(0)
+    from moeplan.allocator import cli
+
+    tools = _tools()
+    imat = tmp_path / "imatrix.gguf"
+    rc = cli.main(["profile", str(DSV3), "--out", str(tmp_path / "p.json"), "--tokens", "256", "--seq-len", "64",
+                   "--formats", "IQ2_XXS,Q8_0", "--imatrix", str(imat)])
+    assert rc == 0 and imat.exists()
+    f32 = convert_hf_to_gguf(tools, DSV3, tmp_path / "f32.gguf")
+    out = tmp_path / "q.gguf"
+    r = subprocess.run([str(tools.quantize), "--imatrix", str(imat), str(f32), str(out), "IQ2_XXS", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "loaded" in r.stdout + r.stderr and out.stat().st_size > 0
+
+
+def test_cli_profile_layerwise_and_its_errors(tmp_path, capsys):
+    from moeplan.allocator import cli
+
+    out = tmp_path / "p.json"
+    rc = cli.main(["profile", "tiny-qwen3-moe", "--out", str(out), "--tokens", "128", "--seq-len", "32",
+                   "--formats", "Q4_K,Q8_0", "--threads", "1"])
+    assert rc == 0
+    prof = json.loads(out.read_text())
+    assert prof["meta"]["profiler"] == "layerwise" and prof["meta"]["threads"] == 1
+    assert (tmp_path / "p.importance.safetensors").exists() and not (tmp_path / "p.state.safetensors").exists()
+    capsys.readouterr()
+    for bad, what in ((["--device", "tpu"], "cpu, cuda or cuda:N"),
+                      (["--method", "passes", "--imatrix", str(tmp_path / "i.gguf")], "--imatrix needs")):
+        with pytest.raises(SystemExit) if bad[0] == "--device" else _nothing():
+            rc = cli.main(["profile", "tiny-qwen3-moe", "--out", str(tmp_path / "q.json"), *bad])
+            assert rc == 2
+        err = capsys.readouterr().err
+        assert what in err, err
+    assert not (tmp_path / "q.json").exists()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked where one is")
+def test_cuda_profile_matches_the_cpu_profile(qwen_profile):
+    prof_cpu, _ = qwen_profile
+    prof_gpu, _ = _profile(QWEN, device="cuda", dtype=torch.float32)
+    a = np.array([prof_cpu.tensor_damage[n][f] for n in sorted(prof_cpu.tensor_damage) for f in MENU])
+    b = np.array([prof_gpu.tensor_damage[n][f] for n in sorted(prof_cpu.tensor_damage) for f in MENU])
+    np.testing.assert_allclose(b, a, rtol=0.05)
