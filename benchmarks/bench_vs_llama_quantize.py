@@ -316,8 +316,11 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
     lines = [
         "# moeplan vs llama-quantize at identical tensor types",
         "",
-        "**After the kernel fix** (kernels/csrc/debias.c: each super-block's scale rescaled to importance-weighted "
-        "gain 1). Before it, with the least-squares scales (commit 044344c), moeplan / llama-quantize KLD was "
+        "**After the kernel fixes**: kernels/csrc/debias.c (each super-block's scale rescaled to importance-weighted "
+        "gain 1); IQ4_NL / IQ4_XS rescaled the same way with their grid values chosen again at the rescaled scale "
+        "(kernels/csrc/q_iq4.c); the codebook formats' searches weighting each error by importance * "
+        "sqrt(2 mean x^2 + x^2) (kernels/csrc/q_iq.c). Before the first, with the least-squares scales "
+        "(commit 044344c), moeplan / llama-quantize KLD was "
         "1.97 (tiny-deepseek-v3, 15%), 1.18 (25%), 0.91 (40%); tiny-qwen3-moe 2.03 / 1.61 / 0.95 "
         "(moeplan KLD 0.03355, 0.00324, 0.00044; 0.02268, 0.00145, 0.00014), with median expert gains "
         "0.88 / 0.98 / 0.998 and 0.89 / 0.98 / 0.999.",

@@ -212,6 +212,30 @@ def test_weights_sit_on_the_nearest_grid_value(fmt):
         assert np.all(np.abs(xb - y) <= np.abs(xb - near) * (1 + 1e-6) + 1e-30)
 
 
+@pytest.mark.parametrize("fmt", IQ4)
+def test_unbiased_scale_with_the_points_chosen_at_it(fmt):
+    # q_iq4.c multiplies the searched scale by sum w x^2 / sum w x x_hat (gain 1, kernels/csrc/debias.c)
+    # and then chooses every weight's grid value again at the rescaled fp16 scale: the weighted gain is
+    # ~1 (it was 0.993 before the rescale), every weight sits on the grid value nearest to it at the
+    # scale actually stored, and no block (IQ4_XS: super-block) is worse than the simple rule.
+    rng = np.random.default_rng(50)
+    x = (rng.standard_t(6, (64, 1024)) * rng.uniform(0.5, 2.0, (64, 1))).astype(np.float32)
+    xd = x.astype(np.float64)
+    for imp in (None, rng.lognormal(0.0, 0.5, 1024).astype(np.float32)):
+        q = kernels.quantize(x, fmt, imp)
+        y = kernels.dequantize(q, fmt).astype(np.float64)
+        w = np.ones(1024) if imp is None else imp.astype(np.float64)
+        gains = (w * xd * y).sum(axis=1) / (w * xd * xd).sum(axis=1)
+        assert 0.998 <= float(np.median(gains)) <= 1.002, (fmt, float(np.median(gains)))
+        near = nearest_decode(x.reshape(-1, 32), stored_scales(q, fmt))
+        xb = xd.reshape(-1, 32)
+        assert np.all(np.abs(xb - y.reshape(-1, 32)) <= np.abs(xb - near) * (1 + 1e-6) + 1e-30)
+        y_simple, _ = simple_rule(x, fmt)
+        e = super_sums(block_sse(x, y, imp), fmt)
+        e_simple = super_sums(block_sse(x, y_simple, imp), fmt)
+        assert np.all(e <= e_simple * (1 + 1e-5) + 1e-30)
+
+
 def stored_scales(q: np.ndarray, fmt: str) -> np.ndarray:
     """the float32 scale of every 32 weights (d for IQ4_NL, d * l_b for IQ4_XS)"""
     f = formats.get(fmt)

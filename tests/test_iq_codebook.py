@@ -273,6 +273,32 @@ def test_skewed_importance_lowers_weighted_error(name):
     assert e_imp < 0.9 * e_one, f"{name}: weighted error {e_imp:.1f} with importance vs {e_one:.1f} without"
 
 
+# Relative importance-weighted error of the large weights (|x| >= sqrt(2 mean x^2) of their super-block)
+# on a Student-t(4) matrix: the searches weight each error by importance * sqrt(2 mean x^2 + x^2)
+# (q_iq.c superblock_weights), which keeps the large weights closer than importance alone did (left:
+# importance alone, right: with the factor; the bound lies between them).
+LARGE_WEIGHT_ERROR = {"IQ1_S": (0.3308, 0.3247), "IQ1_M": (0.2758, 0.2592), "IQ2_XXS": (0.2009, 0.1699),
+                      "IQ2_XS": (0.1503, 0.1282), "IQ2_S": (0.1458, 0.1238), "IQ3_XXS": (0.0946, 0.0819),
+                      "IQ3_S": (0.0760, 0.0662)}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_search_weights_favour_the_large_weights(name):
+    rng = np.random.default_rng(3)
+    x = rng.standard_t(4, size=(128, 2048)).astype(np.float32)
+    imp = rng.lognormal(0.0, 0.5, 2048).astype(np.float32)
+    y = kernels.dequantize(kernels.quantize(x, name, imp), name).astype(np.float64)
+    xb, yb = x.reshape(-1, 256).astype(np.float64), y.reshape(-1, 256)
+    wb = np.tile(imp, 128).reshape(-1, 256).astype(np.float64)
+    big = np.abs(xb) >= np.sqrt(2 * (xb ** 2).mean(axis=1, keepdims=True))
+    e, s = wb * (xb - yb) ** 2, wb * xb ** 2
+    rel_big = float(np.sqrt(e[big].sum() / s[big].sum()))
+    before, after = LARGE_WEIGHT_ERROR[name]
+    assert rel_big <= 0.5 * (before + after), f"{name}: large-weight error {rel_big:.4f} (importance alone {before})"
+    # the large weights keep a smaller relative error than the rest, and the whole stays bounded
+    assert rel_big < 0.5 * float(np.sqrt(e[~big].sum() / s[~big].sum()))
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_quant_error_agrees_with_quantize_dequantize(name):
     rng = np.random.default_rng(8)

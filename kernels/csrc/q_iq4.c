@@ -14,7 +14,11 @@
  * IQ4_XS: the same search per sub-block gives a real scale s_b; candidate super-scales d (the simple
  *   rule's among them) quantize them to l_b = round(s_b/d), or l_b +- 1 where that decodes better, plus
  *   one least-squares refit of d; the candidate with the smallest super-block error wins.
- * So neither format is ever worse than its simple rule, block by block.
+ * Then the scale is made unbiased (gain_correction: importance-weighted gain 1, as debias.c does for
+ *   the other formats) and every weight takes again the grid value nearest to it at the rescaled
+ *   fp16 scale; a rescale that would make the block's error exceed the simple rule's is not kept.
+ * So neither format is ever worse than its simple rule, block by block, and every weight sits on the
+ * grid value nearest to it at the stored scale.
  */
 
 #pragma STDC FP_CONTRACT OFF
@@ -139,6 +143,27 @@ static inline mp_half scale_to_fp16(float d) {
     return MP_FP32_TO_FP16(d);
 }
 
+/* Unbiased scales (kernels/csrc/debias.c explains why): after the search, the scale is multiplied by
+ * c = sum w x^2 / sum w x x_hat (clamped to [0.5, 2]) and every weight takes again the grid value
+ * nearest to it at the new fp16 scale, so the stored scale and the points agree (each weight on the
+ * grid value nearest to it at the stored scale, as without the rescale). Re-choosing the points moves
+ * the gain a little, so this is done IQ4_DEBIAS_PASSES times. A rescaled block is kept only when its
+ * error stays at or below the simple rule's, so neither format is ever worse than the simple rule.
+ * This returns c for one run of n weights decoded by dec (or 1 when it is undefined). */
+#define IQ4_DEBIAS_PASSES 2
+
+static float gain_correction(const float *x, const float *w, const float *dec, int n) {
+    double num = 0.0, den = 0.0;
+    for (int j = 0; j < n; j++) {
+        num += (double)w[j] * (double)x[j] * (double)x[j];
+        den += (double)w[j] * (double)x[j] * (double)dec[j];
+    }
+    if (!(num > 0.0) || !(den > 0.0) || !isfinite(num) || !isfinite(den)) return 1.0f;
+    double c = num / den;
+    c = c < 0.5 ? 0.5 : c > 2.0 ? 2.0 : c;
+    return (float)c;
+}
+
 /* ---- IQ4_NL ---- */
 
 /* nearest grid indices of x for the fp16 scale dh, and their weighted squared error (decoded as the
@@ -158,7 +183,7 @@ static float nl_assign(const float *x, const float *w, int n, mp_half dh, uint8_
 static void quantize_row_iq4_nl(const float *x, void *vy, int64_t n, const float *imp) {
     block_iq4_nl *y = (block_iq4_nl *)vy;
     float w[QK4_NL];
-    uint8_t idx[QK4_NL], idx_simple[QK4_NL];
+    uint8_t idx[QK4_NL], idx_simple[QK4_NL], idx_try[QK4_NL];
     for (int64_t b = 0; b < n / QK4_NL; b++, x += QK4_NL) {
         block_weights(imp ? imp + b * QK4_NL : NULL, QK4_NL, w);
         const mp_half ds = scale_to_fp16(iq4_search(x, w, QK4_NL));
@@ -167,8 +192,24 @@ static void quantize_row_iq4_nl(const float *x, void *vy, int64_t n, const float
         const mp_half dr = scale_to_fp16(signed_max(x, QK4_NL) / -127.0f);
         const float es = nl_assign(x, w, QK4_NL, ds, idx);
         const float er = nl_assign(x, w, QK4_NL, dr, idx_simple);
-        const uint8_t *q = es <= er ? idx : idx_simple;
-        y[b].d = es <= er ? ds : dr;
+        mp_half d = es <= er ? ds : dr;
+        uint8_t *q = es <= er ? idx : idx_simple;
+        /* unbiased scale, points chosen again at it (gain_correction) */
+        for (int pass = 0; pass < IQ4_DEBIAS_PASSES; pass++) {
+            const float df = MP_FP16_TO_FP32(d);
+            float dec[QK4_NL];
+            for (int j = 0; j < QK4_NL; j++) dec[j] = df * iq4_gridf[q[j]];
+            const float c = gain_correction(x, w, dec, QK4_NL);
+            if (c == 1.0f) break;
+            const mp_half d2 = mp_half_scaled(d, c);
+            if (d2 == d) break;
+            const float e2 = nl_assign(x, w, QK4_NL, d2, idx_try);
+            if (!(e2 <= er)) break;
+            memcpy(idx, idx_try, sizeof(idx));
+            q = idx;
+            d = d2;
+        }
+        y[b].d = d;
         for (int j = 0; j < QK4_NL / 2; j++) y[b].qs[j] = (uint8_t)(q[j] | (q[j + QK4_NL / 2] << 4));
     }
 }
@@ -227,7 +268,8 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
             for (int j = 0; j < 32; j++) e += wt[32 * k + j] * xb[j] * xb[j];
             swx2[k] = e;
         }
-        float best_total = INFINITY, best_d = 0.0f;
+        float best_total = INFINITY, best_d = 0.0f, simple_total = 0.0f;
+        for (int k = 0; k < QK_K / 32; k++) simple_total += swx2[k]; /* the simple rule at d = 0 */
         for (int k = 0; k < QK_K / 32; k++) l_best[k] = 0;
         /* candidate super-scales: c = -1 the simple rule (sub-block scales max/-127, the largest of them
          * on -32), so no super-block is worse than it; c = 0..C-1 put the largest searched sub-block scale
@@ -271,13 +313,34 @@ static void quantize_row_iq4_xs(const float *x, void *vy, int64_t n, const float
                 l_try[k] = lb;
                 total += eb;
             }
+            if (c < 0) simple_total = total;
             if (total < best_total) {
                 best_total = total;
                 best_d = dh;
                 for (int k = 0; k < QK_K / 32; k++) l_best[k] = l_try[k];
             }
         }
-        y[b].d = MP_FP32_TO_FP16(best_d); /* best_d is already an fp16 value */
+        mp_half dstore = MP_FP32_TO_FP16(best_d); /* best_d is already an fp16 value */
+        /* unbiased super-scale, points chosen again at it (gain_correction) */
+        for (int pass = 0; pass < IQ4_DEBIAS_PASSES && best_d != 0.0f; pass++) {
+            float dec[QK_K];
+            for (int k = 0; k < QK_K / 32; k++) {
+                const float dl = best_d * (float)l_best[k];
+                const float s2 = dl != 0.0f ? 2.0f / dl : 0.0f;
+                for (int j = 0; j < 32; j++) dec[32 * k + j] = dl != 0.0f ? dl * grid_value(s2, x[32 * k + j]) : 0.0f;
+            }
+            const float c = gain_correction(x, wt, dec, QK_K);
+            if (c == 1.0f) break;
+            const mp_half d2 = mp_half_scaled(dstore, c);
+            if (d2 == dstore) break;
+            const float d2f = MP_FP16_TO_FP32(d2);
+            float total = 0.0f;
+            for (int k = 0; k < QK_K / 32; k++) total += sub_error(x + 32 * k, wt + 32 * k, swx2[k], d2f * (float)l_best[k]);
+            if (!(total <= simple_total)) break;
+            dstore = d2;
+            best_d = d2f;
+        }
+        y[b].d = dstore;
         uint16_t sh = 0;
         memset(y[b].scales_l, 0, sizeof(y[b].scales_l));
         for (int k = 0; k < QK_K / 32; k++) {
