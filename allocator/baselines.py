@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeplan.kernels import formats as fmts
-from moeplan.sensitivity.inventory import Target
+from moeplan.kernels.inventory import Target
 
 from .gguf_names import gguf_names
 from .problem import Assignment, Problem, Totals, pareto

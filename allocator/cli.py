@@ -107,7 +107,7 @@ def _add_problem(ap: argparse.ArgumentParser) -> None:
 
 
 def _inventory(model: str):
-    from moeplan.sensitivity.inventory import Inventory, build_inventory
+    from moeplan.kernels.inventory import Inventory, build_inventory
 
     t0 = time.perf_counter()
     path = Path(model)
@@ -122,7 +122,7 @@ def _inventory(model: str):
 
 
 def _profile(args, inv, formats: list[str] | None):
-    from moeplan.sensitivity.inventory import Target
+    from moeplan.kernels.inventory import Target
     from moeplan.sensitivity.profile import Profile
 
     if args.synthetic_profile:
@@ -306,7 +306,7 @@ def _sweep_run(args) -> int:
     if args.materialize:
         check_output(Path(args.materialize) / "x", "--materialize")
     if args.measure:
-        from moeplan.sensitivity.inventory import resolve_model
+        from moeplan.kernels.inventory import resolve_model
 
         model_dir = resolve_model(args.model)
         if not model_dir.is_dir():

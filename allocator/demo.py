@@ -36,7 +36,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     from moeplan.allocator.sweep import ProblemFactory, sweep, write
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-    from moeplan.sensitivity.inventory import build_inventory, resolve_model
+    from moeplan.kernels.inventory import build_inventory, resolve_model
     from moeplan.sensitivity.profile import Profile
     from moeplan.sensitivity.profiler import importance_path, load_importance, profile_model
 

@@ -29,7 +29,7 @@ from typing import Iterable
 
 import numpy as np
 
-from moeplan.sensitivity.inventory import Target
+from moeplan.kernels.inventory import Target
 
 from .problem import Assignment, Problem, pareto
 

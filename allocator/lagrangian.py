@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeplan.sensitivity.inventory import Target
+from moeplan.kernels.inventory import Target
 
 from .problem import Assignment, Problem, lower_hull, pareto
 

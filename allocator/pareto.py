@@ -39,7 +39,7 @@ import numpy as np
 
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.outputs import output_file
-from moeplan.sensitivity.inventory import Inventory, Target
+from moeplan.kernels.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
 
 from .problem import Assignment, Problem, parse_size
@@ -79,7 +79,7 @@ class Evaluator:
     def __init__(self, model, *, eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128,
                  importance=None, batch_size: int = 8, sample: str = "spread"):
         from moeplan.sensitivity.evaluate import ReferenceLogits, load_model_and_text
-        from moeplan.sensitivity.inventory import build_inventory, resolve_model
+        from moeplan.kernels.inventory import build_inventory, resolve_model
 
         if eval_tokens < seq_len:
             raise ValueError(f"eval_tokens ({eval_tokens}) must be at least one window of seq_len={seq_len} tokens")
@@ -342,7 +342,7 @@ def pareto_curves(model, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, prof
     sample choose the held-out windows (see Evaluator). Returns one DataFrame (a row per
     plan, measured columns included); df.attrs holds bf16_bytes, model, reference_perplexity,
     eval_tokens and timings; `plans` (a dict), when given, receives row index -> Plan."""
-    from moeplan.sensitivity.inventory import build_inventory, resolve_model
+    from moeplan.kernels.inventory import build_inventory, resolve_model
 
     say = progress or _say_nothing
     t_start = time.perf_counter()

@@ -229,7 +229,7 @@ class Plan(_Strict):
         fingerprint, layers or tensors the model does not have, MoE layers or tensors the plan leaves
         out, or tensors whose exact bytes exceed the plan's weight budget (a hand-edited plan). Runs
         before anything is written."""
-        from moeplan.sensitivity.inventory import Role
+        from moeplan.kernels.inventory import Role
 
         from .gguf_names import stacked_name
 
@@ -293,7 +293,7 @@ class Plan(_Strict):
         """The exact bytes this plan stores for `inventory`: every tensor in its format (with llama.cpp's
         row-length fallbacks for the plan's target), the fixed F32 tensors, and the router rows of the
         kept experts."""
-        from moeplan.sensitivity.inventory import Role
+        from moeplan.kernels.inventory import Role
 
         by_layer = {l.layer: l for l in self.layers}
         total = 0
@@ -410,7 +410,7 @@ def validate_json_schema(obj) -> list[str]:
 
 def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) -> Plan:
     """The plan of `assignment` for `problem`, with the solver's `report` (Solution.report())."""
-    from moeplan.sensitivity.inventory import Target
+    from moeplan.kernels.inventory import Target
 
     from .gguf_names import stacked_name
 

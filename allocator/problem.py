@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from moeplan.kernels import formats as fmts
-from moeplan.sensitivity.inventory import Inventory, Role, Target, TensorInfo
+from moeplan.kernels.inventory import Inventory, Role, Target, TensorInfo
 from moeplan.sensitivity.profile import Profile
 
 DEFAULT_CONTEXT = 4096

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from moeplan.kernels.outputs import output_file
-from moeplan.sensitivity.inventory import Inventory, Target
+from moeplan.kernels.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
 
 from .baselines import LLAMA_DEFAULT, llama_mix, paper_baseline, uniform

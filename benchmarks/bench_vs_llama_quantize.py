@@ -73,7 +73,7 @@ def quant_only_plan(model_dir: Path, share: float):
     """The quantization-only gguf plan at `share` x the BF16 weight size (allocator.pareto's ablation),
     with the shipped profile and its own format menu."""
     from moeplan.allocator.pareto import quantization_only_factory, quantization_only_sweep
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.profile import Profile
 
     inv = build_inventory(model_dir)
@@ -145,7 +145,7 @@ def moeplan_importance(model_dir: Path, imatrix: Path, work: Path) -> tuple[Path
     importance) a .safetensors of the imatrix's vectors (kernels.imatrix) plus, for the tensors it
     lacks, the shipped profile's (ones for the embedding). Returns the file and the names filled in."""
     from moeplan.kernels.imatrix import load_importance_file
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.profiler import load_importance, save_importance
 
     imp = load_importance_file(imatrix, model_dir)

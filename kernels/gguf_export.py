@@ -695,7 +695,7 @@ class _Planner:
 def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, str],
           kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
           importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
 
     inv = build_inventory(model_dir)
     importance = dict(importance or {})

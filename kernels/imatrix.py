@@ -280,7 +280,7 @@ def load_importance_file(path: str | os.PathLike, model_dir: str | os.PathLike |
         im = _read_gguf(path) if kind == "gguf" else _read_legacy(path)
         if model_dir is None:
             raise ValueError("reading a llama.cpp imatrix as importance needs the checkpoint (model_dir)")
-        from moeplan.sensitivity.inventory import build_inventory
+        from moeplan.kernels.inventory import build_inventory
 
         out = check_importance(imatrix_importance(im, build_inventory(model_dir)), path)
         if not out:

@@ -53,7 +53,7 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
                 progress: bool = True) -> MaterializeReport:
     """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
     from moeplan.allocator.plan import Plan
-    from moeplan.sensitivity.inventory import build_inventory, check_config_matches, resolve_model
+    from moeplan.kernels.inventory import build_inventory, check_config_matches, resolve_model
 
     if gguf_out is None and hf_out is None:
         raise ValueError("nothing to write: give gguf_out and/or hf_out")
@@ -99,7 +99,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
 
     from moeplan.sensitivity.adapters import ExpertKind, adapter_for
     from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
-    from moeplan.sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
+    from moeplan.kernels.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
 
     from .checkpoint import Checkpoint, write_safetensors
 
@@ -201,7 +201,7 @@ def load_compressed(path: str | os.PathLike, dtype=None):
             shapes[layer] = [g * per + i for g in range(groups) for i in range(keep_per)]
         prune_and_set_top_k(ad, shapes, {layer: v["top_k"] for layer, v in layers.items()})
         state = {}
-        from moeplan.sensitivity.inventory import checkpoint_shards
+        from moeplan.kernels.inventory import checkpoint_shards
 
         for shard in checkpoint_shards(path):
             state.update(load_file(str(shard)))

@@ -76,10 +76,10 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
 
     from .compress import Decision, apply_decision
     from .evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-    from .inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
     from .profiler import load_importance
 
-    from .inventory import resolve_model
+    from moeplan.kernels.inventory import resolve_model
 
     plan = importance = None
     if plan_path is not None:  # the plan and the importance are checked before the model is loaded

@@ -18,7 +18,7 @@ from moeplan import kernels
 from moeplan.kernels import formats as fmts
 
 from .adapters import adapter_for
-from .inventory import Target
+from moeplan.kernels.inventory import Target
 
 _NO_OP = {"BF16", "F32"}  # the reference checkpoints are BF16: storing BF16 (or F32) changes nothing
 
@@ -128,7 +128,7 @@ def predicted_damage(profile, decision: Decision) -> float:
 
 
 def _expert_of(name: str) -> tuple[int, int] | None:
-    from .inventory import _EXPERT_RE
+    from moeplan.kernels.inventory import _EXPERT_RE
 
     m = _EXPERT_RE.search(name)
     return (int(m.group(1)), int(m.group(2))) if m else None

@@ -50,7 +50,7 @@ def load_model_and_text(model, text: str | None, split: str, purpose: str, optio
     or else the checkpoint's shipped split file (calib.txt / valid.txt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .inventory import resolve_model
+    from moeplan.kernels.inventory import resolve_model
 
     path = resolve_model(model)
     if not path.is_dir():

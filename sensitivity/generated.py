@@ -52,7 +52,7 @@ def _fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_random_checkpoint(out_dir: str | os.PathLike, config: dict, *, dtype: str = "BF16", seed: int = 0,
                             shard_bytes: int = 512 << 20) -> Path:
-    from .inventory import MODELS_DIR, _from_config
+    from moeplan.kernels.inventory import MODELS_DIR, _from_config
 
     if dtype not in ("BF16", "F16", "F32", "F8_E4M3"):
         raise ValueError(f"dtype {dtype!r}: use BF16, F16, F32 or F8_E4M3")

@@ -39,7 +39,7 @@ import numpy as np
 
 from moeplan.kernels import formats as fmts
 
-from .inventory import Inventory, Role, Target, TensorInfo, _fingerprint
+from moeplan.kernels.inventory import Inventory, Role, Target, TensorInfo, _fingerprint
 from .profile import ExpertStats, Profile
 
 # RMSE/std on Gaussian data (see the module docstring for the source of every figure)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moeplan.allocator.problem import (Assignment, Budget, InfeasibleBudget, Problem, Speed, lower_hull, pareto,
                                pareto_mask, parse_size)
-from moeplan.sensitivity.inventory import Role
+from moeplan.kernels.inventory import Role
 from moeplan.sensitivity.profile import Profile
 from moeplan.sensitivity.synthetic import (RMSE_GAUSSIAN, SYNTHETIC_FORMATS, relative_error, synthetic_profile,
                                    toy_inventory)
@@ -47,7 +47,7 @@ def test_budget_split_arithmetic():
 
 
 def test_deepseek_budget_split():
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
 
     inv = build_inventory("deepseek-v3")
     b = Budget.of("128GB", inv, context=4096, reserve="2GB")
@@ -112,7 +112,7 @@ def test_router_rows_go_with_their_experts(toy):
 
 def test_gguf_fallback_reaches_the_bytes():
     # rows of 128 (DeepSeek's attn_k_b in GGUF): Q4_K (256-blocks) is stored as Q5_0
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
 
     inv = build_inventory("deepseek-v3")
     t = inv["model.layers.3.self_attn.kv_b_proj.weight"]

@@ -16,7 +16,7 @@ import torch
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels import gguf_export as ge
-from moeplan.sensitivity.inventory import Target, build_inventory
+from moeplan.kernels.inventory import Target, build_inventory
 
 gguf = pytest.importorskip("gguf")
 
@@ -450,7 +450,7 @@ def test_deepseek_v3_metadata_from_its_config():
     """The bundled DeepSeek-V3 config passes the checks and gives llama.cpp's keys (YaRN included)."""
     import gguf as g
 
-    from moeplan.sensitivity.inventory import BUNDLED_CONFIGS
+    from moeplan.kernels.inventory import BUNDLED_CONFIGS
 
     cfg = json.loads(BUNDLED_CONFIGS["deepseek-v3"].read_text())
     fam = ge.family_of(cfg)

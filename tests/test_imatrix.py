@@ -12,7 +12,7 @@ import pytest
 
 from moeplan.allocator.gguf_names import gguf_names
 from moeplan.kernels import imatrix as im
-from moeplan.sensitivity.inventory import build_inventory
+from moeplan.kernels.inventory import build_inventory
 from moeplan.sensitivity.profiler import load_importance, save_importance
 
 ROOT = Path(__file__).resolve().parent.parent

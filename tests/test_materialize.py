@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.kernels.inventory import MODELS_DIR, build_inventory
 
 MODEL = "tiny-deepseek-v3"
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / MODEL / "profile.json").exists(),

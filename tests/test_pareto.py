@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moeplan.sensitivity.inventory import MODELS_DIR
+from moeplan.kernels.inventory import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-deepseek-v3"
@@ -206,7 +206,7 @@ def test_quantization_only_never_prunes_nor_changes_top_k(shipped, target):
 
 def test_quantization_only_profile_keeps_the_tensor_damage():
     from moeplan.allocator.pareto import REMOVAL_FORBIDDEN, quantization_only_profile
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.synthetic import synthetic_profile
 
     inv = build_inventory("deepseek-v3")

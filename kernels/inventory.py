@@ -27,8 +27,10 @@ from moeplan.kernels.checkpoint import checkpoint_shards, read_json, read_safete
 from moeplan.kernels.outputs import json_text, write_text
 
 INVENTORY_VERSION = 1
-CONFIG_DIR = Path(__file__).parent / "configs"
-MODELS_DIR = Path(__file__).parent / "models"
+# the bundled configs and reference models are package data of moeplan.sensitivity (they are read, not imported)
+_SENSITIVITY_DIR = Path(__file__).resolve().parents[1] / "sensitivity"
+CONFIG_DIR = _SENSITIVITY_DIR / "configs"
+MODELS_DIR = _SENSITIVITY_DIR / "models"
 BUNDLED_CONFIGS = {"deepseek-v3": CONFIG_DIR / "deepseek-v3.json"}
 
 
