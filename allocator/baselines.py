@@ -27,7 +27,7 @@ import numpy as np
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.inventory import Target
 
-from .gguf_names import gguf_names
+from moeplan.kernels.gguf_layout import gguf_names
 from .problem import Assignment, Problem, Totals, pareto
 
 

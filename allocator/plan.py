@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import parse_json, regular_file
+from moeplan.kernels.gguf_layout import gguf_arch, gguf_names, stacked_name
+from moeplan.kernels.inventory import Role, Target
 from moeplan.kernels.outputs import json_text, write_text
 
 PLAN_FORMAT = "moeplan-plan"
@@ -229,10 +231,6 @@ class Plan(_Strict):
         fingerprint, layers or tensors the model does not have, MoE layers or tensors the plan leaves
         out, or tensors whose exact bytes exceed the plan's weight budget (a hand-edited plan). Runs
         before anything is written."""
-        from moeplan.kernels.inventory import Role
-
-        from .gguf_names import stacked_name
-
         if inventory.fingerprint != self.model.fingerprint:
             raise PlanError(f"plan field 'model.fingerprint' is {self.model.fingerprint}, but this model's is "
                             f"{inventory.fingerprint}: the plan was made for another model (or another checkpoint "
@@ -293,8 +291,6 @@ class Plan(_Strict):
         """The exact bytes this plan stores for `inventory`: every tensor in its format (with llama.cpp's
         row-length fallbacks for the plan's target), the fixed F32 tensors, and the router rows of the
         kept experts."""
-        from moeplan.kernels.inventory import Role
-
         by_layer = {l.layer: l for l in self.layers}
         total = 0
         for t in inventory:
@@ -313,8 +309,6 @@ class Plan(_Strict):
         metadata overrides for the expert counts. Use as
         `llama-quantize $(grep -v '^#' FILE) in-bf16.gguf out.gguf TYPE`. llama-quantize cannot remove
         experts: a plan that prunes is refused (PlanError); its GGUF comes from `moeplan materialize`."""
-        from .gguf_names import gguf_arch, gguf_names
-
         if self.target != "gguf":
             uniform = all(len({self.tensors[n] for n in _expert_names_of(self, l)}) <= 1 for l in self.layers)
             counts = {len(l.kept) for l in self.layers}
@@ -410,10 +404,6 @@ def validate_json_schema(obj) -> list[str]:
 
 def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) -> Plan:
     """The plan of `assignment` for `problem`, with the solver's `report` (Solution.report())."""
-    from moeplan.kernels.inventory import Target
-
-    from .gguf_names import stacked_name
-
     p, a = problem, assignment
     tot = p.evaluate(a)
     synthetic = p.profile.synthetic if synthetic is None else synthetic

@@ -144,7 +144,7 @@ def moeplan_importance(model_dir: Path, imatrix: Path, work: Path) -> tuple[Path
     else (token_embd is a row lookup that llama-imatrix never records, and moeplan's IQ kernels need
     importance) a .safetensors of the imatrix's vectors (kernels.imatrix) plus, for the tensors it
     lacks, the shipped profile's (ones for the embedding). Returns the file and the names filled in."""
-    from moeplan.kernels.imatrix import load_importance_file
+    from moeplan.sensitivity.importance import load_importance_file
     from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.profiler import load_importance, save_importance
 

@@ -34,6 +34,7 @@ import numpy as np
 from . import formats as _formats
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
+from .inventory import build_inventory
 from .outputs import check_output, output_file
 
 GGUF_ALIGNMENT = 32
@@ -695,8 +696,6 @@ class _Planner:
 def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, str],
           kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
           importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
-    from moeplan.kernels.inventory import build_inventory
-
     inv = build_inventory(model_dir)
     importance = dict(importance or {})
     infos, skipped = _written_tensors(inv, config)

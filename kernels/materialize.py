@@ -42,7 +42,7 @@ def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
     if importance_file and not p.exists():
         raise FileNotFoundError(f"--importance {p} does not exist")
     if importance_file:  # a moeplan .safetensors or a llama-imatrix file (GGUF / .dat), by content
-        from .imatrix import load_importance_file
+        from moeplan.sensitivity.importance import load_importance_file
 
         return load_importance_file(p, model_dir)
     return load_importance(p) if p.exists() else None
