@@ -138,7 +138,7 @@ def _profile(args, inv, formats: list[str] | None):
 
 
 def _speed(args):
-    from .problem import Speed
+    from moeplan.allocator.problem import Speed
 
     if (args.bandwidth is None) != (args.tokens_per_s is None):
         raise ValueError("--bandwidth and --tokens-per-s go together (the speed constraint needs both)")
@@ -205,9 +205,9 @@ def _solve_args(ap):
 
 
 def _solve_run(args) -> int:
-    from .plan import make_plan
-    from .problem import Budget, InfeasibleBudget, Problem
-    from .solvers import solve
+    from moeplan.allocator.plan import make_plan
+    from moeplan.allocator.problem import Budget, InfeasibleBudget, Problem
+    from moeplan.allocator.solvers import solve
 
     for flag, path in (("--out", args.out), ("--llama-quantize-args", args.llama_quantize_args),
                        ("--dump-model", args.dump_model)):
@@ -245,7 +245,7 @@ def _solve_run(args) -> int:
 
 def summary_table(problem, sol) -> str:
     """The solve's report as a plain table: status, objective, bound, gap, time, size split."""
-    from .problem import fmt_bytes
+    from moeplan.allocator.problem import fmt_bytes
 
     t = sol.totals
     syn = " (SYNTHETIC profile)" if problem.profile.synthetic else ""
@@ -296,8 +296,8 @@ def _sweep_args(ap):
 def _sweep_run(args) -> int:
     from moeplan.sensitivity.synthetic import SYNTHETIC_FORMATS
 
-    from .problem import fmt_bytes, parse_size
-    from .sweep import ProblemFactory, budgets_between, sweep, write
+    from moeplan.allocator.problem import fmt_bytes, parse_size
+    from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
 
     if (args.materialize or args.eval_text) and not args.measure:
         raise ValueError("--materialize and --eval-text go with --measure")
@@ -338,7 +338,7 @@ def _sweep_run(args) -> int:
     if args.measure:
         from moeplan.sensitivity.profiler import importance_path
 
-        from .pareto import measure, write as write_measured
+        from moeplan.allocator.pareto import measure, write as write_measured
 
         imp = importance_path(args.profile) if args.profile else None
         t1 = time.perf_counter()
@@ -427,8 +427,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeplan {args.command}: interrupted; nothing was left half written", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":  # python -m moeplan.allocator.cli: the subcommands register in the package's module
-    from moeplan.allocator.cli import main as _main
-
-    sys.exit(_main())
