@@ -28,7 +28,7 @@ from moeplan.kernels.outputs import check_output, write_text
 SYNTHETIC_DEFAULT_FORMATS = "Q2_K,Q3_K,Q4_K,Q6_K,Q8_0"
 
 # modules that register subcommands of their own (imported if they exist)
-EXTENSION_MODULES: list[str] = ["moeplan.sensitivity.commands", "moeplan.kernels.materialize", "moeplan.allocator.demo"]
+EXTENSION_MODULES: list[str] = ["moeplan.allocator.cli.model_commands", "moeplan.kernels.materialize", "moeplan.allocator.demo"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from moeplan.allocator.cli import Command, positive_int, register
 from moeplan.kernels.outputs import check_output
 
-from .profiler import DEFAULT_FORMATS
+from moeplan.sensitivity.profiler import DEFAULT_FORMATS
 
 
 def _say(msg: str) -> None:
@@ -42,7 +42,7 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _profile_run(args) -> int:
-    from .profiler import importance_path, profile_model
+    from moeplan.sensitivity.profiler import importance_path, profile_model
 
     check_output(args.out, "--out")
     check_output(importance_path(args.out), "--out (its importance file)")
@@ -74,10 +74,10 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
     """Perplexity, KL to the original and top-1 agreement of MODEL compressed under a plan (API)."""
     import copy
 
-    from .compress import Decision, apply_decision
-    from .evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
+    from moeplan.sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
     from moeplan.kernels.inventory import build_inventory
-    from .profiler import load_importance
+    from moeplan.sensitivity.profiler import load_importance
 
     from moeplan.kernels.inventory import resolve_model
 
