@@ -64,7 +64,7 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
     """One row per (budget, method): moeplan's plan and, with `baselines`, the paper's pipeline at every
     budget; llama.cpp's mixes and `uniform_formats` once (their size does not depend on the budget).
     Returns a pandas DataFrame. With `plans` (a dict), also fills it with row index -> Plan for every
-    row that has a plan (what allocator.pareto.measure evaluates)."""
+    row that has a plan (what the measuring step, pareto.measure, evaluates)."""
     import pandas as pd
 
     say = progress or (lambda s: None)

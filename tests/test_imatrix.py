@@ -160,7 +160,7 @@ def test_neither_format_is_a_clear_error(tmp_path):
 def test_materialize_accepts_an_imatrix(tmp_path):
     """--importance IMATRIX gives the same GGUF as the same importance in moeplan's .safetensors."""
     from moeplan.allocator import cli
-    from moeplan.kernels.materialize import materialize
+    from moeplan.allocator.cli.materialize import materialize
 
     inv = build_inventory(QWEN)
     bf16 = inv.bytes_uniform("BF16")

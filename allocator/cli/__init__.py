@@ -28,7 +28,7 @@ from moeplan.kernels.outputs import check_output, write_text
 SYNTHETIC_DEFAULT_FORMATS = "Q2_K,Q3_K,Q4_K,Q6_K,Q8_0"
 
 # modules that register subcommands of their own (imported if they exist)
-EXTENSION_MODULES: list[str] = ["moeplan.allocator.cli.model_commands", "moeplan.kernels.materialize", "moeplan.allocator.demo"]
+EXTENSION_MODULES: list[str] = ["moeplan.allocator.cli.model_commands", "moeplan.allocator.cli.materialize", "moeplan.allocator.cli.demo"]
 
 
 @dataclass(frozen=True)
@@ -338,7 +338,7 @@ def _sweep_run(args) -> int:
     if args.measure:
         from moeplan.sensitivity.profiler import importance_path
 
-        from moeplan.allocator.pareto import measure, write as write_measured
+        from moeplan.allocator.cli.pareto import measure, write as write_measured
 
         imp = importance_path(args.profile) if args.profile else None
         t1 = time.perf_counter()

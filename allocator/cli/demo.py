@@ -102,7 +102,7 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     # 4. materialize the plan as GGUF
     gguf_report = None
     if write_gguf:
-        from moeplan.kernels.materialize import materialize
+        from moeplan.allocator.cli.materialize import materialize
 
         rep = materialize(str(model_dir), plan, gguf_out=out / "model.gguf", progress=False)
         gguf_report = rep.gguf
@@ -192,7 +192,7 @@ def _run(args) -> int:
 
 
 def _register() -> None:
-    from .cli import Command, register
+    from moeplan.allocator.cli import Command, register
 
     register(Command("demo", "the whole pipeline on the bundled reference model", _args, _run))
 

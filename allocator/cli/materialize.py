@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .outputs import check_output, output_dir
+from moeplan.kernels.outputs import check_output, output_dir
 
 
 @dataclass
@@ -77,7 +77,7 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
     importance = _importance(model_dir, importance_file)
     report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
     if gguf_out is not None:
-        from .gguf_export import write_gguf
+        from moeplan.kernels.gguf_export import write_gguf
 
         top_k = {l.top_k for l in plan.layers}
         report.gguf = write_gguf(
@@ -101,7 +101,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
     from moeplan.kernels.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
 
-    from .checkpoint import Checkpoint, write_safetensors
+    from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
 
     out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)

@@ -42,8 +42,8 @@ from moeplan.kernels.outputs import output_file
 from moeplan.kernels.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
 
-from .problem import Assignment, Problem, parse_size
-from .sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
+from moeplan.allocator.problem import Assignment, Problem, parse_size
+from moeplan.allocator.sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
 
 # weight budgets of the default curves: 6% .. 35% of the BF16 size, plus the seed paper's ratio
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(sorted({round(float(x), 4) for x in np.linspace(0.06, 0.35, 11)}
@@ -210,7 +210,7 @@ def measure(table, plans: dict | None = None, model=None, *, evaluator: Evaluato
                f"{r.top1_agreement:.3f}, ppl {r.perplexity:.2f}, {dt:.1f} s{again}")
         if materialize_dir is not None:
             if plan.target == "gguf":
-                from moeplan.kernels.materialize import materialize as write
+                from moeplan.allocator.cli.materialize import materialize as write
 
                 f = materialize_dir / f"{n:03d}-{_slug(out.loc[i, 'method'])}-{plan.totals.weight_bytes}.gguf"
                 rep = write(evaluator.model_dir, plan, gguf_out=f, importance_file=evaluator.importance_file,
@@ -418,7 +418,7 @@ def goal_table(df, ratio: float = GOAL_RATIO, methods: Sequence[str] = (MOEPLAN_
     need = {"method", "status", "weight_bytes", "weight_budget_bytes", "measured_kld"}
     missing = need - set(df.columns)
     if missing:
-        raise ValueError(f"the table has no columns {sorted(missing)}: measure it first (allocator.pareto.measure)")
+        raise ValueError(f"the table has no columns {sorted(missing)}: measure it first (allocator.cli.pareto.measure)")
     base = df[(df["status"] == "baseline") & df["measured_kld"].notna()]
     budgets = sorted(df.loc[df["method"].isin(list(methods) + [QUANT_ONLY]), "weight_budget_bytes"].dropna().unique())
     bf16 = df["bf16_bytes"].dropna().iloc[0] if "bf16_bytes" in df and df["bf16_bytes"].notna().any() else None
