@@ -18,6 +18,8 @@ import numpy as np
 
 from moeplan.kernels.outputs import json_text, write_text
 
+from .args import Command
+
 DEFAULT_MODEL = "tiny-deepseek-v3"
 
 
@@ -191,10 +193,4 @@ def _run(args) -> int:
     return 0
 
 
-def _register() -> None:
-    from moeplan.allocator.cli import Command, register
-
-    register(Command("demo", "the whole pipeline on the bundled reference model", _args, _run))
-
-
-_register()
+COMMAND = Command("demo", "the whole pipeline on the bundled reference model", _args, _run)

@@ -26,6 +26,8 @@ from typing import Any
 
 from moeplan.kernels.outputs import check_output, output_dir
 
+from .args import Command
+
 
 @dataclass
 class MaterializeReport:
@@ -251,10 +253,4 @@ def _run(args) -> int:
     return 0
 
 
-def _register() -> None:
-    from moeplan.allocator.cli import Command, register
-
-    register(Command("materialize", "write the compressed model of a plan as GGUF and/or safetensors", _args, _run))
-
-
-_register()
+COMMAND = Command("materialize", "write the compressed model of a plan as GGUF and/or safetensors", _args, _run)

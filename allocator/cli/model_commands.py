@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from moeplan.allocator.cli import Command, positive_int, register
+from .args import Command, positive_int
 from moeplan.kernels.outputs import check_output
 
 from moeplan.sensitivity.profiler import DEFAULT_FORMATS
@@ -113,6 +113,7 @@ def _evaluate_run(args) -> int:
     return 0
 
 
-register(Command("profile", "measure a model's sensitivity profile on calibration text", _profile_args, _profile_run))
-register(Command("evaluate", "perplexity, KL and top-1 agreement of a model under a plan", _evaluate_args,
-                 _evaluate_run))
+COMMANDS = [
+    Command("profile", "measure a model's sensitivity profile on calibration text", _profile_args, _profile_run),
+    Command("evaluate", "perplexity, KL and top-1 agreement of a model under a plan", _evaluate_args, _evaluate_run),
+]
