@@ -43,6 +43,7 @@ import numpy as np
 from moeplan.kernels.inventory import Target
 
 from .problem import Assignment, Problem, lower_hull, pareto
+from .solution import Solution, Status
 
 INF = math.inf
 
@@ -584,8 +585,6 @@ def _price_scale(p: Problem, W: float) -> float:
 def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0, cache: dict | None = None):
     """Feasible plan + proven lower bound (see the module docstring). `cache` keeps the
     budget-independent tables (and the last prices) between solves of one problem's arrays."""
-    from .solvers import Solution, Status
-
     t0 = time.perf_counter()
     W = float(p.budget.weights - p.fixed_bytes)
     R = float(p.speed.max_read - p.fixed_read) if p.speed is not None else INF
