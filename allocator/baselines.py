@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.gguf_layout import gguf_names
 from moeplan.kernels.inventory import Target
 
-from moeplan.kernels.gguf_layout import gguf_names
 from .problem import Assignment, Problem, Totals, pareto
 
 

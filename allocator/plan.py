@@ -27,6 +27,8 @@ from moeplan.kernels.gguf_layout import gguf_arch, gguf_names, stacked_name
 from moeplan.kernels.inventory import Role, Target
 from moeplan.kernels.outputs import json_text, write_text
 
+from .problem import Assignment
+
 PLAN_FORMAT = "moeplan-plan"
 PLAN_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
@@ -437,8 +439,6 @@ def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) 
 def assignment_from_plan(problem, plan: Plan):
     """The plan as an assignment of `problem` (same model, target and a menu with its formats)."""
     import numpy as np
-
-    from .problem import Assignment
 
     p = problem
     if plan.model.fingerprint != p.inventory.fingerprint:

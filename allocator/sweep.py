@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from moeplan.kernels.outputs import output_file
 from moeplan.kernels.inventory import Inventory, Target
+from moeplan.kernels.outputs import output_file
 from moeplan.sensitivity.profile import Profile
 
 from .baselines import LLAMA_DEFAULT, llama_mix, paper_baseline, uniform
+from .plan import make_plan
 from .problem import Budget, InfeasibleBudget, Problem, Speed, parse_size
 from .solvers import solve
 
@@ -124,8 +125,6 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
 
 def _keep_plan(plans: dict | None, row: int, problem: Problem, assignment, report: dict) -> None:
     if plans is not None and assignment is not None:
-        from .plan import make_plan
-
         plans[row] = make_plan(problem, assignment, report)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import formats as _formats
+from .api import available_formats, dequantize, quantize
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
 from .inventory import build_inventory
@@ -737,8 +738,6 @@ def _order_key(s: _Stored):
 
 
 def _available_formats() -> list[str]:
-    from .api import available_formats
-
     return available_formats()
 
 
@@ -785,8 +784,6 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
     Every check runs before the first byte is written; the output appears only when complete.
     """
     import gguf
-
-    from .api import quantize
 
     model_dir = Path(model_dir)
     out_path = check_output(out_path, "--gguf", make_parents=False)
@@ -958,8 +955,6 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
     stacking and any rope row reordering are undone. `decode(raw_bytes, ggml_type, shape)` dequantizes
     (default: moeplan's kernels)."""
     import gguf
-
-    from .api import dequantize
 
     if decode is None:
         def decode(raw, type_id, shape):

@@ -16,9 +16,9 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.inventory import _EXPERT_RE, Target
 
 from .adapters import adapter_for
-from moeplan.kernels.inventory import Target
 
 _NO_OP = {"BF16", "F32"}  # the reference checkpoints are BF16: storing BF16 (or F32) changes nothing
 
@@ -128,7 +128,5 @@ def predicted_damage(profile, decision: Decision) -> float:
 
 
 def _expert_of(name: str) -> tuple[int, int] | None:
-    from moeplan.kernels.inventory import _EXPERT_RE
-
     m = _EXPERT_RE.search(name)
     return (int(m.group(1)), int(m.group(2))) if m else None

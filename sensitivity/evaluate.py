@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from moeplan.kernels.checkpoint import checkpoint_shards, finite, read_safetensors_header
+from moeplan.kernels.inventory import resolve_model
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ def load_model_and_text(model, text: str | None, split: str, purpose: str, optio
     """(checkpoint dir, float32 model, token ids) for `purpose` ("profiling", "evaluation"): `text`,
     or else the checkpoint's shipped split file (calib.txt / valid.txt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moeplan.kernels.inventory import resolve_model
 
     path = resolve_model(model)
     if not path.is_dir():

@@ -44,11 +44,11 @@ from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import read_safetensors_header
 from moeplan.kernels.imatrix import check_importance
+from moeplan.kernels.inventory import build_inventory
 from moeplan.kernels.outputs import output_file
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-from moeplan.kernels.inventory import build_inventory
 from .profile import ExpertStats, Profile
 
 DEFAULT_FORMATS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")

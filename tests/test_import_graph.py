@@ -10,6 +10,8 @@ graph must have no circle, and no arrow may point to a higher layer:
     3 moeplan.allocator.cli  the pipeline and the command line: materialize, measure, demo, commands
 
 Nothing imports the command line's package from below, and the command line lists its commands itself.
+A function-local import of our own modules is there only to defer a heavy dependency (torch,
+transformers, pandas, a solver, ...) that the imported module loads at import time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ PACKAGES = {"moeplan.kernels": "kernels", "moeplan.sensitivity": "sensitivity", 
 # highest layer first: a module belongs to the first prefix it starts with
 LAYERS = (("moeplan.allocator.cli", 3), ("moeplan.allocator", 2), ("moeplan.sensitivity", 1), ("moeplan.kernels", 0))
 EXTENSIONS = {"moeplan.kernels._C"}  # built by setup.py; imports nothing of ours
+# third-party packages that cost seconds or hundreds of MB to import, or are optional
+HEAVY = {"torch", "transformers", "pandas", "matplotlib", "ortools", "pulp", "highspy", "gguf", "safetensors", "scipy",
+         "tqdm", "llama_cpp", "tokenizers"}
+# function-local imports of light modules that stay so, and why
+LAZY = {
+    ("moeplan.kernels", "moeplan.kernels.api"): "PEP 562 __getattr__: the format table imports without the C extension",
+    ("moeplan.kernels.iq_grids", "moeplan.kernels.formats"): "kernels/iq_grids.py is the C kernels' side (not ours)",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -69,6 +79,43 @@ def _edges() -> list[tuple[str, str, int]]:
                     if target != module:
                         edges.append((module, target, node.lineno))
     return edges
+
+
+def _function_local(tree: ast.Module) -> set[int]:
+    """ids of the import statements inside a function body."""
+    out = set()
+    for f in ast.walk(tree):
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out |= {id(n) for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return out
+
+
+def _loads_heavy() -> dict[str, set[str]]:
+    """module -> the HEAVY packages that importing it loads (its module-level imports, transitively)."""
+    direct: dict[str, set[str]] = {}
+    own: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        local = _function_local(tree)
+        direct[module], own[module] = set(), set()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in local:
+                continue
+            top = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if not node.level else []
+            direct[module] |= {t.split(".")[0] for t in top} & HEAVY
+            own[module] |= set(_targets(module, path, node)) - {module}
+    out: dict[str, set[str]] = {}
+
+    def heavy(m: str, seen: frozenset = frozenset()) -> set[str]:
+        if m not in out:
+            found = set(direct[m])
+            for n in own[m] - seen:
+                found |= heavy(n, seen | {m})
+            out[m] = found
+        return out[m]
+
+    return {m: heavy(m) for m in MODULES}
 
 
 def layer(module: str) -> int:
@@ -119,3 +166,20 @@ def test_nothing_below_names_the_command_line(module):
     """No string either: a module loaded by name (importlib) would be an arrow the graph cannot see."""
     text = MODULES[module].read_text(encoding="utf-8")
     assert "allocator.cli" not in text.replace("python -m moeplan.allocator.cli", ""), module
+
+
+def test_function_local_imports_defer_a_heavy_dependency():
+    heavy = _loads_heavy()
+    assert "torch" in heavy["moeplan.sensitivity.evaluate"] and "torch" not in heavy["moeplan.kernels.inventory"]
+    assert not heavy["moeplan.kernels.formats"]
+    light = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        local = _function_local(tree)
+        for node in ast.walk(tree):
+            if id(node) in local:
+                for target in _targets(module, path, node):
+                    if target != module and not heavy[target] and (module, target) not in LAZY:
+                        light.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
+    assert not light, ("function-local imports of modules that load nothing heavy (import them at the top):\n"
+                       + "\n".join(sorted(set(light))))

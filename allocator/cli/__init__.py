@@ -14,6 +14,8 @@ import argparse
 import errno
 import sys
 
+from moeplan.kernels.outputs import exit_on_signals
+
 from . import demo, materialize, model_commands, plan_commands
 from .args import SYNTHETIC_DEFAULT_FORMATS, Command  # noqa: F401  (the names a program that embeds the CLI uses)
 
@@ -70,8 +72,6 @@ def error_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import os
-
-    from moeplan.kernels.outputs import exit_on_signals
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve others on a busy machine
     exit_on_signals()  # SIGTERM / SIGHUP unwind like Ctrl-C: no partial output stays behind

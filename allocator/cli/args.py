@@ -12,6 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from moeplan.allocator.problem import Speed
+from moeplan.kernels import formats as fmts
+from moeplan.kernels.inventory import Inventory, Target, build_inventory
+from moeplan.sensitivity.profile import Profile
+from moeplan.sensitivity.synthetic import LABEL, synthetic_profile
+
 # the format menu of --synthetic-profile when --formats is not given (with --profile: the profile's own menu)
 SYNTHETIC_DEFAULT_FORMATS = "Q2_K,Q3_K,Q4_K,Q6_K,Q8_0"
 
@@ -80,8 +86,6 @@ def add_problem(ap: argparse.ArgumentParser) -> None:
 
 
 def load_inventory(model: str):
-    from moeplan.kernels.inventory import Inventory, build_inventory
-
     t0 = time.perf_counter()
     path = Path(model)
     obj = json.loads(path.read_text()) if path.suffix == ".json" and path.is_file() else None
@@ -95,12 +99,7 @@ def load_inventory(model: str):
 
 
 def load_profile(args, inv, formats: list[str] | None):
-    from moeplan.kernels.inventory import Target
-    from moeplan.sensitivity.profile import Profile
-
     if args.synthetic_profile:
-        from moeplan.sensitivity.synthetic import LABEL, synthetic_profile
-
         say(f"profile: {LABEL}, seed {args.seed}")
         return synthetic_profile(inv, formats, seed=args.seed, target=Target(args.target))
     prof = Profile.load(args.profile)
@@ -111,8 +110,6 @@ def load_profile(args, inv, formats: list[str] | None):
 
 
 def speed_constraint(args):
-    from moeplan.allocator.problem import Speed
-
     if (args.bandwidth is None) != (args.tokens_per_s is None):
         raise ValueError("--bandwidth and --tokens-per-s go together (the speed constraint needs both)")
     return Speed.of(args.bandwidth, args.tokens_per_s) if args.bandwidth is not None else None
@@ -120,13 +117,9 @@ def speed_constraint(args):
 
 def format_menu(args) -> list[str]:
     """--formats, else the profile's measured menu (--profile) or SYNTHETIC_DEFAULT_FORMATS."""
-    from moeplan.kernels import formats as fmts
-
     formats = args.formats
     if formats is None:
         if getattr(args, "profile", None) and not getattr(args, "synthetic_profile", False):
-            from moeplan.sensitivity.profile import Profile
-
             return [fmts.get(f).name for f in Profile.load(args.profile).formats]
         formats = SYNTHETIC_DEFAULT_FORMATS
     try:

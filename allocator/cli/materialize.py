@@ -24,6 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeplan.allocator.plan import Plan
+from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
+from moeplan.kernels.gguf_export import write_gguf
+from moeplan.kernels.inventory import (
+    _EXPERT_RE,
+    _FUSED_EXPERT_RE,
+    Target,
+    build_inventory,
+    check_config_matches,
+    checkpoint_shards,
+    resolve_model,
+)
 from moeplan.kernels.outputs import check_output, output_dir
 
 from .args import Command
@@ -54,9 +66,6 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
                 hf_out: str | os.PathLike | None = None, importance_file: str | os.PathLike | None = None,
                 progress: bool = True) -> MaterializeReport:
     """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
-    from moeplan.allocator.plan import Plan
-    from moeplan.kernels.inventory import build_inventory, check_config_matches, resolve_model
-
     if gguf_out is None and hf_out is None:
         raise ValueError("nothing to write: give gguf_out and/or hf_out")
     if gguf_out is not None:  # every output path is checked before any work
@@ -79,8 +88,6 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
     importance = _importance(model_dir, importance_file)
     report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
     if gguf_out is not None:
-        from moeplan.kernels.gguf_export import write_gguf
-
         top_k = {l.top_k for l in plan.layers}
         report.gguf = write_gguf(
             model_dir, gguf_out, dict(plan.tensors),
@@ -101,9 +108,6 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
 
     from moeplan.sensitivity.adapters import ExpertKind, adapter_for
     from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
-    from moeplan.kernels.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
-
-    from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
 
     out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)
@@ -179,8 +183,8 @@ def _router_rows(w, rows):
 def load_compressed(path: str | os.PathLike, dtype=None):
     """Load a checkpoint written by write_hf, restoring per-layer expert counts and top-k."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from moeplan.sensitivity.adapters import adapter_for
     from moeplan.sensitivity.compress import prune_and_set_top_k
@@ -203,8 +207,6 @@ def load_compressed(path: str | os.PathLike, dtype=None):
             shapes[layer] = [g * per + i for g in range(groups) for i in range(keep_per)]
         prune_and_set_top_k(ad, shapes, {layer: v["top_k"] for layer, v in layers.items()})
         state = {}
-        from moeplan.kernels.inventory import checkpoint_shards
-
         for shard in checkpoint_shards(path):
             state.update(load_file(str(shard)))
         # experts stored one tensor each on disk go into the fused in-memory tensors

@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from .args import Command, positive_int
+from moeplan.allocator.plan import Plan
+from moeplan.kernels.checkpoint import regular_file
+from moeplan.kernels.inventory import build_inventory, resolve_model
 from moeplan.kernels.outputs import check_output
-
 from moeplan.sensitivity.profiler import DEFAULT_FORMATS
+
+from .args import Command, positive_int
 
 
 def _say(msg: str) -> None:
@@ -19,8 +22,6 @@ def _say(msg: str) -> None:
 
 def _read_text(path: str, flag: str) -> str:
     """A text file given on the command line (a regular file, UTF-8)."""
-    from moeplan.kernels.checkpoint import regular_file
-
     regular_file(Path(path), flag)
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -76,15 +77,10 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
 
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.profiler import load_importance
-
-    from moeplan.kernels.inventory import resolve_model
 
     plan = importance = None
     if plan_path is not None:  # the plan and the importance are checked before the model is loaded
-        from moeplan.allocator.plan import Plan
-
         plan = Plan.load(plan_path, build_inventory(model))
         imp_path = Path(importance_file) if importance_file else resolve_model(model) / "profile.importance.safetensors"
         if importance_file and not imp_path.is_file():

@@ -13,11 +13,28 @@ import sys
 import time
 from pathlib import Path
 
+from moeplan.allocator.cli.pareto import measure
+from moeplan.allocator.cli.pareto import write as write_measured
+from moeplan.allocator.plan import make_plan
+from moeplan.allocator.problem import Budget, InfeasibleBudget, Problem, fmt_bytes, parse_size
+from moeplan.allocator.solvers import solve
+from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
+from moeplan.kernels.inventory import resolve_model
 from moeplan.kernels.outputs import check_output, write_text
+from moeplan.sensitivity.synthetic import SYNTHETIC_FORMATS
 
-from .args import (Command, add_model, add_problem, format_menu, load_inventory, load_profile, nonneg_float, positive_int,
-                   say, speed_constraint)
-
+from .args import (
+    Command,
+    add_model,
+    add_problem,
+    format_menu,
+    load_inventory,
+    load_profile,
+    nonneg_float,
+    positive_int,
+    say,
+    speed_constraint,
+)
 
 # ---------------------------------------------------------------------------------------------
 # inventory
@@ -62,10 +79,6 @@ def _solve_args(ap):
 
 
 def _solve_run(args) -> int:
-    from moeplan.allocator.plan import make_plan
-    from moeplan.allocator.problem import Budget, InfeasibleBudget, Problem
-    from moeplan.allocator.solvers import solve
-
     for flag, path in (("--out", args.out), ("--llama-quantize-args", args.llama_quantize_args),
                        ("--dump-model", args.dump_model)):
         if path:
@@ -102,8 +115,6 @@ def _solve_run(args) -> int:
 
 def summary_table(problem, sol) -> str:
     """The solve's report as a plain table: status, objective, bound, gap, time, size split."""
-    from moeplan.allocator.problem import fmt_bytes
-
     t = sol.totals
     syn = " (SYNTHETIC profile)" if problem.profile.synthetic else ""
     lines = [
@@ -151,11 +162,6 @@ def _sweep_args(ap):
 
 
 def _sweep_run(args) -> int:
-    from moeplan.sensitivity.synthetic import SYNTHETIC_FORMATS
-
-    from moeplan.allocator.problem import fmt_bytes, parse_size
-    from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
-
     if (args.materialize or args.eval_text) and not args.measure:
         raise ValueError("--materialize and --eval-text go with --measure")
     check_output(args.out_csv, "--out-csv")
@@ -163,8 +169,6 @@ def _sweep_run(args) -> int:
     if args.materialize:
         check_output(Path(args.materialize) / "x", "--materialize")
     if args.measure:
-        from moeplan.kernels.inventory import resolve_model
-
         model_dir = resolve_model(args.model)
         if not model_dir.is_dir():
             raise ValueError(f"--measure needs a checkpoint with weights (a directory with config.json and the "
@@ -194,8 +198,6 @@ def _sweep_run(args) -> int:
     cols = ["memory_bytes", "method", "status", "weight_gb", "damage", "gap"]
     if args.measure:
         from moeplan.sensitivity.profiler import importance_path
-
-        from moeplan.allocator.cli.pareto import measure, write as write_measured
 
         imp = importance_path(args.profile) if args.profile else None
         t1 = time.perf_counter()
