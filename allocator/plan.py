@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import parse_json, regular_file
-from moeplan.kernels.gguf_layout import gguf_arch, gguf_names, stacked_name
+from moeplan.kernels.gguf_layout import gguf_arch, gguf_names, stacked_name, tensor_order_key
 from moeplan.kernels.inventory import Role, Target
 from moeplan.kernels.outputs import json_text, write_text
 
@@ -341,7 +341,7 @@ class Plan(_Strict):
                 for g in gguf_names(name):
                     if "_exps." in g:
                         types[g] = f
-        for g in sorted(types, key=_gguf_sort_key):
+        for g in sorted(types, key=tensor_order_key):
             lines.append(f"--tensor-type ^{re.escape(g)}$={types[g]}")
         if self.layers:
             lines.append(f"--override-kv {arch}.expert_count=int:{len(self.layers[0].kept)}")
@@ -371,13 +371,6 @@ def _expert_names_of(plan: Plan, layer: LayerPlan) -> list[str]:
 
 def _ranges(xs: list[int]) -> str:
     return f"{xs[0]}..{xs[-1]}" if xs and xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
-
-
-def _gguf_sort_key(name: str):
-    parts = name.split(".")
-    if parts[0] == "blk":
-        return (1, int(parts[1]), name)
-    return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
 def schema() -> dict:

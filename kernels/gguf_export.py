@@ -31,10 +31,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import api as _api  # looked up at each call (tests patch kernels.api.quantize)
 from . import formats as _formats
-from .api import available_formats, dequantize, quantize
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
+from .gguf_layout import KvBSplit, tensor_order_key
 from .inventory import build_inventory
 from .outputs import check_output, output_file
 
@@ -442,6 +443,7 @@ class _Stored:
     experts: list[int] = field(default_factory=list)  # "experts": original indices
     prefix: str = ""  # "experts": checkpoint name prefix (model.layers.L.mlp.experts)
     kind: str = ""  # "experts": gate_proj / up_proj / down_proj
+    split: KvBSplit | None = None  # "k_b", "v_b": the kv_b split they come from
 
     @property
     def nbytes(self) -> int:
@@ -603,7 +605,7 @@ class _Planner:
 
         self.config, self.inv, self.formats, self.importance = config, inv, formats, importance
         self.default_format, self.kept = default_format, kept
-        self.kernel_formats = set(_available_formats())
+        self.kernel_formats = set(_api.available_formats())
         self.tmap = gguf.get_tensor_name_map(_gguf_arch(fam), int(config["num_hidden_layers"]))
         self.mla = fam.model_type == "deepseek_v3"
         self.row_perms = _rope_row_perms(fam, config)
@@ -659,18 +661,18 @@ class _Planner:
 
     def kv_b(self, t) -> list[_Stored]:
         """DeepSeek's kv_b_proj (H*(nope+v), r) as llama.cpp's attn_k_b (H, r, nope) and attn_v_b (H, v, r)."""
-        c = self.config
-        h, nope, v, r = int(c["num_attention_heads"]), int(c["qk_nope_head_dim"]), int(c["v_head_dim"]), int(c["kv_lora_rank"])
-        if t.shape != (h * (nope + v), r):
+        split = KvBSplit.of(self.config)
+        h, nope, v, r = split.heads, split.nope, split.v, split.rank
+        if t.shape != split.kv_b_shape:
             raise ValueError(f"{t.name} has shape {t.shape}, expected ({h}*({nope}+{v}), {r}) from the config")
         req = self.requested(t.name)
-        kb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "k_b_proj")), (h, r, nope),
-                     _formats.resolve(req, nope), req, (t.name,), "k_b")
+        kb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "k_b_proj")), split.k_b_shape,
+                     _formats.resolve(req, nope), req, (t.name,), "k_b", split=split)
         if kb.fmt.needs_importance:
             # k_b's rows run along q's nope dims, which the checkpoint's importance (over kv_lora) does not cover
             kb.importance = np.ones(nope, dtype=np.float32)
-        vb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "v_b_proj")), (h, v, r), _formats.resolve(req, r),
-                     req, (t.name,), "v_b", importance=self.importance_of(t.name, r))
+        vb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "v_b_proj")), split.v_b_shape, _formats.resolve(req, r),
+                     req, (t.name,), "v_b", importance=self.importance_of(t.name, r), split=split)
         return [self.check(kb), self.check(vb)]
 
     def single(self, t) -> _Stored:
@@ -726,19 +728,8 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, 
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"two checkpoint tensors map to the GGUF tensor {dup}")
-    stored.sort(key=_order_key)
+    stored.sort(key=lambda s: tensor_order_key(s.name))
     return _Plan(stored, n_expert, k, kept, skipped)
-
-
-def _order_key(s: _Stored):
-    m = re.match(r"blk\.(\d+)\.", s.name)
-    if m:
-        return (1, int(m.group(1)), s.name)
-    return (0 if s.name.startswith("token_embd") else 2, 0, s.name)
-
-
-def _available_formats() -> list[str]:
-    return available_formats()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,7 +794,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
         with output_file(out_path, "--gguf") as tmp:
             writer = gguf.GGUFWriter(tmp, fam.arch_name)  # tmp lies in a fresh private directory
             try:
-                _write(writer, plan, config, fam, vocab, model_dir, ckpt, quantize, progress, threads)
+                _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads)
             finally:
                 writer.close()
     finally:
@@ -916,17 +907,8 @@ def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -
             yield q
             del x
     elif s.op in ("k_b", "v_b"):
-        h, _, _ = s.shape
-        kv = ckpt.read(s.sources[0])  # (H*(nope+v), r)
-        r = kv.shape[1]
-        kv = kv.view(h, -1, r)
-        if s.op == "k_b":
-            nope = s.shape[2]
-            x = kv[:, :nope, :].transpose(1, 2).contiguous()  # (H, r, nope)
-        else:
-            v_dim = s.shape[1]
-            x = kv[:, kv.shape[1] - v_dim:, :].contiguous()  # (H, v, r)
-        yield quantize(x, s.fmt, s.importance, threads=threads)
+        k_b, v_b = s.split.split(ckpt.read(s.sources[0]))  # (H*(nope+v), r) -> (H, r, nope), (H, v, r)
+        yield quantize(k_b if s.op == "k_b" else v_b, s.fmt, s.importance, threads=threads)
     else:  # pragma: no cover
         raise AssertionError(s.op)
 
@@ -958,7 +940,7 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
 
     if decode is None:
         def decode(raw, type_id, shape):
-            return dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(type_id), shape)
+            return _api.dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(type_id), shape)
 
     fam = family_of(config)
     reader = gguf.GGUFReader(str(gguf_path))
@@ -1016,10 +998,9 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
                 inv[perms[kind]] = np.arange(len(inv))
                 x = x[inv]
             state[name] = x
+    split = KvBSplit.of(config) if kb else None
     for layer in kb:
-        k, v = kb[layer], vb[layer]  # (H, r, nope), (H, v, r)
-        kv = np.concatenate([k.transpose(0, 2, 1), v], axis=1)  # (H, nope+v, r)
-        state[f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
+        state[f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = split.join(kb[layer], vb[layer])
     return cfg, state, kept
 
 

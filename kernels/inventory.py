@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import checkpoint_shards, read_json, read_safetensors_header
+from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.outputs import json_text, write_text
 
 INVENTORY_VERSION = 1
@@ -84,9 +85,8 @@ class TensorInfo:
         becomes attn_k_b (H, kv_lora, nope) and attn_v_b (H, v, kv_lora) (llama.cpp's MLA layout),
         which changes k_b's row length to qk_nope_head_dim."""
         if Target(target) is Target.GGUF and self.kind == "kv_b_proj" and config is not None and "kv_lora_rank" in config:
-            h = int(config["num_key_value_heads"] if config.get("num_key_value_heads") else config["num_attention_heads"])
-            nope, v, r = int(config["qk_nope_head_dim"]), int(config["v_head_dim"]), int(config["kv_lora_rank"])
-            return [(h, r, nope), (h, v, r)]
+            split = KvBSplit.of(config)
+            return [split.k_b_shape, split.v_b_shape]
         return [self.shape]
 
     def nbytes(self, fmt: str | fmts.Format, target: Target | str = Target.FREE, config: dict | None = None) -> int:

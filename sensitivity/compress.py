@@ -16,6 +16,7 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.inventory import _EXPERT_RE, Target
 
 from .adapters import adapter_for
@@ -60,17 +61,15 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
     return torch.from_numpy(kernels.dequantize(q, f.name, x.shape))
 
 
-def _kv_b_gguf(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None) -> torch.Tensor:
-    """kv_b_proj (H*(nope+v), r) through llama.cpp's storage: k_b (H, r, nope) and v_b (H, v, r)."""
-    h = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    nope, v = int(config["qk_nope_head_dim"]), int(config["v_head_dim"])
-    r = w.shape[1]
-    kv = w.float().view(h, nope + v, r)
-    k_b = kv[:, :nope, :].transpose(1, 2).contiguous()  # (H, r, nope): rows of nope values
-    v_b = kv[:, nope:, :].contiguous()  # (H, v, r)
-    k_q = quantize_dequantize(k_b.reshape(h * r, nope), fmt).view(h, r, nope).transpose(1, 2)
+def quantize_dequantize_kv_b(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None) -> torch.Tensor:
+    """kv_b_proj (H*(nope+v), r) through llama.cpp's storage: k_b (H, r, nope) and v_b (H, v, r)
+    (kernels.gguf_layout.KvBSplit), each quantized with its own row length."""
+    split = KvBSplit.of(config)
+    h, nope, v, r = split.heads, split.nope, split.v, split.rank
+    k_b, v_b = split.split(w.float())
+    k_q = quantize_dequantize(k_b.reshape(h * r, nope), fmt).view(h, r, nope)
     v_q = quantize_dequantize(v_b.reshape(h * v, r), fmt, importance).view(h, v, r)
-    return torch.cat([k_q, v_q], dim=1).reshape(h * (nope + v), r)
+    return split.join(k_q, v_q)
 
 
 @torch.no_grad()
@@ -88,7 +87,7 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
         imp = None if importance is None else importance.get(name)
         w = r.get()
         if Target(decision.target) is Target.GGUF and name.endswith("kv_b_proj.weight") and config.get("kv_lora_rank"):
-            r.set(_kv_b_gguf(w, fmt, config, imp))
+            r.set(quantize_dequantize_kv_b(w, fmt, config, imp))
         else:
             r.set(quantize_dequantize(w, fmt, imp, name))
     prune_and_set_top_k(ad, decision.kept_experts, decision.top_k)

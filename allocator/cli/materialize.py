@@ -107,7 +107,12 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from moeplan.sensitivity.adapters import ExpertKind, adapter_for
-    from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
+    from moeplan.sensitivity.compress import (
+        Decision,
+        prune_and_set_top_k,
+        quantize_dequantize,
+        quantize_dequantize_kv_b,
+    )
 
     out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)
@@ -132,7 +137,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
             return w
         imp = None if importance is None else importance.get(name)
         if gguf_kv_b and name.endswith("kv_b_proj.weight"):
-            return _kv_b_gguf(w, fmt, config, imp)
+            return quantize_dequantize_kv_b(w, fmt, config, imp)
         return quantize_dequantize(w, fmt, imp, name)
 
     ckpt = Checkpoint(Path(model_dir), config)
