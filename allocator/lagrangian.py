@@ -465,7 +465,7 @@ def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
 # the price search
 
 def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0,
-            rtol_dual: float = 0.0):
+            rtol_dual: float = 0.0, deadline: float = INF):
     """Maximize a concave piecewise-linear dual over one price >= 0 through the root of its
     supergradient use(price) - cap, a decreasing step function.
 
@@ -476,8 +476,9 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
     `tol` wide, or until the dual cannot exceed the best bound seen by more than `rtol_dual`
     (relative): the
     supporting lines at the two ends of the bracket (slopes use - cap) meet at the highest value
-    a concave function through both ends can reach. Returns the best bound seen and the solution at
-    the smallest price found whose use fits `cap` (a plan for that row)."""
+    a concave function through both ends can reach, or until time.perf_counter() passes `deadline`
+    (the bracket is found first: its feasible end is the plan). Returns the best bound seen and the
+    solution at the smallest price found whose use fits `cap` (a plan for that row)."""
     b0, u0, s0 = evaluate(0.0)
     if u0 <= cap:
         return b0, s0  # the row is slack: the unpriced optimum fits
@@ -516,7 +517,7 @@ def _search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, 
     vlo, vhi = bl_val, bh  # the dual at both ends
     side = 0
     for _ in range(max_iter):
-        if hi - lo <= tol * hi or ghi == 0:
+        if hi - lo <= tol * hi or ghi == 0 or time.perf_counter() > deadline:
             break
         if rtol_dual > 0 and _ceiling(lo, vlo, ulo - cap, hi, vhi, uh - cap) - best <= rtol_dual * abs(best):
             break
@@ -584,19 +585,25 @@ def _price_scale(p: Problem, W: float) -> float:
 
 def solve_lagrangian(p: Problem, rel_gap: float = 1e-6, time_limit: float = 60.0, cache: dict | None = None):
     """Feasible plan + proven lower bound (see the module docstring). `cache` keeps the
-    budget-independent tables (and the last prices) between solves of one problem's arrays."""
+    budget-independent tables (and the last prices) between solves of one problem's arrays.
+    `time_limit` (seconds) stops the price searches and the enumeration of gguf pairs where they
+    are once it has passed (after a first plan): the plan stays feasible and the bound proven, only
+    the gap is wider (log["time_limit_reached"])."""
     t0 = time.perf_counter()
+    deadline = t0 + time_limit
     W = float(p.budget.weights - p.fixed_bytes)
     R = float(p.speed.max_read - p.fixed_read) if p.speed is not None else INF
     items = _Items(p)
     solve = _solve_gguf if p.target is Target.GGUF else _solve_free
-    bound, a, log = solve(p, items, W, R, _Cache(p, cache))
+    bound, a, log = solve(p, items, W, R, _Cache(p, cache), deadline)
     log["relaxed_objective"] = p.objective(a)
     a = fill(p, a)
     obj = p.objective(a)
     bound = min(bound, obj)
     gap = (obj - bound) / obj if obj else 0.0
     status = Status.OPTIMAL if gap <= rel_gap else Status.FEASIBLE
+    if time.perf_counter() > deadline:
+        log["time_limit_reached"] = True
     return Solution("lagrangian", status, obj, bound, time.perf_counter() - t0, a, time_limit=time_limit, log=log)
 
 
@@ -609,7 +616,7 @@ DUAL_TOL = 1e-7
 
 
 def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, float], log: dict,
-                rtol_dual: float = 0.0):
+                rtol_dual: float = 0.0, deadline: float = INF):
     """max over (lambda, mu) of the dual, mu searched for every lambda (warm-started from the last).
 
     relaxed(lam, mu) -> _Relaxed (the full relaxed solution); dual_read(lam, mu) -> (L(lam, mu), the
@@ -622,7 +629,7 @@ def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, floa
             s = relaxed(lam, 0.0)
             return s.dual(W, R), s.bytes, s
 
-        return _search(ev, W, start[0], TOL_PRICE, rtol_dual=rtol_dual)
+        return _search(ev, W, start[0], TOL_PRICE, rtol_dual=rtol_dual, deadline=deadline)
 
     last = {"mu": start[1]}
 
@@ -632,20 +639,20 @@ def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, floa
 
         # warm start: the best mu moves little between neighbouring lambdas
         bound, mu_hi = _search(ev_mu, R, last["mu"] or start[0], TOL_PRICE, step=2.0 if last["mu"] else 8.0,
-                               rtol_dual=rtol_dual)
+                               rtol_dual=rtol_dual, deadline=deadline)
         if mu_hi > 0:
             last["mu"] = mu_hi
         s = relaxed(lam, mu_hi)
         return max(bound, s.dual(W, R)), s.bytes, s
 
-    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0, rtol_dual=rtol_dual)
+    return _search(inner, W, start[0], TOL_PRICE * 100, step=2.0, rtol_dual=rtol_dual, deadline=deadline)
 
 
 # Relative price step below the search's final prices at which the free target's second plan is taken.
 OVERSHOOT = 1e-5
 
 
-def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
+def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache, deadline: float = INF):
     log: dict = {"evaluations": 0}
     scale = cache.price("lambda", _price_scale(p, W))
 
@@ -663,7 +670,7 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
 
     # the memory row alone first: its bound holds with the speed row too, and its plan may meet it
     free_layers = cache.get("free_layers", lambda: _FreeLayers(p)) if p.L else None
-    bound, s = _two_prices(relaxed_with(free_layers), None, W, INF, (scale, 0.0), log)
+    bound, s = _two_prices(relaxed_with(free_layers), None, W, INF, (scale, 0.0), log, deadline=deadline)
     log["lambda"] = s.lam
     cache.set_price("lambda", s.lam)
     if p.speed is None or p.read_per_token(s.a) <= p.speed.max_read:
@@ -680,7 +687,7 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
         return d_i + lam * (b_i - W) + mu * (r_i - R) + value, r_i + read
 
     relaxed = relaxed_with(layers)
-    bound, s = _two_prices(relaxed, dual_read, W, R, (s.lam, s.lam), log)
+    bound, s = _two_prices(relaxed, dual_read, W, R, (s.lam, s.lam), log, deadline=deadline)
     log["lambda"], log["mu"] = s.lam, s.mu
     # The plan at the prices found leaves slack in both rows; the relaxed plan just below them (the
     # other side of the breakpoint) overshoots them a little. Both become plans (fill; repair, then
@@ -697,12 +704,12 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
     return bound, best, log
 
 
-def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
+def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache, deadline: float = INF):
     """Enumerate the global kept count m (per group) and top-k k (see _enumerate). The memory row is
     solved first; with a speed row that its plan does not meet, the search is repeated with both
     rows, starting from the memory-only optimum's pair and prices, with the memory-only bounds."""
     if not p.L:
-        return _solve_free(p, items, W, R, cache)
+        return _solve_free(p, items, W, R, cache, deadline)
     layers = cache.get("gguf_layers", lambda: _GGUFLayers(p))
     log: dict = {"evaluations": 0, "pairs_searched": 0}
     ks = p.global_topk_options()
@@ -722,7 +729,7 @@ def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
         first = mem_pairs[len(mem_pairs) // 2]
     p_mem = p.replace(speed=None) if p.speed is not None else p
     bound, a, pair, prices, mem_bounds = _enumerate(p_mem, items, layers, A, mem_pairs, W, INF, first,
-                                                    (scale, 0.0), {}, log)
+                                                    (scale, 0.0), {}, log, deadline)
     cache.set_price("lambda", prices[0])
     cache.store[(cache.key, "pair")] = pair
     if p.speed is None or p.read_per_token(a) <= p.speed.max_read:
@@ -730,17 +737,20 @@ def _solve_gguf(p: Problem, items: _Items, W: float, R: float, cache: _Cache):
     log["speed_row"] = "active"
     # memory-only bounds hold with the speed row too: (m, k) costs what (m, best k) costs, moved by A
     start = {(m, k): mem_bounds[m, best_k[m]] - A[best_k[m]] + A[k] for m, k in pairs}
-    bound, a, pair, prices, _ = _enumerate(p, items, layers, A, pairs, W, R, pair, (prices[0], prices[0]), start, log)
+    bound, a, pair, prices, _ = _enumerate(p, items, layers, A, pairs, W, R, pair, (prices[0], prices[0]), start, log,
+                                           deadline)
     return bound, a, log
 
 
 def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: list, W: float, R: float,
-               first: tuple, prices: tuple, start_bounds: dict, log: dict):
+               first: tuple, prices: tuple, start_bounds: dict, log: dict, deadline: float = INF):
     """Branch and bound over (m, k) pairs. The open pair with the lowest bound is first tightened
     cheaply (one evaluation at the best plan's prices; with the speed row, a search over mu alone),
     and only if it still could beat the best plan gets a full price search and a plan. Any prices
     give a valid bound, so every pair's bound is the best of what was computed for it. Stops when no
-    pair's bound is below the best plan. Returns (bound, plan, pair, prices, bounds)."""
+    pair's bound is below the best plan, or once time.perf_counter() passes `deadline` with a plan
+    found (the pairs not searched then keep the bounds they have). Returns (bound, plan, pair, prices,
+    bounds)."""
     speed = math.isfinite(R)
 
     def relaxed_for(m, k):
@@ -763,7 +773,8 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
         lam = best_prices[0]
         if not speed:
             return relaxed(*best_prices).dual(W, R)
-        value, _ = _search(lambda u: (*dual_read(lam, u), u), R, best_prices[1] or lam, 1e-4, rtol_dual=DUAL_TOL)
+        value, _ = _search(lambda u: (*dual_read(lam, u), u), R, best_prices[1] or lam, 1e-4, rtol_dual=DUAL_TOL,
+                           deadline=deadline)
         return value
 
     bounds: dict = {pr: start_bounds.get(pr, -INF) for pr in pairs}
@@ -776,7 +787,7 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
         relaxed, dual_read = relaxed_for(*pair)
         searched.add(pair)
         try:
-            b, s = _two_prices(relaxed, dual_read if speed else None, W, R, best_prices, {}, DUAL_TOL)
+            b, s = _two_prices(relaxed, dual_read if speed else None, W, R, best_prices, {}, DUAL_TOL, deadline)
         except RuntimeError:
             bounds[pair] = INF  # the pair cannot meet the rows
         else:
@@ -794,7 +805,7 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
         pair = None
         while True:
             open_pairs = [pr for pr in pairs if pr not in searched and bounds[pr] < best_obj]
-            if not open_pairs:
+            if not open_pairs or (best_a is not None and time.perf_counter() > deadline):
                 break
             cand = min(open_pairs, key=bounds.get)
             if cand in tightened:
@@ -811,7 +822,7 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
     framed: set = set()
     while True:
         open_pairs = [pr for pr in pair_prices if pr not in framed and bounds[pr] < best_obj * (1 - FRONTIER_GAP)]
-        if not open_pairs:
+        if not open_pairs or time.perf_counter() > deadline:
             break
         pr = min(open_pairs, key=bounds.get)
         framed.add(pr)
