@@ -569,7 +569,12 @@ class Problem:
             dq += float(np.where(a.keep[..., None], self.exp_damage[li, ei, ji, f], 0.0).sum())
             dp = float(self.removal[~a.keep].sum())
             kidx = np.searchsorted(self.topk_values, a.topk)
-            dt = float(self.topk_cost[np.arange(self.L), np.minimum(kidx, len(self.topk_values) - 1)].sum())
+            bad = (kidx >= len(self.topk_values)) | (self.topk_values[np.minimum(kidx, len(self.topk_values) - 1)] != a.topk)
+            if bad.any():
+                li = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"layer {self.layers[li].layer} has top-k {int(a.topk[li])}, which is not an option "
+                                 f"(options: {self.topk_values.tolist()}): it has no cost to evaluate")
+            dt = float(self.topk_cost[np.arange(self.L), kidx].sum())
             kept = int(a.keep.sum())
             params += sum(int(a.keep[l.index].sum()) * (l.params_per_expert + l.router_bytes_per_expert // 4)
                           for l in self.layers)
