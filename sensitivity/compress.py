@@ -50,10 +50,10 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
     imp = importance
     if f.needs_importance and imp is None:
         imp = np.ones(x.shape[-1], dtype=np.float32)
-    if imp is not None and imp.shape[-1] != x.shape[-1]:
-        imp = None  # importance of another layout (e.g. kv_b before the gguf split)
-        if f.needs_importance:
-            imp = np.ones(x.shape[-1], dtype=np.float32)
+    if imp is not None and np.shape(imp)[-1] != x.shape[-1]:
+        raise ValueError(f"importance of {name or 'a tensor'} has shape {tuple(np.shape(imp))}, but the tensor has "
+                         f"{x.shape[-1]} input columns: one value per column is needed (is the importance file "
+                         "from this model?)")
     try:
         q = kernels.quantize(x, f.name, imp)
     except ValueError as exc:
@@ -61,14 +61,15 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
     return torch.from_numpy(kernels.dequantize(q, f.name, x.shape))
 
 
-def quantize_dequantize_kv_b(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None) -> torch.Tensor:
+def quantize_dequantize_kv_b(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None,
+                             name: str | None = None) -> torch.Tensor:
     """kv_b_proj (H*(nope+v), r) through llama.cpp's storage: k_b (H, r, nope) and v_b (H, v, r)
     (kernels.gguf_layout.KvBSplit), each quantized with its own row length."""
     split = KvBSplit.of(config)
     h, nope, v, r = split.heads, split.nope, split.v, split.rank
     k_b, v_b = split.split(w.float())
     k_q = quantize_dequantize(k_b.reshape(h * r, nope), fmt).view(h, r, nope)
-    v_q = quantize_dequantize(v_b.reshape(h * v, r), fmt, importance).view(h, v, r)
+    v_q = quantize_dequantize(v_b.reshape(h * v, r), fmt, importance, name).view(h, v, r)
     return split.join(k_q, v_q)
 
 
@@ -87,7 +88,7 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
         imp = None if importance is None else importance.get(name)
         w = r.get()
         if Target(decision.target) is Target.GGUF and name.endswith("kv_b_proj.weight") and config.get("kv_lora_rank"):
-            r.set(quantize_dequantize_kv_b(w, fmt, config, imp))
+            r.set(quantize_dequantize_kv_b(w, fmt, config, imp, name))
         else:
             r.set(quantize_dequantize(w, fmt, imp, name))
     prune_and_set_top_k(ad, decision.kept_experts, decision.top_k)

@@ -53,3 +53,4 @@ def test_tensor_order(names):
     assert sorted(names, key=tensor_order_key) == [
         "token_embd.weight", "blk.2.attn_k_b.weight", "blk.2.ffn_up_exps.weight", "blk.10.attn_q.weight",
         "output.weight", "output_norm.weight"]
+

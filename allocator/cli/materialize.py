@@ -137,7 +137,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
             return w
         imp = None if importance is None else importance.get(name)
         if gguf_kv_b and name.endswith("kv_b_proj.weight"):
-            return quantize_dequantize_kv_b(w, fmt, config, imp)
+            return quantize_dequantize_kv_b(w, fmt, config, imp, name)
         return quantize_dequantize(w, fmt, imp, name)
 
     ckpt = Checkpoint(Path(model_dir), config)
