@@ -37,9 +37,8 @@ from .checkpoint import Checkpoint, read_json
 from .formats import Format
 from .gguf_layout import KvBSplit, tensor_order_key
 from .inventory import build_inventory
-from .outputs import check_output, output_file
+from .outputs import check_output, fsync, output_file
 
-GGUF_ALIGNMENT = 32
 CHUNK_BYTES = 64 << 20  # float32 bytes of source rows read and quantized at once for 2-D tensors
 KEY_KEPT_EXPERTS = "moeplan.kept_experts.{layer}"  # original indices of the experts stacked in layer L
 
@@ -797,6 +796,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
                 _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads)
             finally:
                 writer.close()
+            fsync(tmp)  # on disk before it is renamed into place
     finally:
         ckpt.close()
 
@@ -827,7 +827,6 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    fout = w.fout[0]
 
     bar = None
     if progress:
@@ -836,24 +835,24 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
         bar = tqdm(total=sum(s.nbytes for s in plan.stored), unit="B", unit_scale=True, desc="GGUF", file=sys.stderr)
     try:
         for s in plan.stored:
-            _pad(fout)
+            data = np.empty(s.nbytes, dtype=np.uint8)  # the stored bytes of this one tensor
             written = 0
             try:
                 for chunk in _tensor_bytes(s, ckpt, quantize, threads):
-                    chunk = np.ascontiguousarray(chunk)
-                    fout.write(memoryview(chunk).cast("B"))
-                    written += chunk.nbytes
+                    raw = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+                    if written + raw.nbytes > s.nbytes:
+                        raise AssertionError(f"{s.name}: wrote more than the {s.nbytes} bytes planned")
+                    data[written:written + raw.nbytes] = raw
+                    written += raw.nbytes
                     if bar is not None:
-                        bar.update(chunk.nbytes)
+                        bar.update(raw.nbytes)
             except ValueError as exc:  # a value beyond the format's range, named with its tensor
                 what = s.name if s.op == "experts" else f"{s.sources[0]} ({s.name})"
                 raise ValueError(f"{what} as {s.fmt.name}: {exc}; give it a wider format in the plan "
                                  "(e.g. BF16)") from None
             if written != s.nbytes:
                 raise AssertionError(f"{s.name}: wrote {written} bytes, planned {s.nbytes}")
-        _pad(fout)
-        fout.flush()
-        os.fsync(fout.fileno())
+            w.write_tensor_data(data)  # gguf-py aligns it (32 bytes, its default) and pads after it
     finally:
         if bar is not None:
             bar.close()
@@ -867,12 +866,6 @@ def _add_size_label(w) -> None:
     total, shared, expert, count = w.get_total_parameter_count()
     if total > 0:
         w.add_size_label(gguf.size_label(total, shared, expert, count))
-
-
-def _pad(fout) -> None:
-    n = (-fout.tell()) % GGUF_ALIGNMENT
-    if n:
-        fout.write(b"\0" * n)
 
 
 def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -> Iterator[np.ndarray]:

@@ -844,3 +844,20 @@ def test_llama_cpp_loads_without_weight_repacking(qwen_dir, tmp_path):
         assert llm.model_params.use_extra_bufts is False
     finally:
         llm.close()
+
+
+def test_tensor_data_goes_through_gguf_py_writer(qwen_dir, tmp_path, monkeypatch):
+    """Each tensor's bytes are handed to GGUFWriter.write_tensor_data, in file order (not written to
+    the writer's file object behind its back)."""
+    import gguf
+
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = []
+
+    def counting(self, tensor, *a, **k):
+        calls.append(tensor.nbytes)
+        return real(self, tensor, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", counting)
+    report = _write(qwen_dir, tmp_path / "a.gguf", {}, default_format="Q8_0")
+    assert calls == [t.nbytes for t in report.tensors]
