@@ -2,7 +2,7 @@
 
 A `Problem` is built from an inventory (exact bytes), a profile (costs in KL nats/token), a
 `Budget` (device memory minus KV cache and runtime reserve), a deployment target and a format menu,
-optionally with a decode-speed constraint. It holds the data of the integer program of DESIGN.md
+optionally with a decode-speed constraint. It holds the data of the integer program (allocator/formulation.py)
 in arrays (what the solvers read) and typed views of them (what people read):
 
   items i        the non-expert quantizable tensors (attention, dense MLP, shared experts,
@@ -12,7 +12,7 @@ in arrays (what the solvers read) and typed views of them (what people read):
   fixed          tensors that are never quantized (norms, routers) -- a router's rows go with the
                  experts they route to
 
-Targets (DESIGN.md): `free` gives every expert tensor its own format, any kept count and top-k
+Targets: `free` gives every expert tensor its own format, any kept count and top-k
 per layer; `gguf` (llama.cpp) gives one format per stacked expert tensor (layer, kind), the same
 kept count in every MoE layer and one global top-k. With DeepSeek's group-limited routing, both
 keep the same number of experts in each of the n_group contiguous groups of a layer (the router

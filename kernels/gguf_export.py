@@ -13,8 +13,9 @@ Layout, following llama.cpp's converter (convert_hf_to_gguf.py) and loader (llam
 
 Shapes here are torch's, rows last (ggml's ne[0] = shape[-1]); GGUF stores them reversed.
 
-The file is written tensor by tensor (one expert or one chunk of rows at a time is read, quantized
-and written), to a temporary file next to the output that is renamed at the end. Nothing written
+The file is written tensor by tensor (one expert or one chunk of rows at a time is read and
+quantized; a tensor's quantized bytes go to gguf-py's GGUFWriter.write_tensor_data), to a temporary
+file next to the output that is renamed at the end. Nothing written
 depends on time or on the output path (general.name is the checkpoint directory's name), so the
 same inputs give the same bytes.
 """

@@ -53,7 +53,7 @@ QUANTIZABLE_ROLES = frozenset(
 
 
 class Target(str, enum.Enum):
-    """Deployment target: what runtime the plan is for (see DESIGN.md, "The integer program")."""
+    """Deployment target: what runtime the plan is for (allocator/problem.py, "Targets")."""
 
     GGUF = "gguf"  # mainline llama.cpp: one type per stacked expert tensor, one expert count, one top-k
     FREE = "free"  # moeplan / transformers: per-expert formats, per-layer counts and top-k
