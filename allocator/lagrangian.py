@@ -615,8 +615,8 @@ TOL_PRICE = 1e-7
 DUAL_TOL = 1e-7
 
 
-def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, float], log: dict,
-                rtol_dual: float = 0.0, deadline: float = INF):
+def _two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, float], rtol_dual: float = 0.0,
+                deadline: float = INF):
     """max over (lambda, mu) of the dual, mu searched for every lambda (warm-started from the last).
 
     relaxed(lam, mu) -> _Relaxed (the full relaxed solution); dual_read(lam, mu) -> (L(lam, mu), the
@@ -670,7 +670,7 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache, de
 
     # the memory row alone first: its bound holds with the speed row too, and its plan may meet it
     free_layers = cache.get("free_layers", lambda: _FreeLayers(p)) if p.L else None
-    bound, s = _two_prices(relaxed_with(free_layers), None, W, INF, (scale, 0.0), log, deadline=deadline)
+    bound, s = _two_prices(relaxed_with(free_layers), None, W, INF, (scale, 0.0), deadline=deadline)
     log["lambda"] = s.lam
     cache.set_price("lambda", s.lam)
     if p.speed is None or p.read_per_token(s.a) <= p.speed.max_read:
@@ -687,7 +687,7 @@ def _solve_free(p: Problem, items: _Items, W: float, R: float, cache: _Cache, de
         return d_i + lam * (b_i - W) + mu * (r_i - R) + value, r_i + read
 
     relaxed = relaxed_with(layers)
-    bound, s = _two_prices(relaxed, dual_read, W, R, (s.lam, s.lam), log, deadline=deadline)
+    bound, s = _two_prices(relaxed, dual_read, W, R, (s.lam, s.lam), deadline=deadline)
     log["lambda"], log["mu"] = s.lam, s.mu
     # The plan at the prices found leaves slack in both rows; the relaxed plan just below them (the
     # other side of the breakpoint) overshoots them a little. Both become plans (fill; repair, then
@@ -787,7 +787,7 @@ def _enumerate(p: Problem, items: _Items, layers: _GGUFLayers, A: dict, pairs: l
         relaxed, dual_read = relaxed_for(*pair)
         searched.add(pair)
         try:
-            b, s = _two_prices(relaxed, dual_read if speed else None, W, R, best_prices, {}, DUAL_TOL, deadline)
+            b, s = _two_prices(relaxed, dual_read if speed else None, W, R, best_prices, DUAL_TOL, deadline)
         except RuntimeError:
             bounds[pair] = INF  # the pair cannot meet the rows
         else:

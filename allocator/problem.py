@@ -501,12 +501,6 @@ class Problem:
         return [Candidate(f, it.stored[fi], int(self.item_bytes[i, fi]), float(self.item_damage[i, fi]),
                           int(self.item_read[i, fi])) for fi, f in enumerate(self.formats)]
 
-    def expert_candidates(self, layer_index: int, expert: int, j: int) -> list[Candidate]:
-        lay = self.layers[layer_index]
-        b = self.exp_bytes[layer_index, j]
-        return [Candidate(f, lay.stored[j][fi], int(b[fi]), float(self.exp_damage[layer_index, expert, j, fi]), int(b[fi]))
-                for fi, f in enumerate(self.formats)]
-
     # ---- structural options ----
     def kept_per_group_options(self, k: int) -> list[int]:
         """Kept experts per group (or per layer without groups) that allow top-k = k."""

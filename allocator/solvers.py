@@ -302,11 +302,6 @@ def _cbc_binary() -> str:
     raise RuntimeError("CBC is not available: install pulp (it ships a CBC binary) or choose another solver")
 
 
-def _cbc_command(**options):
-    """Kept for callers that check availability: raises RuntimeError when there is no CBC."""
-    return _cbc_binary()
-
-
 def _num(v: np.ndarray) -> np.ndarray:
     return np.char.mod("%.17g", np.asarray(v, dtype=np.float64))
 

@@ -292,7 +292,7 @@ def classify(name: str, shape: Sequence[int]) -> TensorInfo:
     return TensorInfo(name, shape, role, layer, None, leaf)
 
 
-def _expand_fused(name: str, shape: tuple[int, ...], moe_intermediate: int | None) -> list[TensorInfo] | None:
+def _expand_fused(name: str, shape: tuple[int, ...]) -> list[TensorInfo] | None:
     """Per-expert entries for a fused 3-D expert parameter (transformers 5 in-memory layout):
     gate_up_proj (E, 2I, H) -> gate_proj (I, H) and up_proj (I, H) per expert; down_proj (E, H, I)."""
     m = _FUSED_EXPERT_RE.search(name)
@@ -380,12 +380,11 @@ def check_config_matches(inv: Inventory) -> None:
 def _from_safetensors(shards: list[Path], config: dict, source: str) -> Inventory:
     tensors: list[TensorInfo] = []
     h = hashlib.sha256()
-    moe_inter = config.get("moe_intermediate_size")
     for shard in shards:
         header, _ = read_safetensors_header(shard)
         for name in sorted(header):
             shape = header[name].shape
-            fused = _expand_fused(name, shape, moe_inter)
+            fused = _expand_fused(name, shape)
             tensors.extend(fused if fused is not None else [classify(name, shape)])
         # content digest: the header and the first MiB of data tell two checkpoints of one architecture apart
         with open(shard, "rb") as f:
@@ -405,10 +404,9 @@ def _from_config(config: dict, source: str) -> Inventory:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     tensors: list[TensorInfo] = []
-    moe_inter = config.get("moe_intermediate_size")
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
-        fused = _expand_fused(name, shape, moe_inter)
+        fused = _expand_fused(name, shape)
         tensors.extend(fused if fused is not None else [classify(name, shape)])
     for name, b in model.named_buffers():
         if "e_score_correction_bias" in name:

@@ -261,10 +261,10 @@ class TestCBC(SolverContract):
 
     @classmethod
     def setup_class(cls):
-        from moeplan.allocator.solvers import _cbc_command
+        from moeplan.allocator.solvers import _cbc_binary
 
         try:
-            _cbc_command(msg=False)
+            _cbc_binary()
         except RuntimeError:
             pytest.skip("CBC is not available")
 
