@@ -330,7 +330,7 @@ class Plan(_Strict):
             lines.append("# damage figures of this plan are SYNTHETIC (generated profile, not measured)")
         types: dict[str, str] = {}
         for name, f in self.tensors.items():
-            for g in gguf_names(name):
+            for g in gguf_names(name, self.model.model_type):
                 if "_exps." in g:
                     continue
                 types[g] = f
@@ -338,7 +338,7 @@ class Plan(_Strict):
             types.update(self.stacked)
         else:  # free target with uniform experts: one type per stacked tensor
             for name, f in self.tensors.items():
-                for g in gguf_names(name):
+                for g in gguf_names(name, self.model.model_type):
                     if "_exps." in g:
                         types[g] = f
         for g in sorted(types, key=tensor_order_key):

@@ -36,7 +36,7 @@ from . import api as _api  # looked up at each call (tests patch kernels.api.qua
 from . import formats as _formats
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
-from .gguf_layout import KvBSplit, tensor_order_key
+from .gguf_layout import KvBSplit, gguf_name, tensor_order_key
 from .inventory import build_inventory
 from .outputs import check_output, fsync, output_file
 
@@ -259,15 +259,6 @@ def family_of(config: Mapping) -> _Family:
     return FAMILIES[mt]
 
 
-def _gguf_arch(fam: _Family):
-    import gguf
-
-    for arch, name in gguf.MODEL_ARCH_NAMES.items():
-        if name == fam.arch_name:
-            return arch
-    raise RuntimeError(f"the installed gguf package does not know the architecture {fam.arch_name!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -466,9 +457,8 @@ def _check_importance_vec(name: str, v: Any, ncols: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _gguf_name(tmap, hf_name: str) -> str:
-    key = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
-    out = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+def _gguf_name(arch: str, hf_name: str) -> str:
+    out = gguf_name(hf_name, arch)
     if out is None:
         raise ValueError(f"checkpoint tensor {hf_name!r} has no GGUF name in this architecture; llama.cpp would not load it")
     return out
@@ -601,12 +591,10 @@ class _Planner:
 
     def __init__(self, fam: _Family, config: Mapping, inv, formats: Mapping[str, str],
                  importance: Mapping[str, Any], default_format: str, kept: dict[int, list[int]]):
-        import gguf
-
         self.config, self.inv, self.formats, self.importance = config, inv, formats, importance
         self.default_format, self.kept = default_format, kept
         self.kernel_formats = set(_api.available_formats())
-        self.tmap = gguf.get_tensor_name_map(_gguf_arch(fam), int(config["num_hidden_layers"]))
+        self.arch = fam.arch_name
         self.mla = fam.model_type == "deepseek_v3"
         self.row_perms = _rope_row_perms(fam, config)
 
@@ -654,7 +642,7 @@ class _Planner:
             prefix = _EXPERT_RE.match(srcs[0]).group("prefix")
             req_fmt = req.pop()
             out.append(self.check(_Stored(
-                _gguf_name(self.tmap, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), _formats.resolve(req_fmt, cols),
+                _gguf_name(self.arch, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), _formats.resolve(req_fmt, cols),
                 req_fmt, tuple(srcs), "experts", importance=imps if imps[0] is not None else None,
                 experts=list(kept), prefix=prefix, kind=kind)))
         return out
@@ -666,17 +654,17 @@ class _Planner:
         if t.shape != split.kv_b_shape:
             raise ValueError(f"{t.name} has shape {t.shape}, expected ({h}*({nope}+{v}), {r}) from the config")
         req = self.requested(t.name)
-        kb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "k_b_proj")), split.k_b_shape,
+        kb = _Stored(_gguf_name(self.arch, t.name.replace("kv_b_proj", "k_b_proj")), split.k_b_shape,
                      _formats.resolve(req, nope), req, (t.name,), "k_b", split=split)
         if kb.fmt.needs_importance:
             # k_b's rows run along q's nope dims, which the checkpoint's importance (over kv_lora) does not cover
             kb.importance = np.ones(nope, dtype=np.float32)
-        vb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "v_b_proj")), split.v_b_shape, _formats.resolve(req, r),
+        vb = _Stored(_gguf_name(self.arch, t.name.replace("kv_b_proj", "v_b_proj")), split.v_b_shape, _formats.resolve(req, r),
                      req, (t.name,), "v_b", importance=self.importance_of(t.name, r), split=split)
         return [self.check(kb), self.check(vb)]
 
     def single(self, t) -> _Stored:
-        name, gname = t.name, _gguf_name(self.tmap, t.name)
+        name, gname = t.name, _gguf_name(self.arch, t.name)
         if not t.quantizable:  # norms, biases, router, exp_probs_b: F32
             rows, shape = None, t.shape
             if t.layer in self.kept and (t.kind == "gate" or "e_score_correction_bias" in name):
@@ -948,7 +936,6 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
 
     n_expert = int(field_val(f"{arch}.expert_count"))
     top_k = int(field_val(f"{arch}.expert_used_count"))
-    n_layers = int(config["num_hidden_layers"])
     kept = {}
     for layer in fam.moe_layers(config):
         v = field_val(KEY_KEPT_EXPERTS.format(layer=layer))
@@ -956,11 +943,10 @@ def read_back(gguf_path: str | os.PathLike, config: Mapping,
     cfg = compressed_config(config, n_expert, top_k)
 
     # GGUF name -> checkpoint name, for the tensors that map one to one
-    tmap = gguf.get_tensor_name_map(_gguf_arch(fam), n_layers)
     ckpt_names = _expected_checkpoint_names(cfg)
     reverse: dict[str, str] = {}
     for n in ckpt_names:
-        g = tmap.get_name(n.replace("e_score_correction_bias", "e_score_correction.bias"), try_suffixes=(".weight", ".bias"))
+        g = gguf_name(n, arch)
         if g is not None:
             reverse[g] = n
     perms = _rope_row_perms(fam, config)

@@ -1,8 +1,9 @@
 """llama.cpp's GGUF layout of a checkpoint: tensor names, DeepSeek's kv_b split, tensor order.
 
-- gguf_names: checkpoint tensor names -> the names llama.cpp's GGUF files use (blk.N.ffn_down_exps, ...),
-  for the plan's llama-quantize arguments, llama.cpp's per-tensor type rules (which match on these
-  names) and reading llama-imatrix files. Routed experts map to their layer's stacked tensor; DeepSeek's
+- gguf_name / gguf_names: checkpoint tensor names -> the names llama.cpp's GGUF files use
+  (blk.N.ffn_down_exps, ...), through gguf-py's TensorNameMap: for the GGUF writer and its reader, the
+  plan's llama-quantize arguments, llama.cpp's per-tensor type rules (which match on these names) and
+  reading llama-imatrix files. Routed experts map to their layer's stacked tensor; DeepSeek's
   kv_b_proj is stored split as attn_k_b and attn_v_b (llama.cpp's MLA layout).
 - KvBSplit: that split's shapes and the split itself (the inventory's byte counts, the in-memory
   compression, the GGUF writer and its reader all use it).
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,53 +23,52 @@ import numpy as np
 GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_moe": "qwen3moe",
              "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
-_IN_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_a_proj.weight": "attn_q_a.weight",
-    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
-    "self_attn.q_b_proj.weight": "attn_q_b.weight",
-    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
-    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
-    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-}
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-        "model.norm.weight": "output_norm.weight"}
+_LAYER = re.compile(r"^(?P<pre>.*?layers\.)(?P<layer>\d+)(?P<rest>\..+)$")
+_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.\d+\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
 
 
-def gguf_names(name: str) -> list[str]:
-    """The GGUF tensor(s) a checkpoint tensor is stored as (two for DeepSeek's kv_b_proj; a routed
-    expert's tensor maps to its layer's stacked tensor). Unknown names raise."""
-    if name in _TOP:
-        return [_TOP[name]]
-    m = _LAYER.match(name)
+@functools.lru_cache(maxsize=None)
+def _name_map(arch: str):
+    """gguf-py's TensorNameMap of `arch` for block 0 (gguf_name moves block L to block 0 and back)."""
+    import gguf
+
+    for arch_id, name in gguf.MODEL_ARCH_NAMES.items():
+        if name == arch:
+            return gguf.get_tensor_name_map(arch_id, 1)
+    raise RuntimeError(f"the installed gguf package does not know the architecture {arch!r}")
+
+
+def gguf_name(name: str, arch: str) -> str | None:
+    """The GGUF name of checkpoint tensor `name` in GGUF architecture `arch` (e.g. deepseek2), from
+    gguf-py's TensorNameMap (llama.cpp's converter's own table); a layer's routed experts go by their
+    stacked name (model.layers.L.mlp.experts.gate_proj.weight -> blk.L.ffn_gate_exps.weight). None when
+    llama.cpp has no such tensor in that architecture."""
+    key = name.replace("e_score_correction_bias", "e_score_correction.bias")
+    m = _LAYER.match(key)
     if m:
-        layer, rest = m.group(1), m.group(2)
-        e = _EXPERT.match(rest)
-        if e:
-            return [f"blk.{layer}.ffn_{e.group(1).removesuffix('_proj')}_exps.weight"]
-        if rest == "self_attn.kv_b_proj.weight":
-            return [f"blk.{layer}.attn_k_b.weight", f"blk.{layer}.attn_v_b.weight"]
-        if rest in _IN_LAYER:
-            return [f"blk.{layer}.{_IN_LAYER[rest]}"]
+        key = f"{m['pre']}0{m['rest']}"
+    out = _name_map(arch).get_name(key, try_suffixes=(".weight", ".bias"))
+    if out is None or m is None:
+        return out
+    return f"blk.{m['layer']}." + out.removeprefix("blk.0.") if out.startswith("blk.0.") else out
+
+
+def gguf_names(name: str, model_type: str | None = None) -> list[str]:
+    """The GGUF tensor(s) a checkpoint tensor is stored as: two for DeepSeek's kv_b_proj (attn_k_b,
+    attn_v_b); a routed expert's tensor (model.layers.L.mlp.experts.E.down_proj.weight) maps to its
+    layer's stacked tensor. Named as in the architecture of `model_type` or, where that one has no such
+    tensor (a dense layer of a Qwen MoE: llama.cpp's qwen3moe has none), in the first of GGUF_ARCH's
+    that has it (every architecture names a tensor type the same way). Unknown names raise."""
+    e = _EXPERT.match(name)
+    key = f"{e['prefix']}.{e['kind']}.weight" if e else name
+    keys = [key.replace("kv_b_proj", "k_b_proj"), key.replace("kv_b_proj", "v_b_proj")] \
+        if key.endswith("self_attn.kv_b_proj.weight") else [key]
+    arches = dict.fromkeys([GGUF_ARCH[model_type]] if model_type in GGUF_ARCH else [])
+    arches.update(dict.fromkeys(GGUF_ARCH.values()))
+    for arch in arches:
+        out = [gguf_name(k, arch) for k in keys]
+        if all(out):
+            return out
     raise ValueError(f"no GGUF name known for tensor {name!r}")
 
 

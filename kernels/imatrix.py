@@ -211,13 +211,14 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
     Inventory or TensorInfo-like objects with .name and .shape; 2-D weights only). With `strict`, an
     entry whose column count does not match its checkpoint tensor raises."""
     out: dict[str, np.ndarray] = {}
+    model_type = getattr(tensors, "model_type", None)
     for t in tensors:
         shape = tuple(int(d) for d in t.shape)
         if len(shape) != 2:
             continue
         cols = shape[-1]
         try:
-            gnames = gguf_names(t.name)
+            gnames = gguf_names(t.name, model_type)
         except ValueError:
             continue
         m = _EXPERT_RE.match(t.name)

@@ -54,3 +54,17 @@ def test_tensor_order(names):
         "token_embd.weight", "blk.2.attn_k_b.weight", "blk.2.ffn_up_exps.weight", "blk.10.attn_q.weight",
         "output.weight", "output_norm.weight"]
 
+
+
+def test_names_come_from_gguf_py_tensor_name_map():
+    from moeplan.kernels.gguf_layout import gguf_name, gguf_names
+
+    assert gguf_names("model.layers.3.mlp.experts.7.down_proj.weight", "deepseek_v3") == ["blk.3.ffn_down_exps.weight"]
+    assert gguf_names("model.layers.12.self_attn.kv_b_proj.weight") == ["blk.12.attn_k_b.weight", "blk.12.attn_v_b.weight"]
+    assert gguf_names("model.layers.1.mlp.gate.e_score_correction_bias", "deepseek_v3") == ["blk.1.exp_probs_b.bias"]
+    assert gguf_names("model.layers.0.mlp.down_proj.weight", "qwen3_moe") == ["blk.0.ffn_down.weight"]
+    assert gguf_names("model.embed_tokens.weight") == ["token_embd.weight"] and gguf_names("lm_head.weight") == ["output.weight"]
+    assert gguf_name("model.layers.61.mlp.experts.gate_proj.weight", "deepseek2") == "blk.61.ffn_gate_exps.weight"
+    assert gguf_name("model.layers.2.self_attn.q_a_proj.weight", "qwen3moe") is None  # no MLA in qwen3moe
+    with pytest.raises(ValueError, match="no GGUF name known"):
+        gguf_names("model.layers.0.mlp.no_such.weight")
