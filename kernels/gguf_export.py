@@ -654,12 +654,13 @@ class _Planner:
         if t.shape != split.kv_b_shape:
             raise ValueError(f"{t.name} has shape {t.shape}, expected ({h}*({nope}+{v}), {r}) from the config")
         req = self.requested(t.name)
-        kb = _Stored(_gguf_name(self.arch, t.name.replace("kv_b_proj", "k_b_proj")), split.k_b_shape,
+        k_name, v_name = KvBSplit.part_names(t.name)
+        kb = _Stored(_gguf_name(self.arch, k_name), split.k_b_shape,
                      _formats.resolve(req, nope), req, (t.name,), "k_b", split=split)
         if kb.fmt.needs_importance:
             # k_b's rows run along q's nope dims, which the checkpoint's importance (over kv_lora) does not cover
             kb.importance = np.ones(nope, dtype=np.float32)
-        vb = _Stored(_gguf_name(self.arch, t.name.replace("kv_b_proj", "v_b_proj")), split.v_b_shape, _formats.resolve(req, r),
+        vb = _Stored(_gguf_name(self.arch, v_name), split.v_b_shape, _formats.resolve(req, r),
                      req, (t.name,), "v_b", importance=self.importance_of(t.name, r), split=split)
         return [self.check(kb), self.check(vb)]
 

@@ -61,8 +61,7 @@ def gguf_names(name: str, model_type: str | None = None) -> list[str]:
     that has it (every architecture names a tensor type the same way). Unknown names raise."""
     e = _EXPERT.match(name)
     key = f"{e['prefix']}.{e['kind']}.weight" if e else name
-    keys = [key.replace("kv_b_proj", "k_b_proj"), key.replace("kv_b_proj", "v_b_proj")] \
-        if key.endswith("self_attn.kv_b_proj.weight") else [key]
+    keys = list(KvBSplit.part_names(key)) if KvBSplit.is_kv_b(key) else [key]
     arches = dict.fromkeys([GGUF_ARCH[model_type]] if model_type in GGUF_ARCH else [])
     arches.update(dict.fromkeys(GGUF_ARCH.values()))
     for arch in arches:
@@ -100,6 +99,20 @@ class KvBSplit:
     nope: int  # qk_nope_head_dim
     v: int  # v_head_dim
     rank: int  # kv_lora_rank
+
+    @staticmethod
+    def is_kv_b(name: str) -> bool:
+        return name.endswith("self_attn.kv_b_proj.weight")
+
+    @staticmethod
+    def applies(name: str, config: Mapping[str, Any] | None) -> bool:
+        """Whether llama.cpp stores checkpoint tensor `name` of a model of `config` split (MLA's kv_b_proj)."""
+        return KvBSplit.is_kv_b(name) and config is not None and bool(config.get("kv_lora_rank"))
+
+    @staticmethod
+    def part_names(name: str) -> tuple[str, str]:
+        """The checkpoint-style names of kv_b_proj's two parts (k_b_proj, v_b_proj), as TensorNameMap knows them."""
+        return name.replace("kv_b_proj", "k_b_proj"), name.replace("kv_b_proj", "v_b_proj")
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> "KvBSplit":

@@ -42,7 +42,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .gguf_layout import gguf_names
+from .gguf_layout import KvBSplit, gguf_names
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -222,7 +222,7 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
         except ValueError:
             continue
         m = _EXPERT_RE.match(t.name)
-        if t.name.endswith("self_attn.kv_b_proj.weight"):
+        if KvBSplit.is_kv_b(t.name):
             gnames = [g for g in gnames if g.endswith("attn_v_b.weight")]  # input kv_lora, like kv_b_proj's
         entry = imatrix.entries.get(gnames[0]) if gnames else None
         if entry is None:

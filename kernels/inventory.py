@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from moeplan.kernels import formats as fmts
-from moeplan.kernels.checkpoint import checkpoint_shards, read_json, read_safetensors_header
+from moeplan.kernels.checkpoint import (
+    checkpoint_shards,
+    read_json,
+    read_safetensors_header,
+)
 from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.outputs import json_text, write_text
 
@@ -84,7 +88,7 @@ class TensorInfo:
         """The shapes this tensor is stored as. For GGUF, DeepSeek's kv_b_proj (H*(nope+v), kv_lora)
         becomes attn_k_b (H, kv_lora, nope) and attn_v_b (H, v, kv_lora) (llama.cpp's MLA layout),
         which changes k_b's row length to qk_nope_head_dim."""
-        if Target(target) is Target.GGUF and self.kind == "kv_b_proj" and config is not None and "kv_lora_rank" in config:
+        if Target(target) is Target.GGUF and KvBSplit.applies(self.name, config):
             split = KvBSplit.of(config)
             return [split.k_b_shape, split.v_b_shape]
         return [self.shape]

@@ -87,7 +87,7 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
         r = refs[name]
         imp = None if importance is None else importance.get(name)
         w = r.get()
-        if Target(decision.target) is Target.GGUF and name.endswith("kv_b_proj.weight") and config.get("kv_lora_rank"):
+        if Target(decision.target) is Target.GGUF and KvBSplit.applies(name, config):
             r.set(quantize_dequantize_kv_b(w, fmt, config, imp, name))
         else:
             r.set(quantize_dequantize(w, fmt, imp, name))

@@ -27,6 +27,7 @@ from typing import Any
 from moeplan.allocator.plan import Plan
 from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
 from moeplan.kernels.gguf_export import write_gguf
+from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.inventory import (
     _EXPERT_RE,
     _FUSED_EXPERT_RE,
@@ -129,14 +130,14 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
         gate = ad.checkpoint_name(module_names[id(ad.router(layer))], layer)
         routers[f"{gate}.weight"] = routers[f"{gate}.e_score_correction_bias"] = kept[layer]
     prune_and_set_top_k(ad, kept, decision.top_k)
-    gguf_kv_b = Target(decision.target) is Target.GGUF and config.get("kv_lora_rank")
+    gguf_target = Target(decision.target) is Target.GGUF
 
     def compress(name: str, w: torch.Tensor) -> torch.Tensor:
         fmt = decision.formats.get(name)
         if fmt is None:
             return w
         imp = None if importance is None else importance.get(name)
-        if gguf_kv_b and name.endswith("kv_b_proj.weight"):
+        if gguf_target and KvBSplit.applies(name, config):
             return quantize_dequantize_kv_b(w, fmt, config, imp, name)
         return quantize_dequantize(w, fmt, imp, name)
 
