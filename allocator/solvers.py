@@ -26,7 +26,8 @@ import numpy as np
 
 from .baselines import paper_pipeline
 from .formulation import Formulation, MipModel, build_model
-from .lagrangian import repair, solve_lagrangian
+from .lagrangian import solve_lagrangian
+from .local_search import repair
 from .problem import Assignment, Problem
 from .solution import Solution, Status
 
