@@ -183,3 +183,10 @@ def test_function_local_imports_defer_a_heavy_dependency():
                         light.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
     assert not light, ("function-local imports of modules that load nothing heavy (import them at the top):\n"
                        + "\n".join(sorted(set(light))))
+
+
+def test_every_package_is_installed():
+    """A subpackage (allocator/cli/) that pyproject.toml does not list would be missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert listed == {m for m, p in MODULES.items() if p.name == "__init__.py"}
