@@ -255,10 +255,11 @@ class Inventory:
 # ---------------------------------------------------------------------------------------------
 # classification of checkpoint names
 
-_EXPERT_RE = re.compile(
+# a routed expert's tensor stored one per expert (groups: layer, expert, kind), and a fused 3-D one (layer, kind)
+EXPERT_RE = re.compile(
     r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"
 )
-_FUSED_EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
+FUSED_EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 _W_KIND = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -266,7 +267,7 @@ _W_KIND = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 def classify(name: str, shape: Sequence[int]) -> TensorInfo:
     """Role, layer, expert and kind of one checkpoint tensor, from its name."""
     shape = tuple(int(s) for s in shape)
-    m = _EXPERT_RE.search(name)
+    m = EXPERT_RE.search(name)
     if m:
         kind = _W_KIND.get(m.group(3), m.group(3))
         return TensorInfo(name, shape, Role.ROUTED_EXPERT, int(m.group(1)), int(m.group(2)), kind)
@@ -299,7 +300,7 @@ def classify(name: str, shape: Sequence[int]) -> TensorInfo:
 def _expand_fused(name: str, shape: tuple[int, ...]) -> list[TensorInfo] | None:
     """Per-expert entries for a fused 3-D expert parameter (transformers 5 in-memory layout):
     gate_up_proj (E, 2I, H) -> gate_proj (I, H) and up_proj (I, H) per expert; down_proj (E, H, I)."""
-    m = _FUSED_EXPERT_RE.search(name)
+    m = FUSED_EXPERT_RE.search(name)
     if not m or len(shape) != 3:
         return None
     layer, which = int(m.group(1)), m.group(2)

@@ -17,7 +17,7 @@ import torch
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.gguf_layout import KvBSplit
-from moeplan.kernels.inventory import _EXPERT_RE, Target
+from moeplan.kernels.inventory import EXPERT_RE, Target
 
 from .adapters import adapter_for
 
@@ -128,5 +128,5 @@ def predicted_damage(profile, decision: Decision) -> float:
 
 
 def _expert_of(name: str) -> tuple[int, int] | None:
-    m = _EXPERT_RE.search(name)
+    m = EXPERT_RE.search(name)
     return (int(m.group(1)), int(m.group(2))) if m else None

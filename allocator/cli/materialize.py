@@ -29,8 +29,8 @@ from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
 from moeplan.kernels.gguf_export import write_gguf
 from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.inventory import (
-    _EXPERT_RE,
-    _FUSED_EXPERT_RE,
+    EXPERT_RE,
+    FUSED_EXPERT_RE,
     Target,
     build_inventory,
     check_config_matches,
@@ -144,7 +144,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     ckpt = Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)
     for name in ckpt.names():
-        if _EXPERT_RE.search(name) or _FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
+        if EXPERT_RE.search(name) or FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
             continue  # experts below; FP8 scales are folded into the float32 weights
         shape = ckpt.shape(name)
         if name in routers:
