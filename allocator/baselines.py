@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeplan.kernels import formats as fmts
-from moeplan.sensitivity.inventory import Target
+from moeplan.kernels.gguf_layout import gguf_names
+from moeplan.kernels.inventory import Target
 
-from .gguf_names import gguf_names
 from .problem import Assignment, Problem, Totals, pareto
 
 
@@ -308,7 +308,7 @@ def llama_mix_types(inventory, preset: str) -> dict[str, str]:
     names: list[str] = []
     for t in inventory.tensors:
         if t.quantizable:
-            for g in gguf_names(t.name):
+            for g in gguf_names(t.name, inventory.model_type):
                 if g not in names:
                     names.append(g)
     n_v = sum(1 for g in names if _llama_class(g) == "attn_v")
@@ -332,13 +332,13 @@ def llama_mix(p: Problem, preset: str) -> Baseline:
     q = widen(p, sorted(set(types.values())))
     item_fmt = np.zeros(len(q.items), dtype=np.int64)
     for it in q.items:
-        parts = gguf_names(it.name)
+        parts = gguf_names(it.name, q.inventory.model_type)
         # DeepSeek's kv_b_proj is stored as attn_k_b + attn_v_b; llama.cpp's rules give both one type here
         item_fmt[it.index] = q.fmt_index(types[parts[0]])
     efmt = np.zeros((q.L, q.E, q.J), dtype=np.int64)
     for li, lay in enumerate(q.layers):
         for j in range(q.J):
-            efmt[li, :, j] = q.fmt_index(types[gguf_names(lay.tensor_names[0][j])[0]])
+            efmt[li, :, j] = q.fmt_index(types[gguf_names(lay.tensor_names[0][j], q.inventory.model_type)[0]])
     a = Assignment(item_fmt, np.ones((q.L, q.E), dtype=bool), efmt, _original_topk(q))
     return _finish(f"llama.cpp {preset}", q, a)
 

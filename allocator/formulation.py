@@ -1,4 +1,4 @@
-"""The integer program of DESIGN.md, written once, read by every exact solver.
+"""The integer program (the data of allocator/problem.py), written once, read by every exact solver.
 
 Data (from `Problem`):  items i with formats f: bytes b[i,f], damage c[i,f], read r[i,f];
 MoE layers l, experts e, tensor kinds j: bytes b[l,j,f] of one expert's tensor, damage c[l,e,j,f];
@@ -29,7 +29,7 @@ from typing import Iterable
 
 import numpy as np
 
-from moeplan.sensitivity.inventory import Target
+from moeplan.kernels.inventory import Target
 
 from .problem import Assignment, Problem, pareto
 

@@ -23,7 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import parse_json, regular_file
+from moeplan.kernels.gguf_layout import gguf_arch, gguf_names, stacked_name, tensor_order_key
+from moeplan.kernels.inventory import Role, Target
 from moeplan.kernels.outputs import json_text, write_text
+
+from .problem import Assignment
 
 PLAN_FORMAT = "moeplan-plan"
 PLAN_VERSION = 1
@@ -229,10 +233,6 @@ class Plan(_Strict):
         fingerprint, layers or tensors the model does not have, MoE layers or tensors the plan leaves
         out, or tensors whose exact bytes exceed the plan's weight budget (a hand-edited plan). Runs
         before anything is written."""
-        from moeplan.sensitivity.inventory import Role
-
-        from .gguf_names import stacked_name
-
         if inventory.fingerprint != self.model.fingerprint:
             raise PlanError(f"plan field 'model.fingerprint' is {self.model.fingerprint}, but this model's is "
                             f"{inventory.fingerprint}: the plan was made for another model (or another checkpoint "
@@ -293,8 +293,6 @@ class Plan(_Strict):
         """The exact bytes this plan stores for `inventory`: every tensor in its format (with llama.cpp's
         row-length fallbacks for the plan's target), the fixed F32 tensors, and the router rows of the
         kept experts."""
-        from moeplan.sensitivity.inventory import Role
-
         by_layer = {l.layer: l for l in self.layers}
         total = 0
         for t in inventory:
@@ -313,8 +311,6 @@ class Plan(_Strict):
         metadata overrides for the expert counts. Use as
         `llama-quantize $(grep -v '^#' FILE) in-bf16.gguf out.gguf TYPE`. llama-quantize cannot remove
         experts: a plan that prunes is refused (PlanError); its GGUF comes from `moeplan materialize`."""
-        from .gguf_names import gguf_arch, gguf_names
-
         if self.target != "gguf":
             uniform = all(len({self.tensors[n] for n in _expert_names_of(self, l)}) <= 1 for l in self.layers)
             counts = {len(l.kept) for l in self.layers}
@@ -334,7 +330,7 @@ class Plan(_Strict):
             lines.append("# damage figures of this plan are SYNTHETIC (generated profile, not measured)")
         types: dict[str, str] = {}
         for name, f in self.tensors.items():
-            for g in gguf_names(name):
+            for g in gguf_names(name, self.model.model_type):
                 if "_exps." in g:
                     continue
                 types[g] = f
@@ -342,10 +338,10 @@ class Plan(_Strict):
             types.update(self.stacked)
         else:  # free target with uniform experts: one type per stacked tensor
             for name, f in self.tensors.items():
-                for g in gguf_names(name):
+                for g in gguf_names(name, self.model.model_type):
                     if "_exps." in g:
                         types[g] = f
-        for g in sorted(types, key=_gguf_sort_key):
+        for g in sorted(types, key=tensor_order_key):
             lines.append(f"--tensor-type ^{re.escape(g)}$={types[g]}")
         if self.layers:
             lines.append(f"--override-kv {arch}.expert_count=int:{len(self.layers[0].kept)}")
@@ -377,13 +373,6 @@ def _ranges(xs: list[int]) -> str:
     return f"{xs[0]}..{xs[-1]}" if xs and xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
 
 
-def _gguf_sort_key(name: str):
-    parts = name.split(".")
-    if parts[0] == "blk":
-        return (1, int(parts[1]), name)
-    return (0 if name.startswith("token_embd") else 2, 0, name)
-
-
 def schema() -> dict:
     """The plan's JSON schema (generated from the model above)."""
     s = Plan.model_json_schema()
@@ -410,10 +399,6 @@ def validate_json_schema(obj) -> list[str]:
 
 def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) -> Plan:
     """The plan of `assignment` for `problem`, with the solver's `report` (Solution.report())."""
-    from moeplan.sensitivity.inventory import Target
-
-    from .gguf_names import stacked_name
-
     p, a = problem, assignment
     tot = p.evaluate(a)
     synthetic = p.profile.synthetic if synthetic is None else synthetic
@@ -447,8 +432,6 @@ def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) 
 def assignment_from_plan(problem, plan: Plan):
     """The plan as an assignment of `problem` (same model, target and a menu with its formats)."""
     import numpy as np
-
-    from .problem import Assignment
 
     p = problem
     if plan.model.fingerprint != p.inventory.fingerprint:

@@ -2,7 +2,7 @@
 
 A `Problem` is built from an inventory (exact bytes), a profile (costs in KL nats/token), a
 `Budget` (device memory minus KV cache and runtime reserve), a deployment target and a format menu,
-optionally with a decode-speed constraint. It holds the data of the integer program of DESIGN.md
+optionally with a decode-speed constraint. It holds the data of the integer program (allocator/formulation.py)
 in arrays (what the solvers read) and typed views of them (what people read):
 
   items i        the non-expert quantizable tensors (attention, dense MLP, shared experts,
@@ -12,7 +12,7 @@ in arrays (what the solvers read) and typed views of them (what people read):
   fixed          tensors that are never quantized (norms, routers) -- a router's rows go with the
                  experts they route to
 
-Targets (DESIGN.md): `free` gives every expert tensor its own format, any kept count and top-k
+Targets: `free` gives every expert tensor its own format, any kept count and top-k
 per layer; `gguf` (llama.cpp) gives one format per stacked expert tensor (layer, kind), the same
 kept count in every MoE layer and one global top-k. With DeepSeek's group-limited routing, both
 keep the same number of experts in each of the n_group contiguous groups of a layer (the router
@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from moeplan.kernels import formats as fmts
-from moeplan.sensitivity.inventory import Inventory, Role, Target, TensorInfo
+from moeplan.kernels.inventory import Inventory, Role, Target, TensorInfo
 from moeplan.sensitivity.profile import Profile
 
 DEFAULT_CONTEXT = 4096
@@ -501,12 +501,6 @@ class Problem:
         return [Candidate(f, it.stored[fi], int(self.item_bytes[i, fi]), float(self.item_damage[i, fi]),
                           int(self.item_read[i, fi])) for fi, f in enumerate(self.formats)]
 
-    def expert_candidates(self, layer_index: int, expert: int, j: int) -> list[Candidate]:
-        lay = self.layers[layer_index]
-        b = self.exp_bytes[layer_index, j]
-        return [Candidate(f, lay.stored[j][fi], int(b[fi]), float(self.exp_damage[layer_index, expert, j, fi]), int(b[fi]))
-                for fi, f in enumerate(self.formats)]
-
     # ---- structural options ----
     def kept_per_group_options(self, k: int) -> list[int]:
         """Kept experts per group (or per layer without groups) that allow top-k = k."""
@@ -569,7 +563,12 @@ class Problem:
             dq += float(np.where(a.keep[..., None], self.exp_damage[li, ei, ji, f], 0.0).sum())
             dp = float(self.removal[~a.keep].sum())
             kidx = np.searchsorted(self.topk_values, a.topk)
-            dt = float(self.topk_cost[np.arange(self.L), np.minimum(kidx, len(self.topk_values) - 1)].sum())
+            bad = (kidx >= len(self.topk_values)) | (self.topk_values[np.minimum(kidx, len(self.topk_values) - 1)] != a.topk)
+            if bad.any():
+                li = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"layer {self.layers[li].layer} has top-k {int(a.topk[li])}, which is not an option "
+                                 f"(options: {self.topk_values.tolist()}): it has no cost to evaluate")
+            dt = float(self.topk_cost[np.arange(self.L), kidx].sum())
             kept = int(a.keep.sum())
             params += sum(int(a.keep[l.index].sum()) * (l.params_per_expert + l.router_bytes_per_expert // 4)
                           for l in self.layers)

@@ -13,68 +13,25 @@ problem's own definition of feasibility (`Problem.check`) before it is returned.
 
 from __future__ import annotations
 
-import enum
 import math
 import os
 import re
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .baselines import paper_pipeline
 from .formulation import Formulation, MipModel, build_model
-from .problem import Assignment, Problem, Totals
+from .lagrangian import solve_lagrangian
+from .local_search import repair
+from .problem import Assignment, Problem
+from .solution import Solution, Status
 
 SOLVERS = ("lagrangian", "highs", "cbc", "cpsat")
-
-
-class Status(str, enum.Enum):
-    OPTIMAL = "optimal"  # gap within the requested tolerance
-    FEASIBLE = "feasible"  # a plan, with a gap above the tolerance (time limit)
-    INFEASIBLE = "infeasible"
-    NO_SOLUTION = "no_solution"  # stopped before finding any plan
-
-
-@dataclass
-class Solution:
-    solver: str
-    status: Status
-    objective: float | None  # predicted damage of the plan, nats/token (exact, from Problem.evaluate)
-    bound: float | None  # proven lower bound on the optimum
-    wall_s: float
-    assignment: Assignment | None = None
-    totals: Totals | None = None
-    time_limit: float | None = None
-    threads: int | None = None
-    hint_s: float = 0.0  # part of wall_s spent on the starting plan
-    model_size: dict = field(default_factory=dict)
-    log: dict = field(default_factory=dict)
-
-    @property
-    def gap(self) -> float | None:
-        """(objective - bound) / objective; 0 when both are 0."""
-        if self.objective is None or self.bound is None:
-            return None
-        diff = max(self.objective - self.bound, 0.0)
-        return diff / abs(self.objective) if self.objective else (0.0 if diff == 0 else math.inf)
-
-    def report(self) -> dict:
-        out = {"solver": self.solver, "status": self.status.value, "objective": self.objective,
-               "bound": self.bound, "gap": self.gap, "wall_s": round(self.wall_s, 4), "hint_s": round(self.hint_s, 4),
-               "time_limit_s": self.time_limit, "threads": self.threads}
-        if self.model_size:
-            out["model"] = {k: v for k, v in self.model_size.items() if k != "rows_by_family"}
-        return out
-
-    def summary(self) -> str:
-        gap = "-" if self.gap is None else f"{self.gap:.2e}"
-        obj = "-" if self.objective is None else f"{self.objective:.6g}"
-        bnd = "-" if self.bound is None else f"{self.bound:.6g}"
-        return f"{self.solver}: {self.status.value}, objective {obj}, bound {bnd}, gap {gap}, {self.wall_s:.2f} s"
 
 
 def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0, threads: int = 2,
@@ -98,8 +55,6 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
         write_model(build_model(problem), dump_model)
         say(f"wrote the integer program to {dump_model}")
     if solver == "lagrangian":
-        from .lagrangian import solve_lagrangian
-
         sol = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache)
         sol.threads = threads
         sol.wall_s = time.perf_counter() - t0
@@ -108,14 +63,10 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
     start, start_bound = None, None
     if isinstance(hint, str):
         if hint == "lagrangian":
-            from .lagrangian import solve_lagrangian
-
             say("starting plan: Lagrangian")
             start_sol = solve_lagrangian(problem, rel_gap=rel_gap, time_limit=time_limit, cache=cache)
             start, start_bound = start_sol.assignment, start_sol.bound
         elif hint == "greedy":
-            from .baselines import paper_pipeline
-
             say("starting plan: the seed paper's pipeline")
             try:
                 start = paper_pipeline(problem)
@@ -139,8 +90,6 @@ def solve(problem: Problem, solver: str = "lagrangian", time_limit: float = 60.0
     a = form.to_assignment(values) if values is not None else None
     if a is not None and problem.check(a):
         # solvers accept tiny tolerance violations; repair them exactly
-        from .lagrangian import repair
-
         log["repaired"] = problem.check(a)
         a = repair(problem, a)
     if a is None and start is not None:
@@ -352,11 +301,6 @@ def _cbc_binary() -> str:
     if found:
         return found
     raise RuntimeError("CBC is not available: install pulp (it ships a CBC binary) or choose another solver")
-
-
-def _cbc_command(**options):
-    """Kept for callers that check availability: raises RuntimeError when there is no CBC."""
-    return _cbc_binary()
 
 
 def _num(v: np.ndarray) -> np.ndarray:

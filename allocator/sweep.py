@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from moeplan.kernels.inventory import Inventory, Target
 from moeplan.kernels.outputs import output_file
-from moeplan.sensitivity.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
 
 from .baselines import LLAMA_DEFAULT, llama_mix, paper_baseline, uniform
+from .plan import make_plan
 from .problem import Budget, InfeasibleBudget, Problem, Speed, parse_size
 from .solvers import solve
 
@@ -64,7 +65,7 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
     """One row per (budget, method): moeplan's plan and, with `baselines`, the paper's pipeline at every
     budget; llama.cpp's mixes and `uniform_formats` once (their size does not depend on the budget).
     Returns a pandas DataFrame. With `plans` (a dict), also fills it with row index -> Plan for every
-    row that has a plan (what allocator.pareto.measure evaluates)."""
+    row that has a plan (what the measuring step, pareto.measure, evaluates)."""
     import pandas as pd
 
     say = progress or (lambda s: None)
@@ -124,8 +125,6 @@ def sweep(factory: Callable[[int], Problem], budgets: Iterable[int | str], solve
 
 def _keep_plan(plans: dict | None, row: int, problem: Problem, assignment, report: dict) -> None:
     if plans is not None and assignment is not None:
-        from .plan import make_plan
-
         plans[row] = make_plan(problem, assignment, report)
 
 

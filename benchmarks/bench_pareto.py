@@ -4,7 +4,7 @@ For each model, at weight budgets from 6% to 35% of its BF16 size (plus the seed
 moeplan (target free and gguf), quantization only (moeplan's program without pruning or top-k changes),
 the seed paper's sequential pipeline, llama.cpp's Q2_K / Q3_K_M / Q4_K_M mixes and every uniform
 format of the profile's menu; apply every plan to the model and measure it against the original on the
-model's held-out valid.txt (allocator.pareto.pareto_curves). The profile is the one shipped next to the
+model's held-out valid.txt (allocator.cli.pareto.pareto_curves). The profile is the one shipped next to the
 model (sensitivity/models/<model>/profile.json): re-run this script after re-profiling.
 
     python benchmarks/bench_pareto.py [--models NAME ...] [--eval-tokens 4096] [--points 11]
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from moeplan.allocator.pareto import (GOAL_RATIO, MOEPLAN_FREE, MOEPLAN_GGUF, QUANT_ONLY, goal_markdown,
+from moeplan.allocator.cli.pareto import (GOAL_RATIO, MOEPLAN_FREE, MOEPLAN_GGUF, QUANT_ONLY, goal_markdown,
                               goal_table, pareto_curves, write)
 from moeplan.allocator.sweep import PAPER_RATIO
 from machine_info import logical_cpus

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from moeplan.sensitivity.adapters import adapter_for
 from moeplan.sensitivity.compress import Decision, apply_decision, predicted_damage
 from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.kernels.inventory import MODELS_DIR, build_inventory
 from moeplan.sensitivity.layerwise import LayerwiseProfiler
 from moeplan.sensitivity.profiler import Profiler, importance_path, save_importance
 

@@ -62,7 +62,7 @@ def _deepseek_like() -> dict:
 
 def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, removal: str) -> list[dict]:
     from moeplan.sensitivity.generated import write_random_checkpoint
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
 
     rows = []
     cases = [("qwen3-moe-like", QWEN_LIKE, LAYERS[s], "BF16") for s in sizes]

@@ -29,7 +29,7 @@ from moeplan.allocator.baselines import LLAMA_DEFAULT, llama_mix, paper_baseline
 from moeplan.allocator.problem import Budget, Problem, Speed, fmt_bytes
 from moeplan.allocator.solvers import solve
 from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
-from moeplan.sensitivity.inventory import build_inventory
+from moeplan.kernels.inventory import build_inventory
 from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 from machine_info import logical_cpus
 

@@ -3,7 +3,7 @@
 For each bundled model (tiny-deepseek-v3, tiny-qwen3-moe) and each weight budget (15%, 25%, 40% of
 the BF16 weight size):
 
-1. a quantization-only gguf-target plan (no expert pruning, original top-k: allocator.pareto's
+1. a quantization-only gguf-target plan (no expert pruning, original top-k: allocator.cli.pareto's
    quantization-only ablation) solved with the model's shipped profile and its own format menu;
 2. the plan written twice: by `moeplan materialize MODEL plan.json --gguf` (moeplan's kernels) and by
    llama-quantize from llama.cpp's F32 GGUF (convert_hf_to_gguf.py) with the plan's
@@ -70,10 +70,10 @@ def _run(cmd, log: Path | None = None, env=None) -> str:
 # plans
 
 def quant_only_plan(model_dir: Path, share: float):
-    """The quantization-only gguf plan at `share` x the BF16 weight size (allocator.pareto's ablation),
+    """The quantization-only gguf plan at `share` x the BF16 weight size (allocator.cli.pareto's ablation),
     with the shipped profile and its own format menu."""
-    from moeplan.allocator.pareto import quantization_only_factory, quantization_only_sweep
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.allocator.cli.pareto import quantization_only_factory, quantization_only_sweep
+    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.profile import Profile
 
     inv = build_inventory(model_dir)
@@ -144,8 +144,8 @@ def moeplan_importance(model_dir: Path, imatrix: Path, work: Path) -> tuple[Path
     else (token_embd is a row lookup that llama-imatrix never records, and moeplan's IQ kernels need
     importance) a .safetensors of the imatrix's vectors (kernels.imatrix) plus, for the tensors it
     lacks, the shipped profile's (ones for the embedding). Returns the file and the names filled in."""
-    from moeplan.kernels.imatrix import load_importance_file
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.sensitivity.importance import load_importance_file
+    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.profiler import load_importance, save_importance
 
     imp = load_importance_file(imatrix, model_dir)

@@ -193,11 +193,11 @@ def convert_hf_to_gguf(tools: LlamaTools, model_dir: str | os.PathLike, out: str
     leaves it out, the converter needs it for the gating function). The converter recognizes
     pre-tokenizers by a hash of a test string's tokens; for a tokenizer it does not list (the
     bundled tiny models' trained BPE), tokenizer.ggml.pre is the name moeplan's GGUF writer
-    detects from tokenizer.json (kernels.gguf_export.detect_pre_tokenizer), set by wrapping the
+    detects from tokenizer.json (kernels.gguf_vocab.detect_pre_tokenizer), set by wrapping the
     converter's get_vocab_base_pre (the converter's own code runs unchanged)."""
     import json
 
-    from moeplan.kernels.gguf_export import detect_pre_tokenizer
+    from moeplan.kernels.gguf_vocab import detect_pre_tokenizer
 
     model_dir, out = Path(model_dir), Path(out)
     with tempfile.TemporaryDirectory(prefix="moeplan-convert-") as tmp:

@@ -1,7 +1,9 @@
 """GGUF export: a transformers MoE checkpoint plus a per-tensor format plan -> a GGUF file that
 mainline llama.cpp loads, quantized with moeplan's own kernels.
 
-Families: DeepseekV3 (GGUF architecture "deepseek2") and Qwen3Moe ("qwen3moe").
+Families: DeepseekV3 (GGUF architecture "deepseek2") and Qwen3Moe ("qwen3moe"), in gguf_families; the
+vocabulary in gguf_vocab; names, the kv_b split and the tensor order in gguf_layout; reading a file
+back in gguf_reader. This module plans what is stored and writes it.
 
 Layout, following llama.cpp's converter (convert_hf_to_gguf.py) and loader (llama-model.cpp):
 - routed experts of one layer are stacked into one 3-D tensor per projection,
@@ -13,11 +15,13 @@ Layout, following llama.cpp's converter (convert_hf_to_gguf.py) and loader (llam
 
 Shapes here are torch's, rows last (ggml's ne[0] = shape[-1]); GGUF stores them reversed.
 
-The file is written tensor by tensor (one expert or one chunk of rows at a time is read, quantized
-and written), to a temporary file next to the output that is renamed at the end. Nothing written
+The file is written tensor by tensor (one expert or one chunk of rows at a time is read and
+quantized; a tensor's quantized bytes go to gguf-py's GGUFWriter.write_tensor_data), to a temporary
+file next to the output that is renamed at the end. Nothing written
 depends on time or on the output path (general.name is the checkpoint directory's name), so the
 same inputs give the same bytes.
 """
+
 
 from __future__ import annotations
 
@@ -27,16 +31,20 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import api as _api  # looked up at each call (tests patch kernels.api.quantize)
 from . import formats as _formats
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
-from .outputs import check_output, output_file
+from .gguf_families import Family, family_of, routed_expert_count
+from .gguf_layout import KvBSplit, gguf_name, tensor_order_key
+from .gguf_vocab import Vocab, add_vocab, read_tokenizer
+from .inventory import build_inventory
+from .outputs import check_output, fsync, output_file
 
-GGUF_ALIGNMENT = 32
 CHUNK_BYTES = 64 << 20  # float32 bytes of source rows read and quantized at once for 2-D tensors
 KEY_KEPT_EXPERTS = "moeplan.kept_experts.{layer}"  # original indices of the experts stacked in layer L
 
@@ -82,347 +90,6 @@ class GGUFReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# families
-
-
-def _n_experts(config: Mapping) -> int:
-    for key in ("n_routed_experts", "num_local_experts", "num_experts"):
-        if config.get(key):
-            return int(config[key])
-    raise ValueError("config.json names no routed expert count (n_routed_experts / num_local_experts / num_experts)")
-
-
-def _rope(config: Mapping) -> dict:
-    """rope parameters from a transformers 5 config (rope_parameters) or an older one (rope_theta, rope_scaling)."""
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default")) or "default"
-    return rope
-
-
-@dataclass(frozen=True)
-class _Family:
-    model_type: str
-    arch_name: str  # GGUF general.architecture
-    moe_layers: Callable[[Mapping], list[int]]
-    validate: Callable[[Mapping], None]
-    metadata: Callable[[Any, Mapping, int, int], None]  # (writer, config, expert count, top-k)
-    n_group: Callable[[Mapping], int]
-    topk_group: Callable[[Mapping], int]
-
-
-def _ds_moe_layers(c: Mapping) -> list[int]:
-    return list(range(int(c.get("first_k_dense_replace") or 0), int(c["num_hidden_layers"])))
-
-
-def _ds_validate(c: Mapping) -> None:
-    problems = []
-    if c.get("attention_bias"):
-        problems.append("attention_bias=true (llama.cpp's deepseek2 loads no attention biases)")
-    if int(c.get("moe_layer_freq", 1) or 1) != 1:
-        problems.append(f"moe_layer_freq={c['moe_layer_freq']} (llama.cpp's deepseek2 has MoE in every layer after the dense ones)")
-    if c.get("scoring_func", "sigmoid") != "sigmoid":
-        problems.append(f"scoring_func={c['scoring_func']!r} (DeepSeek-V3 routing is sigmoid)")
-    if c.get("topk_method", "noaux_tc") not in ("noaux_tc",):
-        problems.append(f"topk_method={c['topk_method']!r} (llama.cpp implements noaux_tc group-limited routing)")
-    if c.get("q_lora_rank") is None:
-        problems.append("q_lora_rank is null: llama.cpp treats only the DeepSeek-V2-Lite layer counts as q-lora-free")
-    if not c.get("n_shared_experts"):
-        problems.append("n_shared_experts=0 (llama.cpp's deepseek2 requires the shared expert tensors)")
-    rope = _rope(c)
-    if rope["rope_type"] == "yarn":
-        m, m_all = rope.get("mscale", 1.0), rope.get("mscale_all_dim", 0.0)
-        if m_all and m != m_all:
-            problems.append(f"yarn mscale={m} differs from mscale_all_dim={m_all} (llama.cpp assumes them equal)")
-    elif rope["rope_type"] not in ("default", "linear"):
-        problems.append(f"rope_type {rope['rope_type']!r} (supported: default, linear, yarn)")
-    if problems:
-        raise ValueError("this DeepseekV3 checkpoint cannot be expressed as llama.cpp's deepseek2: " + "; ".join(problems))
-    n_group = int(c.get("n_group") or 1)
-    if n_group > 1:
-        topk_group = int(c.get("topk_group") or 1)
-        if not 0 < topk_group < n_group:
-            raise ValueError(f"topk_group={topk_group} must be in 1..n_group-1={n_group - 1} (llama.cpp asserts n_group_used < n_expert_groups)")
-
-
-def _add_rope_scaling(w, rope: Mapping) -> None:
-    import gguf
-
-    kind = rope["rope_type"]
-    if kind == "linear" and rope.get("factor"):
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-    elif kind == "yarn" and rope.get("factor"):
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast), ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
-            if rope.get(key) is not None:
-                add(float(rope[key]))
-
-
-def _ds_metadata(w, c: Mapping, n_expert: int, top_k: int) -> None:
-    import gguf
-
-    rope = _rope(c)
-    kv_lora, rope_dim = int(c["kv_lora_rank"]), int(c["qk_rope_head_dim"])
-    w.add_block_count(int(c["num_hidden_layers"]))
-    w.add_context_length(int(c["max_position_embeddings"]))
-    w.add_embedding_length(int(c["hidden_size"]))
-    w.add_feed_forward_length(int(c["intermediate_size"]))
-    w.add_head_count(int(c["num_attention_heads"]))
-    w.add_head_count_kv(1)  # MLA runs as multi-query attention over the compressed latent
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(top_k)
-    w.add_expert_group_count(int(c.get("n_group") or 1))
-    w.add_expert_group_used_count(int(c.get("topk_group") or 1))
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_leading_dense_block_count(int(c.get("first_k_dense_replace") or 0))
-    w.add_vocab_size(int(c["vocab_size"]))
-    w.add_q_lora_rank(int(c["q_lora_rank"]))
-    w.add_kv_lora_rank(kv_lora)
-    w.add_key_length(kv_lora + rope_dim)
-    w.add_value_length(kv_lora)
-    w.add_key_length_mla(int(c["qk_nope_head_dim"]) + rope_dim)
-    w.add_value_length_mla(int(c["v_head_dim"]))
-    w.add_expert_feed_forward_length(int(c["moe_intermediate_size"]))
-    w.add_expert_shared_count(int(c["n_shared_experts"]))
-    w.add_expert_weights_scale(float(c.get("routed_scaling_factor", 1.0)))
-    if c.get("norm_topk_prob"):
-        w.add_expert_weights_norm(True)
-    w.add_rope_dimension_count(rope_dim)
-    _add_rope_scaling(w, rope)
-    if rope["rope_type"] == "yarn" and rope.get("mscale_all_dim"):
-        # llama.cpp divides this key by 0.1 when it reads it for deepseek2 (as its converter writes it)
-        w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
-
-
-def _qwen_moe_layers(c: Mapping) -> list[int]:
-    return list(range(int(c["num_hidden_layers"])))
-
-
-def _qwen_validate(c: Mapping) -> None:
-    problems = []
-    if c.get("mlp_only_layers"):
-        problems.append(f"mlp_only_layers={c['mlp_only_layers']} (llama.cpp's qwen3moe has MoE in every layer)")
-    if int(c.get("decoder_sparse_step", 1) or 1) != 1:
-        problems.append(f"decoder_sparse_step={c['decoder_sparse_step']} (llama.cpp's qwen3moe has MoE in every layer)")
-    if not c.get("norm_topk_prob", False):
-        problems.append("norm_topk_prob=false (llama.cpp's qwen3moe always renormalizes the top-k routing weights)")
-    if c.get("use_sliding_window"):
-        problems.append("use_sliding_window=true (not supported by llama.cpp's qwen3moe)")
-    if c.get("attention_bias"):
-        problems.append("attention_bias=true (llama.cpp's qwen3moe loads no output-projection bias)")
-    rope = _rope(c)
-    if rope["rope_type"] not in ("default", "linear", "yarn"):
-        problems.append(f"rope_type {rope['rope_type']!r} (supported: default, linear, yarn)")
-    if problems:
-        raise ValueError("this Qwen3Moe checkpoint cannot be expressed as llama.cpp's qwen3moe: " + "; ".join(problems))
-
-
-def _qwen_metadata(w, c: Mapping, n_expert: int, top_k: int) -> None:
-    rope = _rope(c)
-    head_dim = int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
-    w.add_block_count(int(c["num_hidden_layers"]))
-    w.add_context_length(int(c["max_position_embeddings"]))
-    w.add_embedding_length(int(c["hidden_size"]))
-    w.add_feed_forward_length(int(c["intermediate_size"]))
-    w.add_head_count(int(c["num_attention_heads"]))
-    w.add_head_count_kv(int(c.get("num_key_value_heads") or c["num_attention_heads"]))
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(top_k)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_expert_feed_forward_length(int(c["moe_intermediate_size"]))
-    _add_rope_scaling(w, rope)
-
-
-FAMILIES: dict[str, _Family] = {
-    "deepseek_v3": _Family("deepseek_v3", "deepseek2", _ds_moe_layers, _ds_validate, _ds_metadata,
-                           lambda c: int(c.get("n_group") or 1), lambda c: int(c.get("topk_group") or 1)),
-    "qwen3_moe": _Family("qwen3_moe", "qwen3moe", _qwen_moe_layers, _qwen_validate, _qwen_metadata,
-                         lambda c: 1, lambda c: 1),
-}
-
-
-def family_of(config: Mapping) -> _Family:
-    mt = config.get("model_type")
-    if mt not in FAMILIES:
-        raise ValueError(f"model_type {mt!r} has no GGUF writer; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[mt]
-
-
-def _gguf_arch(fam: _Family):
-    import gguf
-
-    for arch, name in gguf.MODEL_ARCH_NAMES.items():
-        if name == fam.arch_name:
-            return arch
-    raise RuntimeError(f"the installed gguf package does not know the architecture {fam.arch_name!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def _normalize_regex(s: str) -> str:
-    # tokenizer.json files spell CR/LF inside regexes either as the characters or as \r \n escapes
-    return s.replace("\r", "\\r").replace("\n", "\\n")
-
-
-# llama.cpp pre-tokenizer name -> the Split regexes of tokenizer.json's pre_tokenizer (in order),
-# each followed by a ByteLevel step without its own regex (llama-vocab.cpp keeps the same regexes).
-_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "qwen2": (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    ),
-    "deepseek-v3": (
-        r"\p{N}{1,3}",
-        "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-        r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-    ),
-    "llama-bpe": (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    ),
-}
-
-
-def detect_pre_tokenizer(pre: Mapping | None) -> str:
-    """The llama.cpp pre-tokenizer name (tokenizer.ggml.pre) for a tokenizer.json pre_tokenizer.
-
-    A lone ByteLevel step with its built-in regex is GPT-2's (llama.cpp "gpt-2"); Split sequences are
-    matched against the regexes llama.cpp implements."""
-    if not pre:
-        raise ValueError("tokenizer.json has no pre_tokenizer; pass tokenizer_pre=... (a llama.cpp pre-tokenizer name)")
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
-        if steps[0].get("add_prefix_space"):
-            raise ValueError("ByteLevel pre-tokenizer with add_prefix_space=true has no llama.cpp equivalent")
-        return "gpt-2"
-    if steps and steps[-1].get("type") == "ByteLevel" and not steps[-1].get("use_regex", True):
-        regexes = []
-        for s in steps[:-1]:
-            if s.get("type") != "Split" or "Regex" not in s.get("pattern", {}) or s.get("behavior", "Isolated") != "Isolated" or s.get("invert"):
-                break
-            regexes.append(_normalize_regex(s["pattern"]["Regex"]))
-        else:
-            for name, known in _PRE_TOKENIZERS.items():
-                if tuple(regexes) == tuple(_normalize_regex(k) for k in known):
-                    return name
-    raise ValueError(
-        "tokenizer.json's pre_tokenizer matches none of the pre-tokenizers this writer recognizes "
-        f"(gpt-2, {', '.join(_PRE_TOKENIZERS)}); pass tokenizer_pre=... with the llama.cpp name whose regex it uses"
-    )
-
-
-def _special_token_id(value: Any, token_to_id: Mapping[str, int]) -> int | None:
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    if isinstance(value, str):
-        return token_to_id.get(value)
-    return None
-
-
-@dataclass
-class _Vocab:
-    tokens: list[str]
-    types: list[int]
-    merges: list[str]
-    pre: str
-    special: dict[str, int]  # bos / eos / unk / pad -> id
-    add_bos: bool | None
-    add_eos: bool | None
-    chat_template: str | None
-
-
-def read_tokenizer(model_dir: str | os.PathLike, vocab_size: int, config: Mapping,
-                   tokenizer_pre: str | None = None) -> _Vocab:
-    """Byte-level BPE vocabulary from tokenizer.json (+ tokenizer_config.json) in llama.cpp's "gpt2" form."""
-    import gguf
-
-    model_dir = Path(model_dir)
-    path = model_dir / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{model_dir} has no tokenizer.json; llama.cpp needs the vocabulary in the GGUF file")
-    tj = read_json(path, "tokenizer")
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ValueError(f"tokenizer.json has a {model.get('type')!r} model; only byte-level BPE is supported")
-    pre = tokenizer_pre or detect_pre_tokenizer(tj.get("pre_tokenizer"))
-    id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
-    special_ids: set[int] = set()
-    user_ids: set[int] = set()
-    for tok in tj.get("added_tokens") or []:
-        id_to_token[int(tok["id"])] = tok["content"]
-        (special_ids if tok.get("special") else user_ids).add(int(tok["id"]))
-    if id_to_token and max(id_to_token) >= vocab_size:
-        raise ValueError(f"tokenizer.json has token id {max(id_to_token)} but the model's vocab_size is {vocab_size}")
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in id_to_token:
-            tokens.append(f"[PAD{i}]")
-            types.append(int(gguf.TokenType.UNUSED))
-        else:
-            tokens.append(id_to_token[i])
-            types.append(int(gguf.TokenType.CONTROL if i in special_ids else
-                             gguf.TokenType.USER_DEFINED if i in user_ids else gguf.TokenType.NORMAL))
-    merges = []
-    for m in model.get("merges") or []:
-        if isinstance(m, str):
-            merges.append(m)
-        else:
-            a, b = m
-            if " " in a or " " in b:
-                raise ValueError(f"merge {m!r} holds a space; a byte-level vocabulary never does")
-            merges.append(f"{a} {b}")
-    if not merges:
-        raise ValueError("tokenizer.json has no merges; llama.cpp's BPE tokenizer needs them")
-
-    token_to_id = {t: i for i, t in enumerate(tokens)}
-    tcfg_path = model_dir / "tokenizer_config.json"
-    tcfg = read_json(tcfg_path, "tokenizer config") if tcfg_path.exists() else {}
-    special: dict[str, int] = {}
-    for kind in ("bos", "eos", "unk", "pad"):
-        tid = _special_token_id(tcfg.get(f"{kind}_token"), token_to_id)
-        if tid is None:
-            cid = config.get(f"{kind}_token_id")
-            if isinstance(cid, list):
-                cid = cid[0] if cid else None
-            tid = int(cid) if cid is not None else None
-        if tid is not None:
-            if not 0 <= tid < vocab_size:
-                raise ValueError(f"{kind} token id {tid} is outside the vocabulary of {vocab_size}")
-            special[kind] = tid
-    chat_template = tcfg.get("chat_template") if isinstance(tcfg.get("chat_template"), str) else None
-    if chat_template is None and (model_dir / "chat_template.jinja").exists():
-        chat_template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    add_bos = tcfg.get("add_bos_token") if isinstance(tcfg.get("add_bos_token"), bool) else None
-    add_eos = tcfg.get("add_eos_token") if isinstance(tcfg.get("add_eos_token"), bool) else None
-    return _Vocab(tokens, types, merges, pre, special, add_bos, add_eos, chat_template)
-
-
-def _add_vocab(w, v: _Vocab) -> None:
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(v.pre)
-    w.add_token_list(v.tokens)
-    w.add_token_types(v.types)
-    w.add_token_merges(v.merges)
-    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id, "pad": w.add_pad_token_id}
-    for kind, tid in v.special.items():
-        adders[kind](tid)
-    if v.add_bos is not None:
-        w.add_add_bos_token(v.add_bos)
-    if v.add_eos is not None:
-        w.add_add_eos_token(v.add_eos)
-    if v.chat_template:
-        w.add_chat_template(v.chat_template)
-
-
-# ---------------------------------------------------------------------------------------------
 # the plan: what is stored, in which format, from which checkpoint tensors
 
 
@@ -440,6 +107,7 @@ class _Stored:
     experts: list[int] = field(default_factory=list)  # "experts": original indices
     prefix: str = ""  # "experts": checkpoint name prefix (model.layers.L.mlp.experts)
     kind: str = ""  # "experts": gate_proj / up_proj / down_proj
+    split: KvBSplit | None = None  # "k_b", "v_b": the kv_b split they come from
 
     @property
     def nbytes(self) -> int:
@@ -462,9 +130,8 @@ def _check_importance_vec(name: str, v: Any, ncols: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _gguf_name(tmap, hf_name: str) -> str:
-    key = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
-    out = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+def _gguf_name(arch: str, hf_name: str) -> str:
+    out = gguf_name(hf_name, arch)
     if out is None:
         raise ValueError(f"checkpoint tensor {hf_name!r} has no GGUF name in this architecture; llama.cpp would not load it")
     return out
@@ -486,7 +153,7 @@ def _rope_deinterleave_perm(n_heads: int, head_dim: int, rope_dim: int) -> np.nd
     return np.asarray(perm, dtype=np.int64)
 
 
-def _rope_row_perms(fam: _Family, config: Mapping) -> dict[str, np.ndarray]:
+def rope_row_perms(fam: Family, config: Mapping) -> dict[str, np.ndarray]:
     """Tensor kind -> the row order llama.cpp's rope layout needs (DeepSeek with rope_interleave=false)."""
     if fam.model_type != "deepseek_v3" or config.get("rope_interleave", True):
         return {}
@@ -541,12 +208,12 @@ def _check_tables(inv, by_name: Mapping, formats: Mapping[str, str], importance:
         raise ValueError(f"importance names tensor(s) the checkpoint does not have, e.g. {', '.join(map(repr, unknown[:5]))}")
 
 
-def _kept_and_top_k(fam: _Family, config: Mapping, kept_experts: Mapping | None,
+def _kept_and_top_k(fam: Family, config: Mapping, kept_experts: Mapping | None,
                     top_k: int | None) -> tuple[dict[int, list[int]], int, int]:
     """(kept experts per MoE layer in index order, kept count, experts used per token), checked
     against llama.cpp's limits: one expert count, equal counts per routing group, top-k reachable."""
     moe_layers = fam.moe_layers(config)
-    n_routed = _n_experts(config)
+    n_routed = routed_expert_count(config)
     if kept_experts is not None:
         extra = sorted(set(int(l) for l in kept_experts) - set(moe_layers))
         if extra:
@@ -595,16 +262,14 @@ def _kept_and_top_k(fam: _Family, config: Mapping, kept_experts: Mapping | None,
 class _Planner:
     """Turns checkpoint tensors into the stored tensors of the file, checking each as it goes."""
 
-    def __init__(self, fam: _Family, config: Mapping, inv, formats: Mapping[str, str],
+    def __init__(self, fam: Family, config: Mapping, inv, formats: Mapping[str, str],
                  importance: Mapping[str, Any], default_format: str, kept: dict[int, list[int]]):
-        import gguf
-
         self.config, self.inv, self.formats, self.importance = config, inv, formats, importance
         self.default_format, self.kept = default_format, kept
-        self.kernel_formats = set(_available_formats())
-        self.tmap = gguf.get_tensor_name_map(_gguf_arch(fam), int(config["num_hidden_layers"]))
+        self.kernel_formats = set(_api.available_formats())
+        self.arch = fam.arch_name
         self.mla = fam.model_type == "deepseek_v3"
-        self.row_perms = _rope_row_perms(fam, config)
+        self.row_perms = rope_row_perms(fam, config)
 
     def requested(self, name: str) -> str:
         return _formats.get(self.formats.get(name, self.default_format)).name
@@ -650,29 +315,30 @@ class _Planner:
             prefix = _EXPERT_RE.match(srcs[0]).group("prefix")
             req_fmt = req.pop()
             out.append(self.check(_Stored(
-                _gguf_name(self.tmap, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), _formats.resolve(req_fmt, cols),
+                _gguf_name(self.arch, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), _formats.resolve(req_fmt, cols),
                 req_fmt, tuple(srcs), "experts", importance=imps if imps[0] is not None else None,
                 experts=list(kept), prefix=prefix, kind=kind)))
         return out
 
     def kv_b(self, t) -> list[_Stored]:
         """DeepSeek's kv_b_proj (H*(nope+v), r) as llama.cpp's attn_k_b (H, r, nope) and attn_v_b (H, v, r)."""
-        c = self.config
-        h, nope, v, r = int(c["num_attention_heads"]), int(c["qk_nope_head_dim"]), int(c["v_head_dim"]), int(c["kv_lora_rank"])
-        if t.shape != (h * (nope + v), r):
+        split = KvBSplit.of(self.config)
+        h, nope, v, r = split.heads, split.nope, split.v, split.rank
+        if t.shape != split.kv_b_shape:
             raise ValueError(f"{t.name} has shape {t.shape}, expected ({h}*({nope}+{v}), {r}) from the config")
         req = self.requested(t.name)
-        kb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "k_b_proj")), (h, r, nope),
-                     _formats.resolve(req, nope), req, (t.name,), "k_b")
+        k_name, v_name = KvBSplit.part_names(t.name)
+        kb = _Stored(_gguf_name(self.arch, k_name), split.k_b_shape,
+                     _formats.resolve(req, nope), req, (t.name,), "k_b", split=split)
         if kb.fmt.needs_importance:
             # k_b's rows run along q's nope dims, which the checkpoint's importance (over kv_lora) does not cover
             kb.importance = np.ones(nope, dtype=np.float32)
-        vb = _Stored(_gguf_name(self.tmap, t.name.replace("kv_b_proj", "v_b_proj")), (h, v, r), _formats.resolve(req, r),
-                     req, (t.name,), "v_b", importance=self.importance_of(t.name, r))
+        vb = _Stored(_gguf_name(self.arch, v_name), split.v_b_shape, _formats.resolve(req, r),
+                     req, (t.name,), "v_b", importance=self.importance_of(t.name, r), split=split)
         return [self.check(kb), self.check(vb)]
 
     def single(self, t) -> _Stored:
-        name, gname = t.name, _gguf_name(self.tmap, t.name)
+        name, gname = t.name, _gguf_name(self.arch, t.name)
         if not t.quantizable:  # norms, biases, router, exp_probs_b: F32
             rows, shape = None, t.shape
             if t.layer in self.kept and (t.kind == "gate" or "e_score_correction_bias" in name):
@@ -692,11 +358,9 @@ class _Planner:
         return self.check(s)
 
 
-def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, str],
+def _plan(model_dir: Path, config: Mapping, fam: Family, formats: Mapping[str, str],
           kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
           importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
-    from moeplan.sensitivity.inventory import build_inventory
-
     inv = build_inventory(model_dir)
     importance = dict(importance or {})
     infos, skipped = _written_tensors(inv, config)
@@ -726,21 +390,8 @@ def _plan(model_dir: Path, config: Mapping, fam: _Family, formats: Mapping[str, 
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"two checkpoint tensors map to the GGUF tensor {dup}")
-    stored.sort(key=_order_key)
+    stored.sort(key=lambda s: tensor_order_key(s.name))
     return _Plan(stored, n_expert, k, kept, skipped)
-
-
-def _order_key(s: _Stored):
-    m = re.match(r"blk\.(\d+)\.", s.name)
-    if m:
-        return (1, int(m.group(1)), s.name)
-    return (0 if s.name.startswith("token_embd") else 2, 0, s.name)
-
-
-def _available_formats() -> list[str]:
-    from .api import available_formats
-
-    return available_formats()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,8 +438,6 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
     """
     import gguf
 
-    from .api import quantize
-
     model_dir = Path(model_dir)
     out_path = check_output(out_path, "--gguf", make_parents=False)
     cfg_path = model_dir / "config.json"
@@ -807,9 +456,10 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
         with output_file(out_path, "--gguf") as tmp:
             writer = gguf.GGUFWriter(tmp, fam.arch_name)  # tmp lies in a fresh private directory
             try:
-                _write(writer, plan, config, fam, vocab, model_dir, ckpt, quantize, progress, threads)
+                _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads)
             finally:
                 writer.close()
+            fsync(tmp)  # on disk before it is renamed into place
     finally:
         ckpt.close()
 
@@ -818,7 +468,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
                       plan.n_expert, plan.top_k, tuple(plan.skipped))
 
 
-def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_dir: Path, ckpt: Checkpoint,
+def _write(w, plan: _Plan, config: Mapping, fam: Family, vocab: Vocab, model_dir: Path, ckpt: Checkpoint,
            quantize, progress: bool, threads: int | None) -> None:
     import gguf
 
@@ -829,18 +479,17 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
     if ft is not None:
         w.add_file_type(ft)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    n_routed = _n_experts(config)
+    n_routed = routed_expert_count(config)
     if plan.n_expert != n_routed:
         for layer, ks in sorted(plan.kept.items()):
             w.add_array(KEY_KEPT_EXPERTS.format(layer=layer), [int(e) for e in ks])
-    _add_vocab(w, vocab)
+    add_vocab(w, vocab)
     for s in plan.stored:
         w.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.nbytes, raw_dtype=gguf.GGMLQuantizationType(int(s.fmt.type_id)))
     _add_size_label(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    fout = w.fout[0]
 
     bar = None
     if progress:
@@ -849,24 +498,24 @@ def _write(w, plan: _Plan, config: Mapping, fam: _Family, vocab: _Vocab, model_d
         bar = tqdm(total=sum(s.nbytes for s in plan.stored), unit="B", unit_scale=True, desc="GGUF", file=sys.stderr)
     try:
         for s in plan.stored:
-            _pad(fout)
+            data = np.empty(s.nbytes, dtype=np.uint8)  # the stored bytes of this one tensor
             written = 0
             try:
                 for chunk in _tensor_bytes(s, ckpt, quantize, threads):
-                    chunk = np.ascontiguousarray(chunk)
-                    fout.write(memoryview(chunk).cast("B"))
-                    written += chunk.nbytes
+                    raw = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+                    if written + raw.nbytes > s.nbytes:
+                        raise AssertionError(f"{s.name}: wrote more than the {s.nbytes} bytes planned")
+                    data[written:written + raw.nbytes] = raw
+                    written += raw.nbytes
                     if bar is not None:
-                        bar.update(chunk.nbytes)
+                        bar.update(raw.nbytes)
             except ValueError as exc:  # a value beyond the format's range, named with its tensor
                 what = s.name if s.op == "experts" else f"{s.sources[0]} ({s.name})"
                 raise ValueError(f"{what} as {s.fmt.name}: {exc}; give it a wider format in the plan "
                                  "(e.g. BF16)") from None
             if written != s.nbytes:
                 raise AssertionError(f"{s.name}: wrote {written} bytes, planned {s.nbytes}")
-        _pad(fout)
-        fout.flush()
-        os.fsync(fout.fileno())
+            w.write_tensor_data(data)  # gguf-py aligns it (32 bytes, its default) and pads after it
     finally:
         if bar is not None:
             bar.close()
@@ -880,12 +529,6 @@ def _add_size_label(w) -> None:
     total, shared, expert, count = w.get_total_parameter_count()
     if total > 0:
         w.add_size_label(gguf.size_label(total, shared, expert, count))
-
-
-def _pad(fout) -> None:
-    n = (-fout.tell()) % GGUF_ALIGNMENT
-    if n:
-        fout.write(b"\0" * n)
 
 
 def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -> Iterator[np.ndarray]:
@@ -920,123 +563,7 @@ def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -
             yield q
             del x
     elif s.op in ("k_b", "v_b"):
-        h, _, _ = s.shape
-        kv = ckpt.read(s.sources[0])  # (H*(nope+v), r)
-        r = kv.shape[1]
-        kv = kv.view(h, -1, r)
-        if s.op == "k_b":
-            nope = s.shape[2]
-            x = kv[:, :nope, :].transpose(1, 2).contiguous()  # (H, r, nope)
-        else:
-            v_dim = s.shape[1]
-            x = kv[:, kv.shape[1] - v_dim:, :].contiguous()  # (H, v, r)
-        yield quantize(x, s.fmt, s.importance, threads=threads)
+        k_b, v_b = s.split.split(ckpt.read(s.sources[0]))  # (H*(nope+v), r) -> (H, r, nope), (H, v, r)
+        yield quantize(k_b if s.op == "k_b" else v_b, s.fmt, s.importance, threads=threads)
     else:  # pragma: no cover
         raise AssertionError(s.op)
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a file back as the compressed checkpoint
-
-
-def compressed_config(config: Mapping, n_expert: int, top_k: int) -> dict:
-    """The transformers config of the model a GGUF file holds: `n_expert` routed experts per layer, top-k."""
-    out = dict(config)
-    for key in ("n_routed_experts", "num_local_experts", "num_experts"):
-        if key in out and out[key]:
-            out[key] = n_expert
-    out["num_experts_per_tok"] = top_k
-    return out
-
-
-def read_back(gguf_path: str | os.PathLike, config: Mapping,
-              decode: Callable[[np.ndarray, int, tuple[int, ...]], np.ndarray] | None = None
-              ) -> tuple[dict, dict[str, np.ndarray], dict[int, list[int]]]:
-    """The compressed model in a GGUF file as checkpoint tensors.
-
-    Returns (config of the compressed model, checkpoint name -> float32 array, kept experts per layer
-    as original indices). Experts are renumbered 0..kept-1 in the names; the kv_b split, the expert
-    stacking and any rope row reordering are undone. `decode(raw_bytes, ggml_type, shape)` dequantizes
-    (default: moeplan's kernels)."""
-    import gguf
-
-    from .api import dequantize
-
-    if decode is None:
-        def decode(raw, type_id, shape):
-            return dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(type_id), shape)
-
-    fam = family_of(config)
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = fam.arch_name
-
-    def field_val(key: str):
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        return f.contents()
-
-    n_expert = int(field_val(f"{arch}.expert_count"))
-    top_k = int(field_val(f"{arch}.expert_used_count"))
-    n_layers = int(config["num_hidden_layers"])
-    kept = {}
-    for layer in fam.moe_layers(config):
-        v = field_val(KEY_KEPT_EXPERTS.format(layer=layer))
-        kept[layer] = [int(e) for e in v] if v is not None else list(range(_n_experts(config)))
-    cfg = compressed_config(config, n_expert, top_k)
-
-    # GGUF name -> checkpoint name, for the tensors that map one to one
-    tmap = gguf.get_tensor_name_map(_gguf_arch(fam), n_layers)
-    ckpt_names = _expected_checkpoint_names(cfg)
-    reverse: dict[str, str] = {}
-    for n in ckpt_names:
-        g = tmap.get_name(n.replace("e_score_correction_bias", "e_score_correction.bias"), try_suffixes=(".weight", ".bias"))
-        if g is not None:
-            reverse[g] = n
-    perms = _rope_row_perms(fam, config)
-
-    state: dict[str, np.ndarray] = {}
-    kb: dict[int, np.ndarray] = {}
-    vb: dict[int, np.ndarray] = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne -> torch order
-        x = decode(np.asarray(t.data), int(t.tensor_type), shape).reshape(shape).astype(np.float32, copy=False)
-        m = re.match(r"blk\.(\d+)\.(.+)\.(weight|bias)$", t.name)
-        layer = int(m.group(1)) if m else None
-        base = m.group(2) if m else None
-        if base in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-            kind = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}[base]
-            for e in range(x.shape[0]):
-                state[f"model.layers.{layer}.mlp.experts.{e}.{kind}.weight"] = x[e]
-        elif base == "attn_k_b":
-            kb[layer] = x
-        elif base == "attn_v_b":
-            vb[layer] = x
-        else:
-            if t.name not in reverse:
-                raise ValueError(f"{gguf_path}: tensor {t.name} has no checkpoint name")
-            name = reverse[t.name]
-            kind = name.split(".")[-2]
-            if kind in perms:
-                inv = np.empty_like(perms[kind])
-                inv[perms[kind]] = np.arange(len(inv))
-                x = x[inv]
-            state[name] = x
-    for layer in kb:
-        k, v = kb[layer], vb[layer]  # (H, r, nope), (H, v, r)
-        kv = np.concatenate([k.transpose(0, 2, 1), v], axis=1)  # (H, nope+v, r)
-        state[f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
-    return cfg, state, kept
-
-
-def _expected_checkpoint_names(cfg: Mapping) -> list[str]:
-    """Checkpoint names of the (non-expert) tensors of a model of this config, from transformers on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    c = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "quantization_config"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(c)
-    names = [n for n, _ in model.named_parameters()]
-    names += [n for n, _ in model.named_buffers() if "e_score_correction_bias" in n]
-    return names

@@ -16,7 +16,7 @@ the squared activations entering each column, keyed by GGUF tensor name, in one 
   nval, float32[nval] = (sums / count) * ncall; then int32 chunk count, int32 len, dataset name. The
   importance is values / ncall (all matrices of a tensor in one flat array).
 
-Names are mapped back with allocator.gguf_names (the names kernels.gguf_export writes): a stacked
+Names are mapped back with kernels.gguf_layout (the names kernels.gguf_export writes): a stacked
 expert tensor's matrix E is expert E's importance; DeepSeek's kv_b_proj (input kv_lora) takes the
 mean over heads of attn_v_b (its input is kv_lora as well; llama-imatrix writes the H heads' sums
 in one row of H x kv_lora with one count, and llama-quantize uses the per-head vectors, moeplan's
@@ -25,9 +25,10 @@ checkpoint tensor of its own and is dropped, as are tensors the checkpoint does 
 token_embd is not a matrix product, so llama-imatrix never records it (nor output.weight without
 --process-output): such tensors get no importance, as in llama-quantize.
 
-    load_importance_file(path, model_dir)   # safetensors (moeplan profile) or imatrix, by content
     read_imatrix(path) -> Imatrix           # the raw entries, by GGUF name
     imatrix_importance(imatrix, names)      # -> checkpoint name -> (cols,)
+
+(sensitivity.importance.load_importance_file reads either kind of importance file, by content.)
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .checkpoint import regular_file
+from .gguf_layout import KvBSplit, gguf_names
+from .outputs import output_file
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -84,7 +86,7 @@ class Imatrix:
 # ---------------------------------------------------------------------------------------------
 # reading
 
-def _kind_of(path: Path) -> str:
+def file_kind(path: Path) -> str:
     """'gguf', 'safetensors', 'dat' (parses as legacy imatrix), or 'unknown'."""
     with open(path, "rb") as f:
         head = f.read(16)
@@ -178,7 +180,7 @@ def _read_legacy(path: Path) -> Imatrix:
 def read_imatrix(path: str | os.PathLike) -> Imatrix:
     """A llama-imatrix file (GGUF or legacy .dat), by content."""
     path = Path(path)
-    kind = _kind_of(path)
+    kind = file_kind(path)
     if kind == "gguf":
         return _read_gguf(path)
     if kind == "dat":
@@ -190,7 +192,7 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
 def is_imatrix(path: str | os.PathLike) -> bool:
     """True for a llama-imatrix file (GGUF with *.in_sum2 tensors, or legacy .dat)."""
     path = Path(path)
-    kind = _kind_of(path)
+    kind = file_kind(path)
     if kind == "dat":
         return True
     if kind == "gguf":
@@ -209,20 +211,19 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
     """Checkpoint tensor name -> (cols,) float32 importance from `imatrix`, for `tensors` (an
     Inventory or TensorInfo-like objects with .name and .shape; 2-D weights only). With `strict`, an
     entry whose column count does not match its checkpoint tensor raises."""
-    from moeplan.allocator.gguf_names import gguf_names
-
     out: dict[str, np.ndarray] = {}
+    model_type = getattr(tensors, "model_type", None)
     for t in tensors:
         shape = tuple(int(d) for d in t.shape)
         if len(shape) != 2:
             continue
         cols = shape[-1]
         try:
-            gnames = gguf_names(t.name)
+            gnames = gguf_names(t.name, model_type)
         except ValueError:
             continue
         m = _EXPERT_RE.match(t.name)
-        if t.name.endswith("self_attn.kv_b_proj.weight"):
+        if KvBSplit.is_kv_b(t.name):
             gnames = [g for g in gnames if g.endswith("attn_v_b.weight")]  # input kv_lora, like kv_b_proj's
         entry = imatrix.entries.get(gnames[0]) if gnames else None
         if entry is None:
@@ -261,34 +262,6 @@ def check_importance(values: Mapping[str, np.ndarray], source) -> Mapping[str, n
             raise ValueError(f"importance file {source}: {name} has negative or non-finite values; importance is "
                              "a mean of squares (re-run `moeplan profile` or llama-imatrix)")
     return values
-
-
-def load_importance_file(path: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
-    """Importance vectors from `path`, detected by content: a moeplan importance .safetensors
-    (`moeplan profile`'s PROFILE.importance.safetensors), or a llama-imatrix file (GGUF or legacy
-    .dat), mapped to the checkpoint names of `model_dir` (needed for an imatrix)."""
-    from moeplan.sensitivity.profiler import load_importance
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"importance file {path} does not exist")
-    regular_file(path, "importance file")  # a FIFO would block the content sniffing below
-    kind = _kind_of(path)
-    if kind == "safetensors":
-        return load_importance(path)
-    if kind in ("gguf", "dat"):
-        im = _read_gguf(path) if kind == "gguf" else _read_legacy(path)
-        if model_dir is None:
-            raise ValueError("reading a llama.cpp imatrix as importance needs the checkpoint (model_dir)")
-        from moeplan.sensitivity.inventory import build_inventory
-
-        out = check_importance(imatrix_importance(im, build_inventory(model_dir)), path)
-        if not out:
-            raise ImportanceFileError(f"{path}: none of the imatrix's {len(im.entries)} tensors (e.g. "
-                                      f"{next(iter(im.entries), '-')}) is a tensor of {model_dir}")
-        return out
-    raise ImportanceFileError(f"{path} is neither a moeplan importance file (.safetensors from `moeplan profile`) "
-                              "nor a llama.cpp imatrix (GGUF or legacy .dat from llama-imatrix)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,15 +304,14 @@ def profile_imatrix_entries(importance: Mapping[str, np.ndarray], counts: Mappin
     one count (llama-imatrix's layout); attn_k_b, whose input is the query's per-head part, has no
     entry (llama-quantize then quantizes it without importance). The token embedding is a lookup:
     no entry, as llama-imatrix writes none."""
-    from moeplan.allocator.gguf_names import gguf_names
-
     entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     stacked: dict[str, dict[int, tuple[np.ndarray, float]]] = {}
+    model_type = config.get("model_type")
     for t in tensors:
         if len(t.shape) != 2 or t.name not in importance:
             continue
         try:
-            gnames = gguf_names(t.name)
+            gnames = gguf_names(t.name, model_type)
         except ValueError:
             continue
         if not gnames or gnames[0].startswith("token_embd"):
@@ -349,8 +321,8 @@ def profile_imatrix_entries(importance: Mapping[str, np.ndarray], counts: Mappin
         m = _EXPERT_RE.match(t.name)
         if m:
             stacked.setdefault(gnames[0], {})[int(m.group(2))] = (vec, n)
-        elif t.name.endswith("self_attn.kv_b_proj.weight"):
-            heads = int(t.shape[0]) // (int(config["v_head_dim"]) + int(config["qk_nope_head_dim"]))
+        elif KvBSplit.is_kv_b(t.name):
+            heads = KvBSplit.of(config).heads
             v_b = [g for g in gnames if g.endswith("attn_v_b.weight")][0]
             entries[v_b] = (np.tile(vec * n, heads)[None], np.array([n]))
         else:
@@ -368,8 +340,6 @@ def profile_imatrix_entries(importance: Mapping[str, np.ndarray], counts: Mappin
 def write_profile_imatrix(path: str | os.PathLike, importance: Mapping[str, np.ndarray], counts: Mapping[str, float],
                           inventory, tokens: int, chunk_size: int, dataset: str = "calibration text") -> None:
     """A llama.cpp imatrix GGUF (llama-quantize --imatrix) of a profile's importance vectors."""
-    from .outputs import output_file
-
     entries = profile_imatrix_entries(importance, counts, inventory.tensors, inventory.config)
     if not entries:
         raise ValueError("no importance vector maps to a GGUF tensor: nothing to write as an imatrix")

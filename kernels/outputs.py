@@ -147,6 +147,15 @@ def output_file(path: str | os.PathLike, flag: str = "output") -> Iterator[Path]
         os.replace(out, path)
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a closed file's bytes to the disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, flag: str = "output") -> Iterator[Path]:
     """Check `path` (a new or empty directory), yield a temp directory to fill, then rename it into place."""

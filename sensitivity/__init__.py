@@ -1,4 +1,4 @@
-"""moeplan's sensitivity stage: inventory, model adapters, calibration data, the profiler and
+"""moeplan's sensitivity stage: model adapters, calibration data, the profiler and
 evaluation, installed as `moeplan.sensitivity`."""
 
 if __name__ != "moeplan.sensitivity":  # the folder found by its bare name from a checkout's root

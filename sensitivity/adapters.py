@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .inventory import Role
+from moeplan.kernels.inventory import Role
 
 __all__ = [
     "ExpertInputStats",

@@ -16,9 +16,10 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.gguf_layout import KvBSplit
+from moeplan.kernels.inventory import EXPERT_RE, Target
 
 from .adapters import adapter_for
-from .inventory import Target
 
 _NO_OP = {"BF16", "F32"}  # the reference checkpoints are BF16: storing BF16 (or F32) changes nothing
 
@@ -49,10 +50,10 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
     imp = importance
     if f.needs_importance and imp is None:
         imp = np.ones(x.shape[-1], dtype=np.float32)
-    if imp is not None and imp.shape[-1] != x.shape[-1]:
-        imp = None  # importance of another layout (e.g. kv_b before the gguf split)
-        if f.needs_importance:
-            imp = np.ones(x.shape[-1], dtype=np.float32)
+    if imp is not None and np.shape(imp)[-1] != x.shape[-1]:
+        raise ValueError(f"importance of {name or 'a tensor'} has shape {tuple(np.shape(imp))}, but the tensor has "
+                         f"{x.shape[-1]} input columns: one value per column is needed (is the importance file "
+                         "from this model?)")
     try:
         q = kernels.quantize(x, f.name, imp)
     except ValueError as exc:
@@ -60,17 +61,16 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
     return torch.from_numpy(kernels.dequantize(q, f.name, x.shape))
 
 
-def _kv_b_gguf(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None) -> torch.Tensor:
-    """kv_b_proj (H*(nope+v), r) through llama.cpp's storage: k_b (H, r, nope) and v_b (H, v, r)."""
-    h = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    nope, v = int(config["qk_nope_head_dim"]), int(config["v_head_dim"])
-    r = w.shape[1]
-    kv = w.float().view(h, nope + v, r)
-    k_b = kv[:, :nope, :].transpose(1, 2).contiguous()  # (H, r, nope): rows of nope values
-    v_b = kv[:, nope:, :].contiguous()  # (H, v, r)
-    k_q = quantize_dequantize(k_b.reshape(h * r, nope), fmt).view(h, r, nope).transpose(1, 2)
-    v_q = quantize_dequantize(v_b.reshape(h * v, r), fmt, importance).view(h, v, r)
-    return torch.cat([k_q, v_q], dim=1).reshape(h * (nope + v), r)
+def quantize_dequantize_kv_b(w: torch.Tensor, fmt: str, config: dict, importance: np.ndarray | None,
+                             name: str | None = None) -> torch.Tensor:
+    """kv_b_proj (H*(nope+v), r) through llama.cpp's storage: k_b (H, r, nope) and v_b (H, v, r)
+    (kernels.gguf_layout.KvBSplit), each quantized with its own row length."""
+    split = KvBSplit.of(config)
+    h, nope, v, r = split.heads, split.nope, split.v, split.rank
+    k_b, v_b = split.split(w.float())
+    k_q = quantize_dequantize(k_b.reshape(h * r, nope), fmt).view(h, r, nope)
+    v_q = quantize_dequantize(v_b.reshape(h * v, r), fmt, importance, name).view(h, v, r)
+    return split.join(k_q, v_q)
 
 
 @torch.no_grad()
@@ -87,8 +87,8 @@ def apply_decision(model: torch.nn.Module, decision: Decision,
         r = refs[name]
         imp = None if importance is None else importance.get(name)
         w = r.get()
-        if Target(decision.target) is Target.GGUF and name.endswith("kv_b_proj.weight") and config.get("kv_lora_rank"):
-            r.set(_kv_b_gguf(w, fmt, config, imp))
+        if Target(decision.target) is Target.GGUF and KvBSplit.applies(name, config):
+            r.set(quantize_dequantize_kv_b(w, fmt, config, imp, name))
         else:
             r.set(quantize_dequantize(w, fmt, imp, name))
     prune_and_set_top_k(ad, decision.kept_experts, decision.top_k)
@@ -128,7 +128,5 @@ def predicted_damage(profile, decision: Decision) -> float:
 
 
 def _expert_of(name: str) -> tuple[int, int] | None:
-    from .inventory import _EXPERT_RE
-
-    m = _EXPERT_RE.search(name)
+    m = EXPERT_RE.search(name)
     return (int(m.group(1)), int(m.group(2))) if m else None

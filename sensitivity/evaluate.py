@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from moeplan.kernels.checkpoint import checkpoint_shards, finite, read_safetensors_header
+from moeplan.kernels.inventory import resolve_model
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,6 @@ def load_text_ids(model, text: str | None, split: str, purpose: str, option: str
     checkpoint's shipped split file (calib.txt / valid.txt), tokenized by the checkpoint's tokenizer.
     Every shard's header is checked; no weight is read."""
     from transformers import AutoTokenizer
-
-    from .inventory import resolve_model
 
     path = resolve_model(model)
     if not path.is_dir():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from moeplan.kernels.checkpoint import ST_ITEMSIZE, write_safetensors
+from moeplan.kernels.inventory import MODELS_DIR, _from_config
 from moeplan.kernels.outputs import json_text, output_dir
 
 FP8_BLOCK = 128
@@ -52,8 +53,6 @@ def _fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_random_checkpoint(out_dir: str | os.PathLike, config: dict, *, dtype: str = "BF16", seed: int = 0,
                             shard_bytes: int = 512 << 20) -> Path:
-    from .inventory import MODELS_DIR, _from_config
-
     if dtype not in ("BF16", "F16", "F32", "F8_E4M3"):
         raise ValueError(f"dtype {dtype!r}: use BF16, F16, F32 or F8_E4M3")
     config = dict(config)

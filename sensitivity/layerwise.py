@@ -84,7 +84,7 @@ from moeplan.kernels.outputs import json_text, output_file
 from .adapters import ExpertKind, MoEAdapter, TensorRole
 from .evaluate import chunk_tokens
 from .profile import ExpertStats, Profile
-from .profiler import CALIBRATION_FORMATS, CORRECTION_CLASSES, QUANTIZABLE, _interpolate_gain, _menu
+from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, QUANTIZABLE, interpolate_gain, menu
 from .streaming import StreamingModel
 
 STREAM_FORMAT = "Q3_K"
@@ -186,9 +186,9 @@ class LayerwiseProfiler:
                              "measures them apart: profile with --method passes")
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
         self.share = _Share(self.windows, batch_size)
-        self.formats = _menu(formats)
-        self.calibration_formats = _menu(list(calibration_formats))
-        self.stream_format = _menu([stream_format])[0]
+        self.formats = menu(formats)
+        self.calibration_formats = menu(list(calibration_formats))
+        self.stream_format = menu([stream_format])[0]
         self.all_formats = list(dict.fromkeys([*self.formats, *self.calibration_formats, self.stream_format]))
         self.joint_correction = joint_correction
         self.progress = progress
@@ -775,7 +775,7 @@ class LayerwiseProfiler:
                 scale = gain(l, g["cls"])
             points_out[key] = pts
             for f in self.formats:
-                lam = _interpolate_gain(pts, energy[f])
+                lam = interpolate_gain(pts, energy[f])
                 for n in names:
                     damage.setdefault(n, {})[f] = scale * lam * m["err"][n][f]
         joint: dict[str, dict[str, float]] = {c: {} for c in CORRECTION_CLASSES}

@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from moeplan.kernels import formats as kfmts
 from moeplan.kernels.checkpoint import read_json
 from moeplan.kernels.outputs import json_text, write_text
 
@@ -87,8 +88,6 @@ class Profile:
     def from_json(cls, d: dict, source: str = "profile") -> "Profile":
         """A profile from its JSON object, every field checked: costs are finite and non-negative
         (a damage is a KL divergence increase), lists have one entry per expert, formats are known."""
-        from moeplan.kernels import formats as kfmts
-
         if not isinstance(d, dict):
             raise ValueError(f"{source}: a profile is a JSON object, got {type(d).__name__}")
         if d.get("version") != PROFILE_VERSION:

@@ -43,25 +43,19 @@ import torch
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import read_safetensors_header
-from moeplan.kernels.imatrix import check_importance
+from moeplan.kernels.imatrix import check_importance, write_profile_imatrix
+from moeplan.kernels.inventory import build_inventory
 from moeplan.kernels.outputs import output_file
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
-from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-from .inventory import build_inventory
+from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, DEFAULT_FORMATS, QUANTIZABLE, interpolate_gain, menu
+from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text, load_text_ids
+from .layerwise import LayerwiseProfiler
 from .profile import ExpertStats, Profile
 
-DEFAULT_FORMATS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16")
-# Two error levels per group: the gain grows from 3-4 bits to 2 bits per weight, and by different
-# amounts in different groups; with one level the solver picks exactly the low-bit choices whose
-# damage is underestimated (on tiny-deepseek-v3 its plans then measured 1.6-1.9x their prediction,
-# against 1.05x with these two). The joint correction then sets each format's level.
-CALIBRATION_FORMATS = ("IQ2_XXS", "Q4_K")
 # Every decoder layer's input on the calibration windows is kept (when it fits under this), so that
 # a change in layer l reruns layers l.. only.
 CACHE_LIMIT_BYTES = 4 << 30
-QUANTIZABLE = {TensorRole.ATTENTION, TensorRole.DENSE_MLP, TensorRole.ROUTED_EXPERT, TensorRole.SHARED_EXPERT,
-               TensorRole.EMBEDDING, TensorRole.HEAD}
 
 
 @dataclass
@@ -74,15 +68,6 @@ class _ExpertAccum:
     tokens: int = 0
 
 
-def _menu(formats: Sequence[str] | None) -> list[str]:
-    avail = set(kernels.available_formats())
-    menu = [fmts.get(f).name for f in (formats or DEFAULT_FORMATS)]
-    missing = [f for f in menu if f not in avail]
-    if missing and formats is not None:
-        raise ValueError(f"formats {missing} have no kernel in this build; available: {sorted(avail)}")
-    return [f for f in menu if f in avail]
-
-
 class Profiler:
     def __init__(self, model: torch.nn.Module, calib_ids: Sequence[int] | torch.Tensor, *, seq_len: int = 128,
                  max_tokens: int = 4096, batch_size: int = 8, formats: Sequence[str] | None = None,
@@ -92,10 +77,10 @@ class Profiler:
         self.adapter: MoEAdapter = adapter_for(model)
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
         self.batch_size = batch_size
-        self.formats = _menu(formats)
+        self.formats = menu(formats)
         if isinstance(calibration_formats, str):
             calibration_formats = [calibration_formats]
-        self.calibration_formats = _menu(list(calibration_formats))
+        self.calibration_formats = menu(list(calibration_formats))
         self.progress = progress
         self.cache_layer_inputs = cache_layer_inputs
         self.joint_correction = joint_correction
@@ -282,7 +267,7 @@ class Profiler:
         damage = {}
         gain: dict[tuple, dict[str, float]] = {}
         for key, members in groups.items():
-            gain[key] = {f: _interpolate_gain(points[key], sum(err[r.name][f] for r in members)) for f in self.formats}
+            gain[key] = {f: interpolate_gain(points[key], sum(err[r.name][f] for r in members)) for f in self.formats}
             for r in members:
                 damage[r.name] = {f: gain[key][f] * err[r.name][f] for f in self.formats}
         t5 = time.perf_counter()
@@ -368,9 +353,6 @@ class Profiler:
         return self._kl(m, start=layer)
 
 
-CORRECTION_CLASSES = ("routed_experts", "other")
-
-
 def _quantize_in_place(ref, original: torch.Tensor, fmt: str, importance: np.ndarray) -> None:
     """Set tensor `ref` to `original` quantized to `fmt` (or llama.cpp's fallback for its row length)
     and dequantized with the kernels."""
@@ -381,21 +363,6 @@ def _quantize_in_place(ref, original: torch.Tensor, fmt: str, importance: np.nda
 
 def _class_of(ref) -> str:
     return "routed_experts" if ref.role is TensorRole.ROUTED_EXPERT else "other"
-
-
-def _interpolate_gain(points: list[tuple[float, float]], energy: float) -> float:
-    """Gain at `energy` from calibration points (energy, gain) sorted by energy: piecewise linear in
-    log-log between them, constant beyond the outermost (no extrapolated power law)."""
-    pts = [(e, g) for e, g in points if e > 0 and g > 0]
-    if not pts:
-        return points[0][1] if points else 0.0
-    if energy <= pts[0][0] or len(pts) == 1:
-        return pts[0][1] if energy <= pts[0][0] else pts[-1][1]
-    for (e0, g0), (e1, g1) in zip(pts, pts[1:]):
-        if energy <= e1:
-            t = (np.log(energy) - np.log(e0)) / (np.log(e1) - np.log(e0))
-            return float(np.exp(np.log(g0) + t * (np.log(g1) - np.log(g0))))
-    return pts[-1][1]
 
 
 def save_importance(importance: dict[str, np.ndarray], path: str | Path) -> None:
@@ -443,8 +410,6 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
     method "layerwise" (default): sensitivity.layerwise, the checkpoint streamed one decoder layer
     at a time (resumable: an interrupted run with the same `out` continues after its last finished
     layer); "passes": the in-memory reference profiler (the whole model in float32)."""
-    from .evaluate import load_text_ids
-
     if method not in PROFILERS:
         raise ValueError(f"method {method!r}: use one of {', '.join(PROFILERS)}")
     if method == "passes" and (device != "cpu" or dtype not in (None, torch.float32)):
@@ -454,8 +419,6 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
         torch.set_num_threads(threads)
     fingerprint = build_inventory(model).fingerprint
     if method == "layerwise":
-        from .layerwise import LayerwiseProfiler
-
         path, ids = load_text_ids(model, calib_text, "calib", "profiling", "--calib")
         profiler = LayerwiseProfiler(path, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
                                      progress=progress, device=device, dtype=dtype, threads=threads,
@@ -468,8 +431,6 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
         prof.save(out)
         save_importance(importance, importance_path(out))
     if imatrix_out is not None:
-        from moeplan.kernels.imatrix import write_profile_imatrix
-
         if method != "layerwise":
             raise ValueError("an imatrix needs the token counts only the layerwise profiler records")
         write_profile_imatrix(imatrix_out, importance, profiler.token_counts, build_inventory(model),

@@ -38,8 +38,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.inventory import Inventory, Role, Target, TensorInfo, _fingerprint
 
-from .inventory import Inventory, Role, Target, TensorInfo, _fingerprint
 from .profile import ExpertStats, Profile
 
 # RMSE/std on Gaussian data (see the module docstring for the source of every figure)

@@ -13,7 +13,7 @@ from moeplan.allocator.plan import Plan
 from moeplan.allocator.problem import Budget, Problem
 from moeplan.allocator.solvers import solve
 from moeplan.allocator.sweep import PAPER_RATIO, ProblemFactory, budgets_between, sweep, write
-from moeplan.sensitivity.inventory import build_inventory
+from moeplan.kernels.inventory import build_inventory
 from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 
 MENU = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]

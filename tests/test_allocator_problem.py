@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moeplan.allocator.problem import (Assignment, Budget, InfeasibleBudget, Problem, Speed, lower_hull, pareto,
                                pareto_mask, parse_size)
-from moeplan.sensitivity.inventory import Role
+from moeplan.kernels.inventory import Role
 from moeplan.sensitivity.profile import Profile
 from moeplan.sensitivity.synthetic import (RMSE_GAUSSIAN, SYNTHETIC_FORMATS, relative_error, synthetic_profile,
                                    toy_inventory)
@@ -47,7 +47,7 @@ def test_budget_split_arithmetic():
 
 
 def test_deepseek_budget_split():
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
 
     inv = build_inventory("deepseek-v3")
     b = Budget.of("128GB", inv, context=4096, reserve="2GB")
@@ -112,7 +112,7 @@ def test_router_rows_go_with_their_experts(toy):
 
 def test_gguf_fallback_reaches_the_bytes():
     # rows of 128 (DeepSeek's attn_k_b in GGUF): Q4_K (256-blocks) is stored as Q5_0
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.kernels.inventory import build_inventory
 
     inv = build_inventory("deepseek-v3")
     t = inv["model.layers.3.self_attn.kv_b_proj.weight"]
@@ -253,3 +253,17 @@ def test_synthetic_profile_saves_and_loads(tmp_path):
     assert back.tensor_damage == prof.tensor_damage
     with pytest.raises(ValueError, match="unknown format"):
         synthetic_profile(inv, ["Q2_K", "Q4_1_X"])
+
+
+@pytest.mark.parametrize("k", [0, 99])
+def test_evaluate_refuses_a_top_k_that_is_not_an_option(k):
+    """A top-k without a cost is an error naming the layer, not the cost of a neighbouring top-k."""
+    inv = toy_inventory(n_layers=2, first_dense=0, n_experts=4, top_k=2, hidden=256, moe_inter=256, vocab=32,
+                        attention=False, shared_expert=False)
+    p = Problem.build(inv, synthetic_profile(inv, ["Q4_K", "Q8_0"]), Budget(10**12, 0, 0), "free", ["Q4_K", "Q8_0"])
+    a = p.minimum()
+    p.evaluate(a)
+    a.topk[1] = k
+    with pytest.raises(ValueError, match=rf"layer {p.layers[1].layer} has top-k {k}, which is not an option"):
+        p.evaluate(a)
+    assert any(msg.startswith("topk_choice") for msg in p.check(a))

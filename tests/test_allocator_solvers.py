@@ -261,10 +261,10 @@ class TestCBC(SolverContract):
 
     @classmethod
     def setup_class(cls):
-        from moeplan.allocator.solvers import _cbc_command
+        from moeplan.allocator.solvers import _cbc_binary
 
         try:
-            _cbc_command(msg=False)
+            _cbc_binary()
         except RuntimeError:
             pytest.skip("CBC is not available")
 
@@ -385,3 +385,20 @@ def test_bad_solver_arguments():
         solve(p, "gurobi")
     with pytest.raises(ValueError, match="time_limit"):
         solve(p, "highs", time_limit=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Lagrangian's time limit
+
+
+@pytest.mark.parametrize("target,speed", [("free", False), ("free", True), ("gguf", False), ("gguf", True)])
+def test_lagrangian_stops_at_its_time_limit(target, speed):
+    """A time limit that has passed before the first price search ends stops the searches after the
+    first plan: fewer evaluations, still a feasible plan and a proven bound (before: reported, not used)."""
+    p = tiny(target, groups=True, speed=speed, kinds=("gate_proj", "down_proj"), formats=("Q2_K", "Q4_K", "Q8_0"))
+    full = solve(p, "lagrangian")
+    short = solve(p, "lagrangian", time_limit=1e-9)
+    assert short.report()["time_limit_s"] == 1e-9
+    assert short.log.get("time_limit_reached") and not full.log.get("time_limit_reached")
+    assert short.log["evaluations"] < full.log["evaluations"]
+    assert not p.check(short.assignment) and short.bound <= full.objective + 1e-12 <= short.objective + 1e-12

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moeplan.allocator import cli
 from moeplan.allocator.plan import Plan
-from moeplan.sensitivity.inventory import build_inventory
+from moeplan.kernels.inventory import build_inventory
 from moeplan.sensitivity.profile import Profile
 
 MODEL = Path(__file__).resolve().parent.parent / "sensitivity" / "models" / "tiny-deepseek-v3"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moeplan.sensitivity.inventory import MODELS_DIR
+from moeplan.kernels.inventory import MODELS_DIR
 
 pytestmark = pytest.mark.usefixtures("llama_no_repack")  # llama.cpp's weight repacking off (conftest.py)
 

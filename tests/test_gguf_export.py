@@ -16,7 +16,9 @@ import torch
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels import gguf_export as ge
-from moeplan.sensitivity.inventory import Target, build_inventory
+from moeplan.kernels.gguf_families import family_of
+from moeplan.kernels.gguf_reader import read_back
+from moeplan.kernels.inventory import Target, build_inventory
 
 gguf = pytest.importorskip("gguf")
 
@@ -270,7 +272,7 @@ def _check_roundtrip(model_dir: Path, path: Path, report: ge.GGUFReport, formats
         np.testing.assert_array_equal(ours, expected[t.name], err_msg=t.name)
 
     # read_back undoes the split and the stacking: the checkpoint's names and shapes again
-    cfg, state, kept = ge.read_back(path, config)
+    cfg, state, kept = read_back(path, config)
     sd = _ckpt(model_dir)
     names = set(sd) - {n for n in sd if n.startswith("model.layers.") and int(n.split(".")[2]) >= config["num_hidden_layers"]}
     assert set(state) == names
@@ -440,7 +442,7 @@ def test_fp8_checkpoint_is_dequantized_blockwise(ds_dir, tmp_path):
         (d / f).write_bytes((ds_dir / f).read_bytes())
     report = _write(d, tmp_path / "fp8.gguf", {}, default_format="F32")
     assert not any(s.endswith("_scale_inv") for t in report.tensors for s in t.sources)
-    _, state, _ = ge.read_back(tmp_path / "fp8.gguf", cfg)
+    _, state, _ = read_back(tmp_path / "fp8.gguf", cfg)
     assert expected.keys() <= state.keys()
     for n, want in expected.items():
         np.testing.assert_array_equal(state[n], want, err_msg=n)
@@ -450,10 +452,10 @@ def test_deepseek_v3_metadata_from_its_config():
     """The bundled DeepSeek-V3 config passes the checks and gives llama.cpp's keys (YaRN included)."""
     import gguf as g
 
-    from moeplan.sensitivity.inventory import BUNDLED_CONFIGS
+    from moeplan.kernels.inventory import BUNDLED_CONFIGS
 
     cfg = json.loads(BUNDLED_CONFIGS["deepseek-v3"].read_text())
-    fam = ge.family_of(cfg)
+    fam = family_of(cfg)
     fam.validate(cfg)
 
     class Keys(g.GGUFWriter):
@@ -596,7 +598,7 @@ def _hf_compressed(path: Path, model_dir: Path, tmp: Path):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((model_dir / "config.json").read_text())
-    cfg, state, kept = ge.read_back(path, config)
+    cfg, state, kept = read_back(path, config)
     d = tmp / f"hf-{path.stem}"
     d.mkdir()
     save_file({n: torch.from_numpy(np.ascontiguousarray(x)) for n, x in state.items()}, str(d / "model.safetensors"))
@@ -764,7 +766,7 @@ def test_pruned_file_runs_in_llama_cpp(family, ds_dir, qwen_dir, tmp_path):
         assert reader.fields[f"moeplan.kept_experts.{layer}"].contents() == ks
     # the stacked experts, router rows and correction biases are the kept ones, in order
     sd = _ckpt(model_dir)
-    cfg, state, kept_back = ge.read_back(path, config)
+    cfg, state, kept_back = read_back(path, config)
     assert kept_back == kept and cfg["num_experts_per_tok"] == top_k
     for layer, ks in kept.items():
         np.testing.assert_array_equal(state[f"model.layers.{layer}.mlp.gate.weight"],
@@ -844,3 +846,20 @@ def test_llama_cpp_loads_without_weight_repacking(qwen_dir, tmp_path):
         assert llm.model_params.use_extra_bufts is False
     finally:
         llm.close()
+
+
+def test_tensor_data_goes_through_gguf_py_writer(qwen_dir, tmp_path, monkeypatch):
+    """Each tensor's bytes are handed to GGUFWriter.write_tensor_data, in file order (not written to
+    the writer's file object behind its back)."""
+    import gguf
+
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = []
+
+    def counting(self, tensor, *a, **k):
+        calls.append(tensor.nbytes)
+        return real(self, tensor, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", counting)
+    report = _write(qwen_dir, tmp_path / "a.gguf", {}, default_format="Q8_0")
+    assert calls == [t.nbytes for t in report.tensors]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from moeplan.allocator.cli import main
-from moeplan.sensitivity.inventory import MODELS_DIR
+from moeplan.kernels.inventory import MODELS_DIR
 
 MODEL = "tiny-deepseek-v3"
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / MODEL / "profile.json").exists(),

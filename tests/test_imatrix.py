@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moeplan.allocator.gguf_names import gguf_names
+from moeplan.kernels.gguf_layout import gguf_names
+from moeplan.sensitivity.importance import load_importance_file
 from moeplan.kernels import imatrix as im
-from moeplan.sensitivity.inventory import build_inventory
+from moeplan.kernels.inventory import build_inventory
 from moeplan.sensitivity.profiler import load_importance, save_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def test_gguf_imatrix_round_trip(tmp_path):
     assert im.is_imatrix(path)
     data = im.read_imatrix(path)
     assert not data.legacy and data.chunk_count == 3 and data.chunk_size == 128 and data.datasets == ["calib.txt"]
-    _check(im.load_importance_file(path, QWEN), want)
+    _check(load_importance_file(path, QWEN), want)
 
 
 def test_legacy_dat_round_trip(tmp_path):
@@ -107,7 +108,7 @@ def test_legacy_dat_round_trip(tmp_path):
     assert im.is_imatrix(path)
     data = im.read_imatrix(path)
     assert data.legacy and data.chunk_count == 3 and data.datasets == ["calib.txt"]
-    _check(im.load_importance_file(path, QWEN), want)
+    _check(load_importance_file(path, QWEN), want)
 
 
 def test_deepseek_kv_b_takes_v_b_pooled_over_heads(tmp_path):
@@ -123,19 +124,19 @@ def test_deepseek_kv_b_takes_v_b_pooled_over_heads(tmp_path):
     entries[f"blk.{layer}.attn_k_b.weight"] = (np.ones((1, heads * 7)), np.array([64.0]))  # no checkpoint tensor
     path = tmp_path / "imatrix.gguf"
     im.write_imatrix_gguf(path, entries)
-    got = im.load_importance_file(path, DS)
+    got = load_importance_file(path, DS)
     np.testing.assert_allclose(got[kvb.name], sums.mean(0) / 64, rtol=2e-6)
     # per-head counts (one per matrix): weighted by the rows each head saw
     counts = np.array([10.0, 20.0, 30.0, 40.0])
     entries[f"blk.{layer}.attn_v_b.weight"] = (sums * counts[:, None], counts)
     im.write_imatrix_gguf(path, entries)
-    got = im.load_importance_file(path, DS)
+    got = load_importance_file(path, DS)
     np.testing.assert_allclose(got[kvb.name], (sums * counts[:, None]).sum(0) / counts.sum(), rtol=2e-5)
 
 
 def test_safetensors_passes_through(tmp_path):
     src = QWEN / "profile.importance.safetensors"
-    got = im.load_importance_file(src, QWEN)
+    got = load_importance_file(src, QWEN)
     ref = load_importance(src)
     assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
 
@@ -144,7 +145,7 @@ def test_neither_format_is_a_clear_error(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("not an importance file\n")
     with pytest.raises(im.ImportanceFileError, match="neither a moeplan importance file.*nor a llama.cpp imatrix"):
-        im.load_importance_file(junk, QWEN)
+        load_importance_file(junk, QWEN)
     import gguf
 
     model = tmp_path / "model.gguf"
@@ -152,14 +153,14 @@ def test_neither_format_is_a_clear_error(tmp_path):
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(im.ImportanceFileError, match="GGUF file but not an imatrix"):
-        im.load_importance_file(model, QWEN)
+        load_importance_file(model, QWEN)
     assert not im.is_imatrix(model) and not im.is_imatrix(junk)
 
 
 def test_materialize_accepts_an_imatrix(tmp_path):
     """--importance IMATRIX gives the same GGUF as the same importance in moeplan's .safetensors."""
     from moeplan.allocator import cli
-    from moeplan.kernels.materialize import materialize
+    from moeplan.allocator.cli.materialize import materialize
 
     inv = build_inventory(QWEN)
     bf16 = inv.bytes_uniform("BF16")
@@ -209,7 +210,7 @@ def test_real_llama_imatrix_file(tmp_path):
                    check=True, capture_output=True)
     data = im.read_imatrix(out)
     assert not data.legacy and data.chunk_count == 4
-    imp = im.load_importance_file(out, QWEN)
+    imp = load_importance_file(out, QWEN)
     inv = build_inventory(QWEN)
     experts = [t for t in inv if t.expert is not None]
     assert all(t.name in imp for t in experts)

@@ -7,7 +7,7 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats
-from moeplan.sensitivity.inventory import Inventory, Role, Target, build_inventory, classify
+from moeplan.kernels.inventory import Inventory, Role, Target, build_inventory, classify
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.kernels.inventory import MODELS_DIR, build_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN = MODELS_DIR / "tiny-qwen3-moe"
@@ -222,21 +222,23 @@ def test_peak_memory_stays_well_below_the_checkpoint(tmp_path):
     from moeplan.sensitivity.generated import write_random_checkpoint
 
     cfg = json.loads((QWEN / "config.json").read_text())
-    cfg.update(num_hidden_layers=8, hidden_size=512, moe_intermediate_size=512, num_experts=32,
-               num_experts_per_tok=4)
+    cfg.update(num_hidden_layers=24, hidden_size=512, moe_intermediate_size=256, num_local_experts=16)
     d = write_random_checkpoint(tmp_path / "big", cfg)
     inv = build_inventory(d)
     bf16 = inv.bytes_uniform("BF16")
+    layer_f32 = max(sum(t.numel for t in inv if t.layer == i) for i in range(24)) * 4
     try:
         open("/proc/self/clear_refs", "w").write("5")
     except OSError:
         pytest.skip("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
     r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(d), str(tmp_path / "p.json")], capture_output=True,
-                       text=True, timeout=1200)
+                       text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     base, peak = map(int, r.stdout.split()[-2:])
-    assert bf16 > 350 << 20  # the checkpoint is really several hundred MB
-    assert peak - base < bf16 / 2, (peak - base, bf16)
+    assert bf16 > 300 << 20  # the checkpoint is really several hundred MB, 24 layers
+    # one layer in float32 and its quantized copies, the activations and streams: not the model
+    assert peak - base < 5 * layer_f32 + (128 << 20), (peak - base, layer_f32)
+    assert peak - base < bf16 * 0.8, (peak - base, bf16)
 
 
 def test_imatrix_round_trips_through_gguf(qwen_profile, tmp_path):

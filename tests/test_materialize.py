@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.kernels.inventory import MODELS_DIR, build_inventory
 
 MODEL = "tiny-deepseek-v3"
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / MODEL / "profile.json").exists(),
@@ -33,7 +33,7 @@ def setup():
 def test_gguf_bytes_equal_the_plan(setup, tmp_path):
     import gguf
 
-    from moeplan.kernels.materialize import materialize
+    from moeplan.allocator.cli.materialize import materialize
 
     path, inv, plan = setup
     rep = materialize(str(path), plan, gguf_out=tmp_path / "m.gguf", progress=False)
@@ -49,7 +49,7 @@ def test_gguf_bytes_equal_the_plan(setup, tmp_path):
 def test_hf_checkpoint_loads_and_evaluates_like_the_in_memory_model(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from moeplan.kernels.materialize import load_compressed, materialize
+    from moeplan.allocator.cli.materialize import load_compressed, materialize
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.profiler import load_importance
 
@@ -71,7 +71,7 @@ def test_hf_checkpoint_loads_and_evaluates_like_the_in_memory_model(setup, tmp_p
 
 def test_plan_for_another_model_is_refused_before_writing(setup, tmp_path):
     from moeplan.allocator.plan import Plan
-    from moeplan.kernels.materialize import materialize
+    from moeplan.allocator.cli.materialize import materialize
 
     path, inv, plan = setup
     other = Plan.from_obj({**plan.model_dump(mode="json"),
@@ -83,7 +83,7 @@ def test_plan_for_another_model_is_refused_before_writing(setup, tmp_path):
 
 def test_free_target_plan_cannot_become_gguf(setup, tmp_path):
     from moeplan.allocator.plan import Plan
-    from moeplan.kernels.materialize import materialize
+    from moeplan.allocator.cli.materialize import materialize
 
     path, inv, plan = setup
     free = Plan.from_obj({**plan.model_dump(mode="json"), "target": "free", "stacked": {}})
@@ -101,7 +101,7 @@ def test_hf_writer_streams_and_prunes_group_limited_experts(setup, tmp_path, mon
     from moeplan.allocator import paper_baseline
     from moeplan.allocator.plan import make_plan
     from moeplan.allocator.sweep import ProblemFactory
-    from moeplan.kernels.materialize import load_compressed, materialize
+    from moeplan.allocator.cli.materialize import load_compressed, materialize
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.profile import Profile
     from moeplan.sensitivity.profiler import load_importance

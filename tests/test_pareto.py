@@ -1,4 +1,4 @@
-"""Measured Pareto curves (allocator.pareto), `moeplan sweep --measure` and notebooks/pareto.ipynb."""
+"""Measured Pareto curves (allocator.cli.pareto), `moeplan sweep --measure` and notebooks/pareto.ipynb."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moeplan.sensitivity.inventory import MODELS_DIR
+from moeplan.kernels.inventory import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-deepseek-v3"
@@ -21,7 +21,7 @@ needs_model = pytest.mark.skipif(not ((MODEL_DIR / "model.safetensors").exists()
 @pytest.fixture(scope="module")
 def shipped():
     """(inventory, profile, evaluator on 256 held-out tokens, BF16 bytes) of the shipped model."""
-    from moeplan.allocator.pareto import Evaluator
+    from moeplan.allocator.cli.pareto import Evaluator
     from moeplan.sensitivity.profile import Profile
 
     ev = Evaluator(MODEL, eval_tokens=256, seq_len=128)
@@ -60,7 +60,7 @@ def test_a_plan_that_keeps_the_bf16_weights_measures_zero(shipped):
 
 @needs_model
 def test_measure_fills_every_row_that_has_a_plan_and_only_those(shipped):
-    from moeplan.allocator.pareto import MEASURED_COLUMNS, measure
+    from moeplan.allocator.cli.pareto import MEASURED_COLUMNS, measure
     from moeplan.allocator.sweep import sweep
 
     inv, prof, ev, bf16 = shipped
@@ -90,7 +90,7 @@ def test_measure_fills_every_row_that_has_a_plan_and_only_those(shipped):
 @needs_model
 def test_measure_a_list_of_plans_and_identical_plans_are_evaluated_once(shipped):
     from moeplan.allocator.baselines import uniform
-    from moeplan.allocator.pareto import measure
+    from moeplan.allocator.cli.pareto import measure
 
     inv, prof, ev, bf16 = shipped
     p = _factory(inv, prof)(bf16)
@@ -120,7 +120,7 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
     """Free target, no expert groups: layer 0 keeps 3 of 16 experts with top-k 3 (< the original 4);
     measured in memory, and written as safetensors that load back with the same output."""
     from moeplan.allocator.baselines import uniform
-    from moeplan.allocator.pareto import Evaluator
+    from moeplan.allocator.cli.pareto import Evaluator
     from moeplan.sensitivity.profile import Profile
 
     ev = Evaluator("tiny-qwen3-moe", eval_tokens=128)
@@ -143,7 +143,7 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
 
     import torch
 
-    from moeplan.kernels.materialize import load_compressed, materialize
+    from moeplan.allocator.cli.materialize import load_compressed, materialize
     from moeplan.sensitivity.compress import Decision, apply_decision
 
     materialize(str(MODELS_DIR / "tiny-qwen3-moe"), plan, hf_out=tmp_path / "hf", progress=False)
@@ -156,7 +156,7 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
 
 def test_measuring_needs_a_checkpoint_with_weights(capsys):
     from moeplan.allocator.cli import main
-    from moeplan.allocator.pareto import Evaluator
+    from moeplan.allocator.cli.pareto import Evaluator
 
     with pytest.raises(ValueError, match="checkpoint with weights"):
         Evaluator("deepseek-v3")  # a bundled config.json, no weights
@@ -171,7 +171,7 @@ def test_measuring_needs_a_checkpoint_with_weights(capsys):
 @needs_model
 @pytest.mark.parametrize("target", ["gguf", "free"])
 def test_quantization_only_never_prunes_nor_changes_top_k(shipped, target):
-    from moeplan.allocator.pareto import quantization_only_factory, quantization_only_sweep, smallest_unpruned
+    from moeplan.allocator.cli.pareto import quantization_only_factory, quantization_only_sweep, smallest_unpruned
     from moeplan.allocator.sweep import sweep
 
     inv, prof, _, bf16 = shipped
@@ -205,8 +205,8 @@ def test_quantization_only_never_prunes_nor_changes_top_k(shipped, target):
 
 
 def test_quantization_only_profile_keeps_the_tensor_damage():
-    from moeplan.allocator.pareto import REMOVAL_FORBIDDEN, quantization_only_profile
-    from moeplan.sensitivity.inventory import build_inventory
+    from moeplan.allocator.cli.pareto import REMOVAL_FORBIDDEN, quantization_only_profile
+    from moeplan.kernels.inventory import build_inventory
     from moeplan.sensitivity.synthetic import synthetic_profile
 
     inv = build_inventory("deepseek-v3")
@@ -242,7 +242,7 @@ def _table():
 
 
 def test_goal_table_compares_with_the_best_baseline_that_fits():
-    from moeplan.allocator.pareto import goal_markdown, goal_table
+    from moeplan.allocator.cli.pareto import goal_markdown, goal_table
 
     g = goal_table(_table()).set_index("weight_budget_bytes")
     assert list(g.index) == [50, 100, 200]
@@ -260,7 +260,7 @@ def test_goal_table_compares_with_the_best_baseline_that_fits():
 
 
 def test_goal_table_needs_measured_columns():
-    from moeplan.allocator.pareto import goal_table
+    from moeplan.allocator.cli.pareto import goal_table
 
     with pytest.raises(ValueError, match="measure it first"):
         goal_table(_table().drop(columns=["measured_kld"]))

@@ -100,7 +100,7 @@ def test_removal_and_topk_costs_equal_full_forward_measurements(profiled):
 
 
 def test_gain_interpolation():
-    from moeplan.sensitivity.profiler import _interpolate_gain
+    from moeplan.sensitivity.costs import interpolate_gain as _interpolate_gain
 
     pts = [(1.0, 2.0), (100.0, 8.0)]
     assert _interpolate_gain(pts, 1.0) == pytest.approx(2.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeplan.kernels.checkpoint import Checkpoint
-from moeplan.sensitivity.inventory import MODELS_DIR, build_inventory
+from moeplan.kernels.inventory import MODELS_DIR, build_inventory
 
 REFERENCE = ["tiny-deepseek-v3", "tiny-qwen3-moe"]
 

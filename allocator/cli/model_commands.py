@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from moeplan.allocator.cli import Command, positive_int, register
+from moeplan.allocator.plan import Plan
+from moeplan.kernels.checkpoint import regular_file
+from moeplan.kernels.inventory import build_inventory, resolve_model
 from moeplan.kernels.outputs import check_output
+from moeplan.sensitivity.costs import DEFAULT_FORMATS
 
-from .profiler import DEFAULT_FORMATS
+from .args import Command, positive_int
 
 
 def _say(msg: str) -> None:
@@ -19,8 +22,6 @@ def _say(msg: str) -> None:
 
 def _read_text(path: str, flag: str) -> str:
     """A text file given on the command line (a regular file, UTF-8)."""
-    from moeplan.kernels.checkpoint import regular_file
-
     regular_file(Path(path), flag)
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -73,7 +74,7 @@ def _device(s: str) -> str:
 def _profile_run(args) -> int:
     import torch
 
-    from .profiler import importance_path, profile_model, state_path
+    from moeplan.sensitivity.profiler import importance_path, profile_model, state_path
 
     check_output(args.out, "--out")
     check_output(importance_path(args.out), "--out (its importance file)")
@@ -114,17 +115,12 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
     """Perplexity, KL to the original and top-1 agreement of MODEL compressed under a plan (API)."""
     import copy
 
-    from .compress import Decision, apply_decision
-    from .evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-    from .inventory import build_inventory
-    from .profiler import load_importance
-
-    from .inventory import resolve_model
+    from moeplan.sensitivity.compress import Decision, apply_decision
+    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
+    from moeplan.sensitivity.profiler import load_importance
 
     plan = importance = None
     if plan_path is not None:  # the plan and the importance are checked before the model is loaded
-        from moeplan.allocator.plan import Plan
-
         plan = Plan.load(plan_path, build_inventory(model))
         imp_path = Path(importance_file) if importance_file else resolve_model(model) / "profile.importance.safetensors"
         if importance_file and not imp_path.is_file():
@@ -153,6 +149,7 @@ def _evaluate_run(args) -> int:
     return 0
 
 
-register(Command("profile", "measure a model's sensitivity profile on calibration text", _profile_args, _profile_run))
-register(Command("evaluate", "perplexity, KL and top-1 agreement of a model under a plan", _evaluate_args,
-                 _evaluate_run))
+COMMANDS = [
+    Command("profile", "measure a model's sensitivity profile on calibration text", _profile_args, _profile_run),
+    Command("evaluate", "perplexity, KL and top-1 agreement of a model under a plan", _evaluate_args, _evaluate_run),
+]

@@ -37,13 +37,13 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from moeplan.allocator.cli.materialize import materialize
+from moeplan.allocator.problem import Assignment, Problem, parse_size
+from moeplan.allocator.sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.inventory import Inventory, Target, build_inventory, resolve_model
 from moeplan.kernels.outputs import output_file
-from moeplan.sensitivity.inventory import Inventory, Target
 from moeplan.sensitivity.profile import Profile
-
-from .problem import Assignment, Problem, parse_size
-from .sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
 
 # weight budgets of the default curves: 6% .. 35% of the BF16 size, plus the seed paper's ratio
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(sorted({round(float(x), 4) for x in np.linspace(0.06, 0.35, 11)}
@@ -79,7 +79,6 @@ class Evaluator:
     def __init__(self, model, *, eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128,
                  importance=None, batch_size: int = 8, sample: str = "spread"):
         from moeplan.sensitivity.evaluate import ReferenceLogits, load_model_and_text
-        from moeplan.sensitivity.inventory import build_inventory, resolve_model
 
         if eval_tokens < seq_len:
             raise ValueError(f"eval_tokens ({eval_tokens}) must be at least one window of seq_len={seq_len} tokens")
@@ -210,10 +209,8 @@ def measure(table, plans: dict | None = None, model=None, *, evaluator: Evaluato
                f"{r.top1_agreement:.3f}, ppl {r.perplexity:.2f}, {dt:.1f} s{again}")
         if materialize_dir is not None:
             if plan.target == "gguf":
-                from moeplan.kernels.materialize import materialize as write
-
                 f = materialize_dir / f"{n:03d}-{_slug(out.loc[i, 'method'])}-{plan.totals.weight_bytes}.gguf"
-                rep = write(evaluator.model_dir, plan, gguf_out=f, importance_file=evaluator.importance_file,
+                rep = materialize(evaluator.model_dir, plan, gguf_out=f, importance_file=evaluator.importance_file,
                             progress=False)
                 out.loc[i, "gguf_file"] = str(f)
                 out.loc[i, "gguf_bytes"] = rep.gguf.file_size
@@ -342,8 +339,6 @@ def pareto_curves(model, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, prof
     sample choose the held-out windows (see Evaluator). Returns one DataFrame (a row per
     plan, measured columns included); df.attrs holds bf16_bytes, model, reference_perplexity,
     eval_tokens and timings; `plans` (a dict), when given, receives row index -> Plan."""
-    from moeplan.sensitivity.inventory import build_inventory, resolve_model
-
     say = progress or _say_nothing
     t_start = time.perf_counter()
     model_dir = resolve_model(model)
@@ -418,7 +413,7 @@ def goal_table(df, ratio: float = GOAL_RATIO, methods: Sequence[str] = (MOEPLAN_
     need = {"method", "status", "weight_bytes", "weight_budget_bytes", "measured_kld"}
     missing = need - set(df.columns)
     if missing:
-        raise ValueError(f"the table has no columns {sorted(missing)}: measure it first (allocator.pareto.measure)")
+        raise ValueError(f"the table has no columns {sorted(missing)}: measure it first (allocator.cli.pareto.measure)")
     base = df[(df["status"] == "baseline") & df["measured_kld"].notna()]
     budgets = sorted(df.loc[df["method"].isin(list(methods) + [QUANT_ONLY]), "weight_budget_bytes"].dropna().unique())
     bf16 = df["bf16_bytes"].dropna().iloc[0] if "bf16_bytes" in df and df["bf16_bytes"].notna().any() else None

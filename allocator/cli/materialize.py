@@ -24,7 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .outputs import check_output, output_dir
+from moeplan.allocator.plan import Plan
+from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
+from moeplan.kernels.gguf_export import write_gguf
+from moeplan.kernels.gguf_layout import KvBSplit
+from moeplan.kernels.inventory import (
+    EXPERT_RE,
+    FUSED_EXPERT_RE,
+    Target,
+    build_inventory,
+    check_config_matches,
+    checkpoint_shards,
+    resolve_model,
+)
+from moeplan.kernels.outputs import check_output, output_dir
+
+from .args import Command
 
 
 @dataclass
@@ -42,7 +57,7 @@ def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
     if importance_file and not p.exists():
         raise FileNotFoundError(f"--importance {p} does not exist")
     if importance_file:  # a moeplan .safetensors or a llama-imatrix file (GGUF / .dat), by content
-        from .imatrix import load_importance_file
+        from moeplan.sensitivity.importance import load_importance_file
 
         return load_importance_file(p, model_dir)
     return load_importance(p) if p.exists() else None
@@ -52,9 +67,6 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
                 hf_out: str | os.PathLike | None = None, importance_file: str | os.PathLike | None = None,
                 progress: bool = True) -> MaterializeReport:
     """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
-    from moeplan.allocator.plan import Plan
-    from moeplan.sensitivity.inventory import build_inventory, check_config_matches, resolve_model
-
     if gguf_out is None and hf_out is None:
         raise ValueError("nothing to write: give gguf_out and/or hf_out")
     if gguf_out is not None:  # every output path is checked before any work
@@ -77,8 +89,6 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
     importance = _importance(model_dir, importance_file)
     report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
     if gguf_out is not None:
-        from .gguf_export import write_gguf
-
         top_k = {l.top_k for l in plan.layers}
         report.gguf = write_gguf(
             model_dir, gguf_out, dict(plan.tensors),
@@ -98,10 +108,12 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from moeplan.sensitivity.adapters import ExpertKind, adapter_for
-    from moeplan.sensitivity.compress import Decision, _kv_b_gguf, prune_and_set_top_k, quantize_dequantize
-    from moeplan.sensitivity.inventory import Target, _EXPERT_RE, _FUSED_EXPERT_RE
-
-    from .checkpoint import Checkpoint, write_safetensors
+    from moeplan.sensitivity.compress import (
+        Decision,
+        prune_and_set_top_k,
+        quantize_dequantize,
+        quantize_dequantize_kv_b,
+    )
 
     out_dir = check_output(out_dir, "--hf", directory=True)
     decision = Decision.from_plan(plan)
@@ -118,21 +130,21 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
         gate = ad.checkpoint_name(module_names[id(ad.router(layer))], layer)
         routers[f"{gate}.weight"] = routers[f"{gate}.e_score_correction_bias"] = kept[layer]
     prune_and_set_top_k(ad, kept, decision.top_k)
-    gguf_kv_b = Target(decision.target) is Target.GGUF and config.get("kv_lora_rank")
+    gguf_target = Target(decision.target) is Target.GGUF
 
     def compress(name: str, w: torch.Tensor) -> torch.Tensor:
         fmt = decision.formats.get(name)
         if fmt is None:
             return w
         imp = None if importance is None else importance.get(name)
-        if gguf_kv_b and name.endswith("kv_b_proj.weight"):
-            return _kv_b_gguf(w, fmt, config, imp)
+        if gguf_target and KvBSplit.applies(name, config):
+            return quantize_dequantize_kv_b(w, fmt, config, imp, name)
         return quantize_dequantize(w, fmt, imp, name)
 
     ckpt = Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)
     for name in ckpt.names():
-        if _EXPERT_RE.search(name) or _FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
+        if EXPERT_RE.search(name) or FUSED_EXPERT_RE.search(name) or name.endswith("_scale_inv"):
             continue  # experts below; FP8 scales are folded into the float32 weights
         shape = ckpt.shape(name)
         if name in routers:
@@ -177,8 +189,8 @@ def _router_rows(w, rows):
 def load_compressed(path: str | os.PathLike, dtype=None):
     """Load a checkpoint written by write_hf, restoring per-layer expert counts and top-k."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from moeplan.sensitivity.adapters import adapter_for
     from moeplan.sensitivity.compress import prune_and_set_top_k
@@ -201,8 +213,6 @@ def load_compressed(path: str | os.PathLike, dtype=None):
             shapes[layer] = [g * per + i for g in range(groups) for i in range(keep_per)]
         prune_and_set_top_k(ad, shapes, {layer: v["top_k"] for layer, v in layers.items()})
         state = {}
-        from moeplan.sensitivity.inventory import checkpoint_shards
-
         for shard in checkpoint_shards(path):
             state.update(load_file(str(shard)))
         # experts stored one tensor each on disk go into the fused in-memory tensors
@@ -251,10 +261,4 @@ def _run(args) -> int:
     return 0
 
 
-def _register() -> None:
-    from moeplan.allocator.cli import Command, register
-
-    register(Command("materialize", "write the compressed model of a plan as GGUF and/or safetensors", _args, _run))
-
-
-_register()
+COMMAND = Command("materialize", "write the compressed model of a plan as GGUF and/or safetensors", _args, _run)

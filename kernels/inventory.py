@@ -23,12 +23,19 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from moeplan.kernels import formats as fmts
-from moeplan.kernels.checkpoint import checkpoint_shards, read_json, read_safetensors_header
+from moeplan.kernels.checkpoint import (
+    checkpoint_shards,
+    read_json,
+    read_safetensors_header,
+)
+from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.outputs import json_text, write_text
 
 INVENTORY_VERSION = 1
-CONFIG_DIR = Path(__file__).parent / "configs"
-MODELS_DIR = Path(__file__).parent / "models"
+# the bundled configs and reference models are package data of moeplan.sensitivity (they are read, not imported)
+_SENSITIVITY_DIR = Path(__file__).resolve().parents[1] / "sensitivity"
+CONFIG_DIR = _SENSITIVITY_DIR / "configs"
+MODELS_DIR = _SENSITIVITY_DIR / "models"
 BUNDLED_CONFIGS = {"deepseek-v3": CONFIG_DIR / "deepseek-v3.json"}
 
 
@@ -50,7 +57,7 @@ QUANTIZABLE_ROLES = frozenset(
 
 
 class Target(str, enum.Enum):
-    """Deployment target: what runtime the plan is for (see DESIGN.md, "The integer program")."""
+    """Deployment target: what runtime the plan is for (allocator/problem.py, "Targets")."""
 
     GGUF = "gguf"  # mainline llama.cpp: one type per stacked expert tensor, one expert count, one top-k
     FREE = "free"  # moeplan / transformers: per-expert formats, per-layer counts and top-k
@@ -81,10 +88,9 @@ class TensorInfo:
         """The shapes this tensor is stored as. For GGUF, DeepSeek's kv_b_proj (H*(nope+v), kv_lora)
         becomes attn_k_b (H, kv_lora, nope) and attn_v_b (H, v, kv_lora) (llama.cpp's MLA layout),
         which changes k_b's row length to qk_nope_head_dim."""
-        if Target(target) is Target.GGUF and self.kind == "kv_b_proj" and config is not None and "kv_lora_rank" in config:
-            h = int(config["num_key_value_heads"] if config.get("num_key_value_heads") else config["num_attention_heads"])
-            nope, v, r = int(config["qk_nope_head_dim"]), int(config["v_head_dim"]), int(config["kv_lora_rank"])
-            return [(h, r, nope), (h, v, r)]
+        if Target(target) is Target.GGUF and KvBSplit.applies(self.name, config):
+            split = KvBSplit.of(config)
+            return [split.k_b_shape, split.v_b_shape]
         return [self.shape]
 
     def nbytes(self, fmt: str | fmts.Format, target: Target | str = Target.FREE, config: dict | None = None) -> int:
@@ -249,10 +255,11 @@ class Inventory:
 # ---------------------------------------------------------------------------------------------
 # classification of checkpoint names
 
-_EXPERT_RE = re.compile(
+# a routed expert's tensor stored one per expert (groups: layer, expert, kind), and a fused 3-D one (layer, kind)
+EXPERT_RE = re.compile(
     r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"
 )
-_FUSED_EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
+FUSED_EXPERT_RE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 _W_KIND = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -260,7 +267,7 @@ _W_KIND = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 def classify(name: str, shape: Sequence[int]) -> TensorInfo:
     """Role, layer, expert and kind of one checkpoint tensor, from its name."""
     shape = tuple(int(s) for s in shape)
-    m = _EXPERT_RE.search(name)
+    m = EXPERT_RE.search(name)
     if m:
         kind = _W_KIND.get(m.group(3), m.group(3))
         return TensorInfo(name, shape, Role.ROUTED_EXPERT, int(m.group(1)), int(m.group(2)), kind)
@@ -290,10 +297,10 @@ def classify(name: str, shape: Sequence[int]) -> TensorInfo:
     return TensorInfo(name, shape, role, layer, None, leaf)
 
 
-def _expand_fused(name: str, shape: tuple[int, ...], moe_intermediate: int | None) -> list[TensorInfo] | None:
+def _expand_fused(name: str, shape: tuple[int, ...]) -> list[TensorInfo] | None:
     """Per-expert entries for a fused 3-D expert parameter (transformers 5 in-memory layout):
     gate_up_proj (E, 2I, H) -> gate_proj (I, H) and up_proj (I, H) per expert; down_proj (E, H, I)."""
-    m = _FUSED_EXPERT_RE.search(name)
+    m = FUSED_EXPERT_RE.search(name)
     if not m or len(shape) != 3:
         return None
     layer, which = int(m.group(1)), m.group(2)
@@ -378,12 +385,11 @@ def check_config_matches(inv: Inventory) -> None:
 def _from_safetensors(shards: list[Path], config: dict, source: str) -> Inventory:
     tensors: list[TensorInfo] = []
     h = hashlib.sha256()
-    moe_inter = config.get("moe_intermediate_size")
     for shard in shards:
         header, _ = read_safetensors_header(shard)
         for name in sorted(header):
             shape = header[name].shape
-            fused = _expand_fused(name, shape, moe_inter)
+            fused = _expand_fused(name, shape)
             tensors.extend(fused if fused is not None else [classify(name, shape)])
         # content digest: the header and the first MiB of data tell two checkpoints of one architecture apart
         with open(shard, "rb") as f:
@@ -403,10 +409,9 @@ def _from_config(config: dict, source: str) -> Inventory:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     tensors: list[TensorInfo] = []
-    moe_inter = config.get("moe_intermediate_size")
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
-        fused = _expand_fused(name, shape, moe_inter)
+        fused = _expand_fused(name, shape)
         tensors.extend(fused if fused is not None else [classify(name, shape)])
     for name, b in model.named_buffers():
         if "e_score_correction_bias" in name:

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplan.allocator import paper_baseline, solve
+from moeplan.allocator.cli.materialize import materialize
+from moeplan.allocator.plan import PlanError, make_plan
+from moeplan.allocator.sweep import ProblemFactory, sweep, write
+from moeplan.kernels.inventory import build_inventory, resolve_model
 from moeplan.kernels.outputs import json_text, write_text
+from moeplan.sensitivity.profile import Profile
+
+from .args import Command
 
 DEFAULT_MODEL = "tiny-deepseek-v3"
 
@@ -31,13 +39,8 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moeplan.allocator import paper_baseline, solve
-    from moeplan.allocator.plan import PlanError, make_plan
-    from moeplan.allocator.sweep import ProblemFactory, sweep, write
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-    from moeplan.sensitivity.inventory import build_inventory, resolve_model
-    from moeplan.sensitivity.profile import Profile
     from moeplan.sensitivity.profiler import importance_path, load_importance, profile_model
 
     t_start = time.perf_counter()
@@ -102,8 +105,6 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
     # 4. materialize the plan as GGUF
     gguf_report = None
     if write_gguf:
-        from moeplan.kernels.materialize import materialize
-
         rep = materialize(str(model_dir), plan, gguf_out=out / "model.gguf", progress=False)
         gguf_report = rep.gguf
         _say(f"[4/5] materialize: {gguf_report.path} ({gguf_report.file_size:,} bytes; tensor data "
@@ -191,10 +192,4 @@ def _run(args) -> int:
     return 0
 
 
-def _register() -> None:
-    from .cli import Command, register
-
-    register(Command("demo", "the whole pipeline on the bundled reference model", _args, _run))
-
-
-_register()
+COMMAND = Command("demo", "the whole pipeline on the bundled reference model", _args, _run)
