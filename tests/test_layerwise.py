@@ -271,7 +271,9 @@ def test_imatrix_round_trips_through_gguf(qwen_profile, tmp_path):
 
     r = gguf.GGUFReader(str(out))
     assert r.fields["general.type"].contents() == "imatrix"
-    back = im.load_importance_file(out, QWEN)
+    from moeplan.sensitivity.importance import load_importance_file
+
+    back = load_importance_file(out, QWEN)
     assert "model.embed_tokens.weight" not in back  # a lookup: llama-imatrix records none either
     for name, v in back.items():
         np.testing.assert_allclose(v, imp[name], rtol=1e-5, atol=1e-12)
