@@ -78,14 +78,15 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
-from moeplan.kernels.checkpoint import read_safetensors_header
+from moeplan.kernels.checkpoint import read_safetensors_header, write_safetensors
 from moeplan.kernels.outputs import json_text, output_file
 
+from .activations import Budget, SpillDict
 from .adapters import ExpertKind, MoEAdapter, TensorRole
 from .evaluate import chunk_tokens
 from .profile import ExpertStats, Profile
 from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, QUANTIZABLE, interpolate_gain, menu
-from .streaming import StreamingModel
+from .streaming import StreamingModel, release_memory
 
 STREAM_FORMAT = "Q3_K"
 FISHER_SAMPLES = 4  # sampled next tokens per position for the Fisher metric of expert removal
@@ -98,6 +99,7 @@ STATE_VERSION = 1
 _CHUNK = 4096  # tokens per experts-module call in the local runs
 EXPERTS, OTHER = CORRECTION_CLASSES
 REMOVAL, TOPK = "removal", "topk"  # the gain streams of expert removal and of top-k
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def _energy(delta: torch.Tensor) -> float:
@@ -171,7 +173,8 @@ class LayerwiseProfiler:
                  calibration_formats: Sequence[str] = CALIBRATION_FORMATS, stream_format: str = STREAM_FORMAT,
                  device: str = "cpu", dtype: torch.dtype | None = None, threads: int | None = None,
                  progress: bool = True, state_path: str | Path | None = None, joint_correction: bool = True,
-                 fisher_samples: int = FISHER_SAMPLES, removal: str = "auto"):
+                 fisher_samples: int = FISHER_SAMPLES, removal: str = "auto",
+                 activations_ram: int | None = None, activations_dir: str | Path | None = None):
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -186,6 +189,11 @@ class LayerwiseProfiler:
                              "measures them apart: profile with --method passes")
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
         self.share = _Share(self.windows, batch_size)
+        # hidden states beyond the RAM budget go to files (sensitivity/activations.py): the streams and
+        # the backward sweep's layer inputs; the reference (one copy) stays in RAM
+        self.activations = Budget(activations_ram, activations_dir if activations_dir is not None else
+                                  (Path(state_path).parent if state_path is not None else None))
+        self.share.streams = SpillDict(self.activations)
         self.formats = menu(formats)
         self.calibration_formats = menu(list(calibration_formats))
         self.stream_format = menu([stream_format])[0]
@@ -201,7 +209,7 @@ class LayerwiseProfiler:
         self.importance: dict[str, np.ndarray] = {}
         self.n_positions = 0
         self.fisher_samples = fisher_samples
-        self.boundary: dict[int, list[torch.Tensor]] = {}  # MoE layers' reference inputs, for the backward sweep
+        self.boundary = SpillDict(self.activations)  # MoE layers' reference inputs, for the backward sweep
         self.grads: list[list[torch.Tensor]] = []
         self.first_moe = min(self.ad.moe_layers())
         if removal not in REMOVAL_METHODS:
@@ -441,12 +449,11 @@ class LayerwiseProfiler:
                     for cls in (EXPERTS, OTHER):
                         members = [g for g in groups if g.cls == cls]
                         name = f"joint/{cls}/{f}"
-                        if name not in self.share.streams:
-                            if not members:
-                                continue  # still identical to the reference
-                            self.share.streams[name] = rec["h_in"]
+                        if name not in self.share.streams and not members:
+                            continue  # still identical to the reference
+                        src = self.share.streams[name] if name in self.share.streams else rec["h_in"]
                         with _replaced([(live[g.key], q[g.key]) for g in members]):
-                            self.share.streams[name] = self._run_layer(layer, self.share.streams[name])
+                            self.share.streams[name] = self._run_layer(layer, src)
                         self._count_passes(1)
                 del q
             self._tick("local_and_streams", t2)
@@ -680,7 +687,7 @@ class LayerwiseProfiler:
             ref_lp = self._head_measurements(norm, head, name)
             if self.removal == "fisher":
                 self._fisher_grads(head, norm, ref_lp)
-        self.share.streams = {}
+        self.share.streams.clear()
         self.share.ref = []
         self._tick("head", t0)
 
@@ -743,8 +750,10 @@ class LayerwiseProfiler:
                 else:
                     self._backward_layer(l)
                 self._save(settings, i)
+                release_memory()
                 bar.update()
         self.m["seconds"]["total"] = self.m["seconds"].get("total", 0.0) + time.perf_counter() - t0
+        self.activations.close()
         prof = self._profile(fingerprint)
         if self.state_path is not None and self.state_path.exists():
             self.state_path.unlink()
@@ -839,6 +848,9 @@ class LayerwiseProfiler:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
             "stream_format": self.stream_format,
+            "activations": {"ram_budget_bytes": self.activations.ram_bytes,
+                            "peak_bytes_on_disk": self.activations.peak_on_disk,
+                            "directory": str(self.activations.directory)},
             "layer_gain": {f"{l}/{c}": gain(l, c) for l in range(-1, self.sm.n_layers)
                            for c in (*CORRECTION_CLASSES, REMOVAL, TOPK) if f"gain/{l}/{c}" in m["stream_energy"]},
             "removal_stream_expert": m.get("removal_stream_expert", {}),
@@ -855,8 +867,6 @@ class LayerwiseProfiler:
     def _save(self, settings: dict, done: int) -> None:
         if self.state_path is None:
             return
-        from safetensors.torch import save_file
-
         self.m["done"] = done
         tensors = {}
         for b, h in enumerate(self.share.ref):
@@ -873,9 +883,10 @@ class LayerwiseProfiler:
         for n, v in self.importance.items():
             tensors[f"importance/{n}"] = torch.from_numpy(np.ascontiguousarray(v))
         meta = {"settings": json_text(settings), "m": json_text(self.m)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        # one tensor at a time: the state is as large as the activations, never copied whole
+        specs = [(k, _ST_DTYPE[v.dtype], tuple(v.shape), lambda v=v: v.detach().cpu()) for k, v in tensors.items()]
         with output_file(self.state_path, "profile state") as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            write_safetensors(tmp, specs, meta)
 
     def _resume(self, settings: dict) -> int:
         """The last finished step of a matching saved state (-1: none)."""
@@ -907,8 +918,10 @@ class LayerwiseProfiler:
                 else:
                     self.importance[rest] = t.numpy()
         self.share.ref = [ref[b] for b in sorted(ref)]
-        self.share.streams = {s: [v[b] for b in sorted(v)] for s, v in streams.items()}
-        self.boundary = {l: [v[b] for b in sorted(v)] for l, v in boundary.items()}
+        self.share.streams.clear()
+        self.share.streams.update({s: [v[b] for b in sorted(v)] for s, v in streams.items()})
+        self.boundary.clear()
+        self.boundary.update({l: [v[b] for b in sorted(v)] for l, v in boundary.items()})
         self.grads = [[grads[si][b] for b in sorted(grads[si])] for si in sorted(grads)]
         self.n_positions = int(self.m.get("n_positions", 0))
         self.share.kw = [self.sm.embed(batch)[1] for _, batch in self.share.batches()]

@@ -401,7 +401,8 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
                   formats: Sequence[str] | None = None, max_tokens: int = 4096, seq_len: int = 128,
                   progress: bool = True, method: str = "layerwise", device: str = "cpu",
                   dtype: torch.dtype | None = None, threads: int | None = None,
-                  imatrix_out: str | Path | None = None, removal: str = "auto") -> Profile:
+                  imatrix_out: str | Path | None = None, removal: str = "auto",
+                  activations_ram: int | None = None, activations_dir: str | Path | None = None) -> Profile:
     """Profile a checkpoint directory or a shipped reference model on calibration text
     (default: the model's shipped calibration split). Writes PROFILE (json) and its importance
     vectors (PROFILE.importance.safetensors) when `out` is given, and a llama.cpp imatrix GGUF of
@@ -409,7 +410,9 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
 
     method "layerwise" (default): sensitivity.layerwise, the checkpoint streamed one decoder layer
     at a time (resumable: an interrupted run with the same `out` continues after its last finished
-    layer); "passes": the in-memory reference profiler (the whole model in float32)."""
+    layer; hidden-state streams beyond `activations_ram` bytes, default half the available memory, go
+    to files in `activations_dir`, default the directory of `out`); "passes": the in-memory reference
+    profiler (the whole model in float32)."""
     if method not in PROFILERS:
         raise ValueError(f"method {method!r}: use one of {', '.join(PROFILERS)}")
     if method == "passes" and (device != "cpu" or dtype not in (None, torch.float32)):
@@ -422,7 +425,8 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
         path, ids = load_text_ids(model, calib_text, "calib", "profiling", "--calib")
         profiler = LayerwiseProfiler(path, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
                                      progress=progress, device=device, dtype=dtype, threads=threads,
-                                     state_path=state_path(out) if out is not None else None, removal=removal)
+                                     state_path=state_path(out) if out is not None else None, removal=removal,
+                                     activations_ram=activations_ram, activations_dir=activations_dir)
     else:
         path, m, ids = load_model_and_text(model, calib_text, "calib", "profiling", "--calib")
         profiler = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -53,6 +54,21 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=positive_int, help="CPU threads for torch and the kernels (default: all)")
     ap.add_argument("--imatrix", metavar="FILE", help="also write the importance vectors as a llama.cpp imatrix "
                     "GGUF (for llama-quantize --imatrix; layerwise)")
+    ap.add_argument("--activations-ram", type=_gib, metavar="GB",
+                    help="RAM for the hidden-state streams (layerwise; default: half of the memory available); the "
+                         "rest is written to --activations-dir")
+    ap.add_argument("--activations-dir", metavar="DIR", help="where streams beyond --activations-ram go "
+                    "(default: the directory of --out)")
+
+
+def _gib(s: str) -> int:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"{s!r}: give a number of GB >= 0 (0: every stream on disk)")
+    return int(v * (1 << 30))
 
 
 def _device(s: str) -> str:
@@ -82,15 +98,25 @@ def _profile_run(args) -> int:
         check_output(args.imatrix, "--imatrix")
         if args.method != "layerwise":
             raise ValueError("--imatrix needs --method layerwise (it records the token counts llama.cpp needs)")
+    if args.method != "layerwise" and (args.activations_ram is not None or args.activations_dir):
+        raise ValueError("--activations-ram / --activations-dir are for --method layerwise (the in-memory profiler "
+                         "keeps no streams)")
+    if args.activations_dir and not os.path.isdir(args.activations_dir):
+        raise ValueError(f"--activations-dir {args.activations_dir} is not a directory: create it or give another")
     if args.method == "layerwise" and state_path(args.out).exists():
         _say(f"resuming from {state_path(args.out)} (remove it to start again)")
     text = _read_text(args.calib, "--calib") if args.calib else None
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
                          seq_len=args.seq_len, progress=True, method=args.method, device=args.device, dtype=dtype,
-                         threads=args.threads, imatrix_out=args.imatrix, removal=args.removal)
+                         threads=args.threads, imatrix_out=args.imatrix, removal=args.removal,
+                         activations_ram=args.activations_ram, activations_dir=args.activations_dir)
     m = prof.meta
     fpe = f", {m['full_pass_equivalents']} full-pass equivalents" if "full_pass_equivalents" in m else ""
+    disk = m.get("activations", {}).get("peak_bytes_on_disk", 0)
+    if disk:
+        _say(f"hidden-state streams beyond the RAM budget: up to {disk / 2**30:.2f} GB on disk in "
+             f"{m['activations']['directory']}")
     _say(f"profile of {args.model}: {len(prof.tensor_damage)} tensors x {len(prof.formats)} formats, "
          f"{sum(s.n_experts for s in prof.experts.values())} experts, {m['calibration_tokens']} calibration tokens, "
          f"{m['seconds']['total']:.0f} s{fpe} -> {args.out}" + (f" (+ imatrix {args.imatrix})" if args.imatrix else ""))
