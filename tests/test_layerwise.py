@@ -152,6 +152,7 @@ profile_model(sys.argv[1], out=sys.argv[2], formats=["IQ2_XXS", "Q4_K", "Q8_0"],
 def _strip(d: dict) -> dict:
     d = json.loads(json.dumps(d))
     d["meta"].pop("seconds")
+    d["meta"].pop("activations")  # the RAM budget follows the memory available at the start, like the seconds
     return d
 
 
