@@ -148,9 +148,6 @@ class SpillDict(MutableMapping):
         for k, v in dict(items).items():
             self[k] = v
 
-    def _size(self, v) -> int:
-        return v.nbytes if isinstance(v, OnDisk) else _nbytes(v)
-
     def _drop(self, v) -> None:
         if isinstance(v, OnDisk):
             self.budget.on_disk -= v.nbytes

@@ -11,6 +11,7 @@ import torch
 
 from moeplan.kernels.inventory import MODELS_DIR, build_inventory
 from moeplan.sensitivity.activations import Budget, OnDisk, SpillDict
+from test_layerwise import _close  # nested profile values compared at a relative tolerance
 
 QWEN = MODELS_DIR / "tiny-qwen3-moe"
 
@@ -85,16 +86,6 @@ def _profile(**kw):
     d = json.loads(json.dumps(prof.to_json()))
     d["meta"].pop("seconds")
     return d, imp, d["meta"].pop("activations")
-
-
-def _close(a, b, rel=1e-12) -> bool:
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, (int, float)):
-        return abs(a - b) <= rel * max(abs(a), abs(b))
-    return a == b
 
 
 @pytest.mark.parametrize("removal", ["streams", "fisher"])
