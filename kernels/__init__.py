@@ -26,7 +26,8 @@ else:
     from . import formats
     from .formats import FORMATS, Format, GGMLType
 
-    _API = ("quantize", "dequantize", "quant_error", "QuantError", "available_formats", "openmp_info", "format_range")
+    _API = ("quantize", "dequantize", "quant_error", "QuantError", "sampled_quant_error", "SampledQuantError",
+            "available_formats", "openmp_info", "format_range")
 
     __all__ = ["formats", "FORMATS", "Format", "GGMLType", *_API]
 

@@ -358,3 +358,78 @@ def quant_error(x: Any, formats: Sequence[str | Format | int], importance: Any =
                              max(rows, 1), err, norm, _threads(threads))
         _raise_bad_row(bad, src, fmts)
     return QuantError(tuple(f.name for f in fmts), err, norm, rows * ncols)
+
+
+@dataclass(frozen=True)
+class SampledQuantError:
+    """quant_error estimated from a sample of each group's rows.
+
+    err[i, g]: the estimate of quant_error's err[i, g] (the sampled rows' mean error times the
+    group's rows); se[i, g]: its standard error (the rows' spread over sqrt(sampled rows), with the
+    finite-population correction; 0 when every row was measured). The same rows are sampled in every
+    group and for every format, so comparisons between formats share the sample."""
+
+    formats: tuple[str, ...]
+    err: np.ndarray  # (n_formats, n_groups) float64
+    se: np.ndarray  # (n_formats, n_groups) float64
+    rows: int  # rows per group
+    sampled: int  # rows measured per group
+
+    def relative_se(self) -> np.ndarray:
+        """se / err per format and group (0 where err is 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.err > 0, self.se / self.err, 0.0)
+
+
+def sampled_quant_error(x: Any, formats: Sequence[str | Format | int], importance: Any = None, *,
+                        rows: int, seed: int = 0, target_rse: float | None = None,
+                        threads: int | None = None) -> SampledQuantError:
+    """quant_error of x (2-D, or 3-D stacked experts: one group each) estimated from `rows` rows per
+    group (the first rows of a seeded permutation; the same rows in every group and for every format),
+    with a standard error per format and group. Blocks run along a row, so a row's error does not
+    depend on the others and the scaled sample mean is unbiased.
+
+    target_rse: while some group's estimate for some format has a relative standard error above it,
+    the sample doubles (the rows measured so far are kept). A sample of a quarter of the rows or more
+    is not worth it: then (and for rows <= 0) every row is measured, exactly (se 0). The cost is the
+    sampled share of quant_error's."""
+    shape = tuple(int(v) for v in getattr(x, "shape", ()))
+    groups, n_rows, ncols = _check_rank(shape)
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    imp = None
+    if importance is not None:
+        imp = np.asarray(importance, dtype=np.float32)
+        imp = np.broadcast_to(imp.reshape(-1, ncols), (groups, ncols)) if imp.ndim == 1 or imp.shape[0] == 1 \
+            else imp.reshape(groups, ncols)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    is_torch = torch is not None and isinstance(x, torch.Tensor)
+    per_row = None  # (formats, groups, rows measured)
+    done, want = 0, rows
+    while 0 < want and 4 * want < n_rows:
+        idx = perm[done:want]
+        if is_torch:
+            sub = x.detach()[..., torch.from_numpy(idx), :].contiguous()
+        else:
+            sub = np.ascontiguousarray(np.asarray(x)[..., idx, :])
+        # every sampled row its own group: one error per row and format
+        n = len(idx)
+        sub = sub.reshape(groups * n, 1, ncols)
+        qe = quant_error(sub, formats, None if imp is None else np.ascontiguousarray(np.repeat(imp, n, axis=0)),
+                         threads=threads)
+        new = qe.err.reshape(len(qe.formats), groups, n)
+        per_row = new if per_row is None else np.concatenate([per_row, new], axis=2)
+        done = want
+        err = per_row.mean(axis=2) * n_rows
+        se = per_row.std(axis=2, ddof=1) * n_rows / np.sqrt(done) * np.sqrt(1.0 - done / n_rows) if done > 1 \
+            else np.full_like(err, np.inf)
+        out = SampledQuantError(qe.formats, err, se, n_rows, done)
+        if target_rse is None or float(out.relative_se().max(initial=0.0)) <= target_rse:
+            return out
+        want *= 2
+    if is_torch and not x.is_contiguous():
+        x = x.contiguous()
+    qe = quant_error(x, formats, importance, threads=threads)
+    return SampledQuantError(qe.formats, qe.err, np.zeros_like(qe.err), n_rows, n_rows)

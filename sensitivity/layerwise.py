@@ -69,6 +69,7 @@ import contextlib
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -96,6 +97,14 @@ REMOVAL_METHODS = ("auto", "streams", "fisher")
 REMOVAL_STREAMS_MAX = 2048
 REMOVAL_STREAMS_BYTES = 4 << 30
 STATE_VERSION = 1
+# the error kernel measures this many rows of a matrix (seeded sample, the same rows for every format)
+# where the matrix has more than 4 x as many; the estimate's relative standard errors go to meta
+ERROR_ROWS = 64
+ERROR_TARGET_RSE = 0.05  # the sample doubles until every estimate's relative standard error is at most this
+# the gain and joint-correction streams (a KL per unit of energy; a KL over a sum of predictions: ratios)
+# carry this share of the calibration windows; the reference, the local runs, the importance and the
+# per-expert removal streams use every window
+STREAM_SHARE = 0.25
 _CHUNK = 4096  # tokens per experts-module call in the local runs
 EXPERTS, OTHER = CORRECTION_CLASSES
 REMOVAL, TOPK = "removal", "topk"  # the gain streams of expert removal and of top-k
@@ -126,6 +135,44 @@ def _replaced(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[No
         with torch.no_grad():
             for (live, _), old in zip(pairs, saved):
                 live.copy_(old)
+
+
+@dataclass
+class _Quantized:
+    """A tensor (2-D, or a 3-D stack of experts) held as a format's bytes, not as a dequantized copy:
+    the layer's tensors in one format take that format's size, not the compute dtype's."""
+
+    data: np.ndarray  # (rows, row_bytes) or (experts, rows, row_bytes)
+    stored: str  # the format after llama.cpp's fallback for the row length
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, w: torch.Tensor, fmt: str, importance: np.ndarray | None, name: str) -> "_Quantized":
+        """`w` quantized to `fmt`; a stack one matrix at a time (the same bytes as all at once: the
+        matrices are independent), so no float copy of the whole stack is made."""
+        stored = fmts.resolve(fmt, w.shape[-1]).name
+        try:
+            if w.dim() == 2:
+                data = kernels.quantize(w.detach().float().cpu().contiguous(), stored, importance)
+            else:
+                imp = None if importance is None else np.asarray(importance).reshape(-1, w.shape[-1])
+                data = np.stack([kernels.quantize(w[e].detach().float().cpu().contiguous(), stored,
+                                                  None if imp is None else imp[e if imp.shape[0] > 1 else 0])
+                                 for e in range(w.shape[0])]) if w.shape[0] else \
+                    np.empty((0, w.shape[1], fmts.get(stored).row_bytes(w.shape[-1])), np.uint8)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name} ({stored}): {exc}; profile with a menu of formats that can hold it "
+                             "(--formats)") from None
+        return cls(data, stored, tuple(w.shape))
+
+    def write_into(self, live: torch.Tensor) -> None:
+        """Dequantize into `live` (one matrix of a stack at a time)."""
+        with torch.no_grad():
+            if len(self.shape) == 2:
+                live.copy_(torch.from_numpy(kernels.dequantize(self.data, self.stored, self.shape)))
+                return
+            for e in range(self.shape[0]):
+                live[e].copy_(torch.from_numpy(kernels.dequantize(self.data[e], self.stored, self.shape[1:])))
 
 
 def _qdq(w: torch.Tensor, fmt: str, importance: np.ndarray | None, name: str) -> torch.Tensor:
@@ -174,7 +221,13 @@ class LayerwiseProfiler:
                  device: str = "cpu", dtype: torch.dtype | None = None, threads: int | None = None,
                  progress: bool = True, state_path: str | Path | None = None, joint_correction: bool = True,
                  fisher_samples: int = FISHER_SAMPLES, removal: str = "auto",
-                 activations_ram: int | None = None, activations_dir: str | Path | None = None):
+                 activations_ram: int | None = None, activations_dir: str | Path | None = None,
+                 error_rows: int = ERROR_ROWS, stream_share: float = STREAM_SHARE):
+        if not 0 < stream_share <= 1:
+            raise ValueError(f"stream_share {stream_share}: give a share of the calibration windows in (0, 1]")
+        if error_rows < 0:
+            raise ValueError(f"error_rows {error_rows}: use 0 (every row) or a positive number of rows")
+        self.error_rows = int(error_rows)
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -188,6 +241,14 @@ class LayerwiseProfiler:
             raise ValueError(f"{model_dir}: the head is tied to the embedding; the layer-streaming profiler "
                              "measures them apart: profile with --method passes")
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
+        # the gain and joint-correction streams carry the first `stream_windows` windows (whole batches)
+        n_win = self.windows.shape[0]
+        self.stream_share = float(stream_share)
+        stream_windows = max(1, math.ceil(stream_share * n_win - 1e-9))
+        batch_size = max(1, min(batch_size, stream_windows))
+        self.stream_windows = min(n_win, math.ceil(stream_windows / batch_size) * batch_size)
+        self.stream_batches = self.stream_windows // batch_size if self.stream_windows < n_win else \
+            math.ceil(n_win / batch_size)
         self.share = _Share(self.windows, batch_size)
         # hidden states beyond the RAM budget go to files (sensitivity/activations.py): the streams and
         # the backward sweep's layer inputs; the reference (one copy) stays in RAM
@@ -205,7 +266,10 @@ class LayerwiseProfiler:
         self.m: dict = {"err": {}, "local": {}, "groups": {}, "stream_energy": {}, "stream_kl": {},
                         "removal_energy": {}, "topk_energy": {}, "experts": {}, "unrouted": {},
                         "head_kl": {}, "counts": {}, "removal_fisher": {}, "removal_stream_expert": {},
-                        "passes": 0.0, "seconds": {}, "done": -1}
+                        "passes": 0.0, "seconds": {}, "done": -1,
+                        "error_sampling": {"matrices": 0, "sampled_matrices": 0, "max_relative_se": 0.0,
+                                           "rows": 0, "rows_measured": 0,
+                                           "sum_relative_se": 0.0, "values": 0}}
         self.importance: dict[str, np.ndarray] = {}
         self.n_positions = 0
         self.fisher_samples = fisher_samples
@@ -241,7 +305,8 @@ class LayerwiseProfiler:
                 "fisher_samples": self.fisher_samples, "removal": self.removal,
                 "calibration_formats": self.calibration_formats, "stream_format": self.stream_format,
                 "windows": list(self.windows.shape), "windows_sha": _sha(self.windows),
-                "batch_size": self.share.batch_size, "dtype": str(self.dtype), "joint": self.joint_correction}
+                "batch_size": self.share.batch_size, "dtype": str(self.dtype), "joint": self.joint_correction,
+                "error_rows": self.error_rows, "stream_windows": self.stream_windows}
 
     # ---- layer-local runs ----------------------------------------------------------------------
 
@@ -422,17 +487,18 @@ class LayerwiseProfiler:
                                  np.stack([imp[n] for n in names]), np.array([share[n] for n in names]))
             self._tick("error_kernel", t1)
 
-            # local runs and the streams, one format at a time (one quantized copy of the layer in memory)
+            # local runs and the streams, one format at a time (the layer in that format's bytes in memory;
+            # a tensor swapped back is read again from the checkpoint, no float copy of it is kept)
             t2 = time.perf_counter()
             live = {g.key: (_kind_view(experts, ExpertKind(g.key.rsplit("/", 1)[1])) if g.cls == EXPERTS
                             else next(r for r in others if r.name == g.key).get()) for g in groups}
             g_imp = {g.key: (np.stack([imp[n] for n in g.names]) if g.cls == EXPERTS else imp[g.key]) for g in groups}
             in_flight = [s for s in self.share.streams if s.startswith("gain/")]
             for f in self.all_formats:
-                q = {g.key: _qdq(live[g.key], f, g_imp[g.key], g.key) for g in groups}
+                q = {g.key: _Quantized.of(live[g.key], f, g_imp[g.key], g.key) for g in groups}
                 if f in self.calibration_formats:
                     for g in groups:
-                        with _replaced([(live[g.key], q[g.key])]):
+                        with self._swapped(l, [(g, live[g.key], q[g.key])]):
                             e = self._local_energy(l, layer, g.where, rec)
                         m["local"].setdefault(g.key, {})[f] = e
                 if f == self.stream_format:
@@ -440,21 +506,22 @@ class LayerwiseProfiler:
                         members = [g for g in groups if g.cls == cls]
                         if not members:
                             continue
-                        with _replaced([(live[g.key], q[g.key]) for g in members]):
-                            out = self._changed_output(l, layer, "experts" if cls == EXPERTS else "layer", rec)
+                        with self._swapped(l, [(g, live[g.key], q[g.key]) for g in members]):
+                            out = self._changed_output(l, layer, "experts" if cls == EXPERTS else "layer", rec,
+                                                       streamed=True)
                         name = f"gain/{l}/{cls}"
-                        m["stream_energy"][name] = sum(_energy(o - r) for o, r in zip(out, rec["h_out"]))
-                        self.share.streams[name] = out
+                        m["stream_energy"][name] = self._stream_energy(out, rec["h_out"])
+                        self.share.streams[name] = self._streamed(out)
                 if f in self.formats and self.joint_correction:
                     for cls in (EXPERTS, OTHER):
                         members = [g for g in groups if g.cls == cls]
                         name = f"joint/{cls}/{f}"
                         if name not in self.share.streams and not members:
                             continue  # still identical to the reference
-                        src = self.share.streams[name] if name in self.share.streams else rec["h_in"]
-                        with _replaced([(live[g.key], q[g.key]) for g in members]):
+                        src = self.share.streams[name] if name in self.share.streams else self._streamed(rec["h_in"])
+                        with self._swapped(l, [(g, live[g.key], q[g.key]) for g in members]):
                             self.share.streams[name] = self._run_layer(layer, src)
-                        self._count_passes(1)
+                        self._count_passes(self.stream_windows / self.windows.shape[0])
                 del q
             self._tick("local_and_streams", t2)
 
@@ -465,48 +532,94 @@ class LayerwiseProfiler:
             t4 = time.perf_counter()
             for name in in_flight:
                 self.share.streams[name] = self._run_layer(layer, self.share.streams[name])
-            self._count_passes(len(in_flight))
+            self._count_passes(sum(self._windows_of(self.share.streams[n]) for n in in_flight) / self.windows.shape[0])
             self._tick("streams", t4)
             for g in groups:
                 m["groups"][g.key] = {"cls": g.cls, "names": g.names, "layer": l}
         self.share.ref = rec["h_out"]
 
+    @contextlib.contextmanager
+    def _swapped(self, l: int, swaps: Sequence[tuple["_Group", torch.Tensor, _Quantized]]) -> Iterator[None]:
+        """Each live tensor of layer l in `swaps` holds its quantized values inside the block; after it,
+        the checkpoint's values again (read from the checkpoint: bit for bit what loading wrote)."""
+        try:
+            for _, live, q in swaps:
+                q.write_into(live)
+            yield
+        finally:
+            for g, live, _ in swaps:
+                if g.cls == EXPERTS:
+                    self.sm.reread(live, l, kind=ExpertKind(g.key.rsplit("/", 1)[1]))
+                else:
+                    self.sm.reread(live, l, name=g.key)
+
+    def _windows_of(self, hidden: list[torch.Tensor]) -> int:
+        return sum(h.shape[0] for h in hidden)
+
+    def _streamed(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batches of `hidden` that the gain and joint-correction streams carry."""
+        return list(hidden[: self.stream_batches])
+
+    def _stream_energy(self, out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+        """Energy of out - ref over the streamed windows, scaled to every window (an estimate of the
+        whole calibration set's, as the local energies are; the stream's KL is a mean per position)."""
+        out = self._streamed(out)
+        return sum(_energy(o - r) for o, r in zip(out, ref)) * self.windows.shape[0] / self._windows_of(out)
+
     def _errors(self, key: str, names: list[str], w: torch.Tensor, importance: np.ndarray, share: np.ndarray) -> None:
-        """Importance-weighted error of the tensors `names` (rows of the stack `w`) in every format."""
-        x = w.detach().float().cpu().contiguous()
+        """Importance-weighted error of the tensors `names` (rows of the stack `w`) in every format, from a
+        seeded sample of rows (kernels.sampled_quant_error: `error_rows` rows, doubled until every relative
+        standard error is at most ERROR_TARGET_RSE; every row of a small matrix). The sample goes to meta."""
+        x = w.detach()
         if x.dim() == 2:
             x, importance = x[None], importance.reshape(1, -1)
         stored = {f: fmts.resolve(f, x.shape[-1]).name for f in self.all_formats}
         uniq = sorted(set(stored.values()))
         try:
-            qe = kernels.quant_error(x, uniq, importance)
+            qe = kernels.sampled_quant_error(x.cpu(), uniq, importance, rows=self.error_rows,
+                                             target_rse=ERROR_TARGET_RSE, seed=zlib.crc32(key.encode()))
         except ValueError as exc:
             raise ValueError(f"tensor {key}: {exc}; profile with a menu of formats that can hold it "
                              "(--formats)") from None
         by = dict(zip(uniq, qe.err))
         for i, n in enumerate(names):
             self.m["err"][n] = {f: float(by[s][i]) * float(share[i]) for f, s in stored.items()}
+        acc = self.m["error_sampling"]
+        rel = qe.relative_se()
+        acc["matrices"] += len(names)
+        sampled = qe.sampled < qe.rows
+        acc["sampled_matrices"] += len(names) if sampled else 0
+        acc["rows_measured"] += qe.sampled * len(names)
+        acc["rows"] += qe.rows * len(names)
+        acc["max_relative_se"] = max(acc["max_relative_se"], float(rel.max(initial=0.0)))
+        acc["sum_relative_se"] += float(rel.sum())
+        acc["values"] += int(rel.size)
 
     @torch.inference_mode()
-    def _changed_output(self, l: int, layer, where: str, rec: dict) -> list[torch.Tensor]:
+    def _changed_output(self, l: int, layer, where: str, rec: dict, streamed: bool = False) -> list[torch.Tensor]:
         """Layer l's output per batch with the change in place, from its cached inputs. `where`: the
-        smallest part that sees the change (the rest of the layer is unchanged, its output reused)."""
+        smallest part that sees the change (the rest of the layer is unchanged, its output reused).
+        streamed: only the batches the streams carry."""
+        h_in, h_out = (self._streamed(rec["h_in"]), self._streamed(rec["h_out"])) if streamed else \
+            (rec["h_in"], rec["h_out"])
+        share = self._windows_of(h_out) / self.windows.shape[0]
         if where == "layer":
-            self._count_passes(1)
-            return self._run_layer(layer, rec["h_in"])
+            self._count_passes(share)
+            return self._run_layer(layer, h_in)
         if where == "mlp":
             outs, i = [], 0
-            for b, h in enumerate(rec["h_out"]):
+            for b, h in enumerate(h_out):
                 n = h.shape[0] * h.shape[1]
                 x = rec["mlp_in"][i: i + n].view_as(h)
                 outs.append(h + (layer.mlp(x) - rec["mlp_out"][i: i + n].view_as(h)))
                 i += n
-            self._count_passes(self.cost["mlp"])
+            self._count_passes(self.cost["mlp"] * share)
             return outs
         experts = self.ad.experts_module(l)
-        new = self._experts_out(experts, rec["ex_in"], rec["idx"], rec["w"])
-        self._count_passes(self.cost["experts"])
-        return _add_by_batch(rec["h_out"], new - rec["ex_out"])
+        n = sum(h.shape[0] * h.shape[1] for h in h_out)
+        new = self._experts_out(experts, rec["ex_in"][:n], rec["idx"][:n], rec["w"][:n])
+        self._count_passes(self.cost["experts"] * share)
+        return _add_by_batch(h_out, new - rec["ex_out"][:n])
 
     def _local_energy(self, l: int, layer, where: str, rec: dict) -> float:
         if where == "experts":  # only the routed experts' output changes: no need to rebuild the layer output
@@ -549,12 +662,15 @@ class LayerwiseProfiler:
             variants[REMOVAL] = ad.route(l, logits, exclude=median)
         if k0 > 1:
             variants[TOPK] = ad.route(l, logits, top_k=k0 - 1)
+        h_out = self._streamed(rec["h_out"])
+        n = sum(h.shape[0] * h.shape[1] for h in h_out)  # the streamed tokens
         for kind, (w, i) in variants.items():
-            new = self._experts_out(experts, x, i, w.to(rec["w"].dtype))
-            work += x.shape[0]
+            new = self._experts_out(experts, x[:n], i[:n], w[:n].to(rec["w"].dtype))
+            work += n
             name = f"gain/{l}/{kind}"
-            self.m["stream_energy"][name] = _energy(new - out)
-            self.share.streams[name] = _add_by_batch(rec["h_out"], new - out)
+            changed = _add_by_batch(h_out, new - out[:n])
+            self.m["stream_energy"][name] = self._stream_energy(changed, rec["h_out"])
+            self.share.streams[name] = self._streamed(changed)
         self.m["removal_stream_expert"][str(l)] = median
         self._count_passes(self.cost["experts"] * work / max(x.shape[0], 1))
         self.m["topk_energy"][str(l)] = topk
@@ -672,10 +788,10 @@ class LayerwiseProfiler:
                 if f in self.calibration_formats:
                     m["local"].setdefault(name, {})[f] = sum(_energy(o - h) for o, h in zip(outs, self.share.ref))
                 if f == self.stream_format:
-                    m["stream_energy"][f"gain/-1/{OTHER}"] = sum(_energy(o - h) for o, h in zip(outs, self.share.ref))
-                    self.share.streams[f"gain/-1/{OTHER}"] = outs
+                    m["stream_energy"][f"gain/-1/{OTHER}"] = self._stream_energy(outs, self.share.ref)
+                    self.share.streams[f"gain/-1/{OTHER}"] = self._streamed(outs)
                 if f in self.formats and self.joint_correction:
-                    self.share.streams[f"joint/{OTHER}/{f}"] = outs
+                    self.share.streams[f"joint/{OTHER}/{f}"] = self._streamed(outs)
         self._tick("reference", t0)
 
     def _head(self) -> None:
@@ -707,10 +823,14 @@ class LayerwiseProfiler:
                    for lp, (_, batch) in zip(ref_lp, self.share.batches()))
         m["reference_perplexity"] = math.exp(nll / n_pos)
         self.n_positions = n_pos
+
+        def positions(hidden: list[torch.Tensor]) -> int:  # the positions a stream's KL is a mean over
+            return sum(lp.shape[0] * lp.shape[1] for lp, _ in zip(ref_lp, hidden))
+
         kl = {}
         for s, hidden in self.share.streams.items():
             if not s.startswith(f"joint/{OTHER}/"):
-                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden)) / n_pos
+                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden)) / positions(hidden)
         for f in self.all_formats:
             q = _qdq(head.weight, f, imp, name)
             with _replaced([(head.weight, q)]):
@@ -719,7 +839,7 @@ class LayerwiseProfiler:
                 s = f"joint/{OTHER}/{f}"
                 if s in self.share.streams:
                     kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h))))
-                                for r, h in zip(ref_lp, self.share.streams[s])) / n_pos
+                                for r, h in zip(ref_lp, self.share.streams[s])) / positions(self.share.streams[s])
         m["stream_kl"] = kl
         m["calibration_tokens"] = n_pos
         m["n_positions"] = n_pos
@@ -848,6 +968,11 @@ class LayerwiseProfiler:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
             "stream_format": self.stream_format,
+            "error_sampling": self._sampling_meta(),
+            "stream_windows": self.stream_windows,
+            "streams": f"the gain and joint-correction streams carry {self.stream_windows} of the "
+                       f"{self.windows.shape[0]} calibration windows (stream_share {self.stream_share}); their "
+                       "energies are scaled to every window, their KL is a mean over their positions",
             "activations": {"ram_budget_bytes": self.activations.ram_bytes,
                             "peak_bytes_on_disk": self.activations.peak_on_disk,
                             "directory": str(self.activations.directory)},
@@ -861,6 +986,19 @@ class LayerwiseProfiler:
                                  "mean removal cost of the layer's routed experts",
         }
         return Profile(fingerprint, list(self.formats), damage, experts, topk, False, meta)
+
+    def _sampling_meta(self) -> dict:
+        acc = self.m["error_sampling"]
+        return {"rows": self.error_rows, "target_relative_se": ERROR_TARGET_RSE,
+                "rule": f"the error of every format estimated from {self.error_rows} rows of a matrix (seeded, the "
+                        "same rows for every format and expert), scaled to the matrix, the sample doubled until "
+                        f"every estimate's relative standard error is at most {ERROR_TARGET_RSE:.0%}; a matrix "
+                        "whose sample would be a quarter of its rows or more: every row, exactly"
+                        if self.error_rows else "every row",
+                "matrices": acc["matrices"], "sampled_matrices": acc["sampled_matrices"],
+                "share_of_rows_measured": round(acc["rows_measured"] / acc["rows"], 6) if acc["rows"] else 1.0,
+                "max_relative_se": round(acc["max_relative_se"], 6),
+                "mean_relative_se": round(acc["sum_relative_se"] / acc["values"], 6) if acc["values"] else 0.0}
 
     # ---- resumable state -------------------------------------------------------------------------
 

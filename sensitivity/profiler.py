@@ -50,7 +50,7 @@ from moeplan.kernels.outputs import output_file
 from .adapters import MoEAdapter, TensorRole, adapter_for
 from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, DEFAULT_FORMATS, QUANTIZABLE, interpolate_gain, menu
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text, load_text_ids
-from .layerwise import LayerwiseProfiler
+from .layerwise import ERROR_ROWS, STREAM_SHARE, LayerwiseProfiler
 from .profile import ExpertStats, Profile
 
 # Every decoder layer's input on the calibration windows is kept (when it fits under this), so that
@@ -402,7 +402,8 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
                   progress: bool = True, method: str = "layerwise", device: str = "cpu",
                   dtype: torch.dtype | None = None, threads: int | None = None,
                   imatrix_out: str | Path | None = None, removal: str = "auto",
-                  activations_ram: int | None = None, activations_dir: str | Path | None = None) -> Profile:
+                  activations_ram: int | None = None, activations_dir: str | Path | None = None,
+                  error_rows: int = ERROR_ROWS, stream_share: float = STREAM_SHARE) -> Profile:
     """Profile a checkpoint directory or a shipped reference model on calibration text
     (default: the model's shipped calibration split). Writes PROFILE (json) and its importance
     vectors (PROFILE.importance.safetensors) when `out` is given, and a llama.cpp imatrix GGUF of
@@ -411,7 +412,9 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
     method "layerwise" (default): sensitivity.layerwise, the checkpoint streamed one decoder layer
     at a time (resumable: an interrupted run with the same `out` continues after its last finished
     layer; hidden-state streams beyond `activations_ram` bytes, default half the available memory, go
-    to files in `activations_dir`, default the directory of `out`); "passes": the in-memory reference
+    to files in `activations_dir`, default the directory of `out`; the error kernel estimates a matrix of
+    more than 4 x `error_rows` rows from a sample of its rows, 0: every row; the gain and joint-correction
+    streams carry `stream_share` of the windows); "passes": the in-memory reference
     profiler (the whole model in float32)."""
     if method not in PROFILERS:
         raise ValueError(f"method {method!r}: use one of {', '.join(PROFILERS)}")
@@ -426,7 +429,8 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
         profiler = LayerwiseProfiler(path, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,
                                      progress=progress, device=device, dtype=dtype, threads=threads,
                                      state_path=state_path(out) if out is not None else None, removal=removal,
-                                     activations_ram=activations_ram, activations_dir=activations_dir)
+                                     activations_ram=activations_ram, activations_dir=activations_dir,
+                                     error_rows=error_rows, stream_share=stream_share)
     else:
         path, m, ids = load_model_and_text(model, calib_text, "calib", "profiling", "--calib")
         profiler = Profiler(m, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats, progress=progress)

@@ -108,7 +108,7 @@ class StreamingModel:
         filled = set()
         if layer is not None and layer in self.ad.moe_layers():
             experts = self.ad.experts_module(layer)
-            ex_prefix = self.ad.expert_tensor_name(layer, 0, ExpertKind.GATE).split(".experts.")[0] + ".experts"
+            ex_prefix = self._experts_prefix(layer)
             for e in range(self.ad.n_experts(layer)):
                 self.ad.set_expert_weights(layer, e, {
                     k: self.ckpt.expert(ex_prefix, e, self.ad.checkpoint_expert_names[k]).to(self.dtype)
@@ -130,6 +130,25 @@ class StreamingModel:
                     raise ValueError(f"{self.model_dir}: {src} is {list(x.shape)} in the checkpoint, the config's "
                                      f"architecture needs {list(t.shape)}")
                 t.copy_(x.to(t.dtype))
+
+    def reread(self, live: torch.Tensor, layer: int, name: str | None = None, kind: ExpertKind | None = None) -> None:
+        """Write a loaded tensor's checkpoint values into it again, bit for bit what loading wrote: the
+        checkpoint tensor `name`, or kind `kind` of every routed expert of `layer` (`live`: that kind's
+        (experts, rows, cols) stack). One expert at a time: nothing of the tensor's size is allocated."""
+        with torch.no_grad():
+            if kind is None:
+                x = self.ckpt.read(name)
+                if tuple(x.shape) != tuple(live.shape):
+                    raise ValueError(f"{self.model_dir}: {name} is {list(x.shape)} in the checkpoint, the live tensor "
+                                     f"{list(live.shape)}: it is not one checkpoint tensor and cannot be read back")
+                live.copy_(x.to(live.dtype))
+                return
+            prefix = self._experts_prefix(layer)
+            for e in range(live.shape[0]):
+                live[e].copy_(self.ckpt.expert(prefix, e, self.ad.checkpoint_expert_names[kind]).to(self.dtype))
+
+    def _experts_prefix(self, layer: int) -> str:
+        return self.ad.expert_tensor_name(layer, 0, ExpertKind.GATE).split(".experts.")[0] + ".experts"
 
     def _layer_index(self, prefix: str) -> int | None:
         lp = self.ad.layers_prefix + "."

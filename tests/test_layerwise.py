@@ -41,7 +41,8 @@ def _profile(path: Path, **kw):
 
 @pytest.fixture(scope="module")
 def qwen_profile():
-    return _profile(QWEN)
+    # every window in the gain and joint-correction streams: the exactness properties below hold as stated
+    return _profile(QWEN, stream_share=1.0)
 
 
 def test_profile_is_complete_finite_and_ordered(qwen_profile):
@@ -83,6 +84,64 @@ def test_profile_predicts_a_uniform_plan_exactly(qwen_profile):
     measured = evaluate(apply_decision(copy.deepcopy(model), Decision(formats=formats), importance), ref).kld_mean
     predicted = sum(prof.tensor_damage[n]["Q4_K"] for n in prof.tensor_damage if ".experts." in n)
     assert predicted == pytest.approx(measured, rel=0.02)
+
+
+def test_streams_on_a_share_of_the_windows(qwen_profile):
+    """The gain and joint-correction streams on a quarter of the windows (the default): less forward
+    work, the same profile up to the sampling of the windows."""
+    from scipy.stats import spearmanr
+
+    whole, _ = qwen_profile
+    prof, _ = _profile(QWEN)
+    m = prof.meta
+    assert m["stream_windows"] == 2 and whole.meta["stream_windows"] == 8
+    # the 2 F joint-correction streams and the gain streams are a quarter as long; the reference, the
+    # local runs and the 16 x 4 expert-removal streams are not
+    assert m["full_pass_equivalents"] < whole.meta["full_pass_equivalents"] - 2 * len(MENU) * 0.75 + 1e-9
+    names = sorted(prof.tensor_damage)
+    for f in MENU:
+        a = np.array([whole.tensor_damage[n][f] for n in names])
+        b = np.array([prof.tensor_damage[n][f] for n in names])
+        assert spearmanr(a, b)[0] > 0.9, f
+        # the level: the joint correction's KL on 126 positions; Q8_0's (about 1e-4 nats) is at the noise
+        # of so few positions, the coarser formats' is not
+        assert f == "Q8_0" or 0.5 < b.sum() / a.sum() < 2, f
+    for l, st in prof.experts.items():  # expert removal: its own streams over every window, unchanged
+        assert st.removal_kl == pytest.approx(whole.experts[l].removal_kl, rel=0.05)
+
+
+def test_swapped_tensors_come_back_bit_for_bit(tmp_path):
+    """A tensor swapped for its quantized values is read back from the checkpoint afterwards: bit for bit
+    what loading wrote (BF16 and FP8 with its block scales), and no float copy of it is kept."""
+    from moeplan import kernels
+    from moeplan.sensitivity.adapters import ExpertKind, TensorRole
+    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.layerwise import EXPERTS, OTHER, LayerwiseProfiler, _Group, _kind_view, _Quantized
+
+    cfg = json.loads((DSV3 / "config.json").read_text())
+    for dtype in ("BF16", "F8_E4M3"):
+        d = write_random_checkpoint(tmp_path / dtype, cfg, dtype=dtype)
+        p = LayerwiseProfiler(d, _ids(DSV3), seq_len=32, max_tokens=64, formats=["Q4_K"], progress=False)
+        l = p.ad.moe_layers()[0]
+        layer = p.sm.layers[l]
+        with p.sm.loaded(layer):
+            before = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            ex = _kind_view(p.ad.experts_module(l), ExpertKind.UP)
+            other = next(r for r in p.ad.linear_tensors(l) if r.role is not TensorRole.ROUTED_EXPERT)
+            live_other = other.get()
+            ex_before, other_before = ex.clone(), live_other.clone()
+            q_ex = _Quantized.of(ex, "IQ2_XXS", np.ones((ex.shape[0], ex.shape[-1]), np.float32), "up")
+            q_other = _Quantized.of(live_other, "Q4_K", None, other.name)
+            swaps = [(_Group(f"{l}/experts/up", EXPERTS, [], "experts"), ex, q_ex),
+                     (_Group(other.name, OTHER, [other.name], "layer"), live_other, q_other)]
+            with p._swapped(l, swaps):
+                for live, q, old in ((ex, q_ex, ex_before), (live_other, q_other, other_before)):
+                    want = np.stack([kernels.dequantize(q.data[e], q.stored, q.shape[1:]) for e in range(q.shape[0])]) \
+                        if len(q.shape) == 3 else kernels.dequantize(q.data, q.stored, q.shape)
+                    assert torch.equal(live, torch.from_numpy(want)) and not torch.equal(live, old)
+            after = layer.state_dict()
+            for k, v in before.items():
+                assert torch.equal(after[k], v), (dtype, k)
 
 
 @pytest.mark.parametrize("path", [QWEN, DSV3], ids=["qwen3-moe", "deepseek-v3"])
@@ -317,15 +376,21 @@ def test_cli_profile_layerwise_and_its_errors(tmp_path, capsys):
 
     out = tmp_path / "p.json"
     rc = cli.main(["profile", "tiny-qwen3-moe", "--out", str(out), "--tokens", "128", "--seq-len", "32",
-                   "--formats", "Q4_K,Q8_0", "--threads", "1"])
+                   "--formats", "Q4_K,Q8_0", "--threads", "1", "--stream-share", "0.5", "--error-rows", "16"])
     assert rc == 0
     prof = json.loads(out.read_text())
     assert prof["meta"]["profiler"] == "layerwise" and prof["meta"]["threads"] == 1
+    assert prof["meta"]["stream_windows"] == 2 and prof["meta"]["error_sampling"]["rows"] == 16
+    # 16 rows of the 4096-row embedding and head: sampled until the standard error is within 5% (or exact)
+    assert prof["meta"]["error_sampling"]["max_relative_se"] <= 0.05
     assert (tmp_path / "p.importance.safetensors").exists() and not (tmp_path / "p.state.safetensors").exists()
     capsys.readouterr()
     for bad, what in ((["--device", "tpu"], "cpu, cuda or cuda:N"),
+                      (["--stream-share", "0"], "share of the windows in (0, 1]"),
+                      (["--error-rows", "-3"], "whole number of rows >= 0"),
+                      (["--method", "passes", "--error-rows", "8"], "are for --method layerwise"),
                       (["--method", "passes", "--imatrix", str(tmp_path / "i.gguf")], "--imatrix needs")):
-        with pytest.raises(SystemExit) if bad[0] == "--device" else _nothing():
+        with pytest.raises(SystemExit) if bad[0] in ("--device", "--stream-share", "--error-rows") else _nothing():
             rc = cli.main(["profile", "tiny-qwen3-moe", "--out", str(tmp_path / "q.json"), *bad])
             assert rc == 2
         err = capsys.readouterr().err

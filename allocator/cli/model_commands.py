@@ -59,6 +59,13 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
                          "rest is written to --activations-dir")
     ap.add_argument("--activations-dir", metavar="DIR", help="where streams beyond --activations-ram go "
                     "(default: the directory of --out)")
+    ap.add_argument("--stream-share", type=_share, default=None, metavar="S",
+                    help="share of the calibration windows the gain and joint-correction streams carry (layerwise; "
+                         "default 0.25; 1: every window)")
+    ap.add_argument("--error-rows", type=_rows, default=None, metavar="N",
+                    help="the error kernel measures N seeded rows of a matrix with more than 4N rows and scales "
+                         "the error up (layerwise; default 64; the profile's meta states the relative standard "
+                         "errors); 0: every row of every matrix")
 
 
 def _gib(s: str) -> int:
@@ -69,6 +76,26 @@ def _gib(s: str) -> int:
     if not (v >= 0 and v < float("inf")):
         raise argparse.ArgumentTypeError(f"{s!r}: give a number of GB >= 0 (0: every stream on disk)")
     return int(v * (1 << 30))
+
+
+def _share(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: give a share of the windows in (0, 1]")
+    return v
+
+
+def _rows(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: give a whole number of rows >= 0 (0: every row)")
+    return v
 
 
 def _device(s: str) -> str:
@@ -101,6 +128,9 @@ def _profile_run(args) -> int:
     if args.method != "layerwise" and (args.activations_ram is not None or args.activations_dir):
         raise ValueError("--activations-ram / --activations-dir are for --method layerwise (the in-memory profiler "
                          "keeps no streams)")
+    if args.method != "layerwise" and (args.error_rows is not None or args.stream_share is not None):
+        raise ValueError("--error-rows / --stream-share are for --method layerwise (the in-memory profiler measures "
+                         "every row and runs every window)")
     if args.activations_dir and not os.path.isdir(args.activations_dir):
         raise ValueError(f"--activations-dir {args.activations_dir} is not a directory: create it or give another")
     if args.method == "layerwise" and state_path(args.out).exists():
@@ -110,9 +140,16 @@ def _profile_run(args) -> int:
     prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
                          seq_len=args.seq_len, progress=True, method=args.method, device=args.device, dtype=dtype,
                          threads=args.threads, imatrix_out=args.imatrix, removal=args.removal,
-                         activations_ram=args.activations_ram, activations_dir=args.activations_dir)
+                         activations_ram=args.activations_ram, activations_dir=args.activations_dir,
+                         **({} if args.error_rows is None else {"error_rows": args.error_rows}),
+                         **({} if args.stream_share is None else {"stream_share": args.stream_share}))
     m = prof.meta
     fpe = f", {m['full_pass_equivalents']} full-pass equivalents" if "full_pass_equivalents" in m else ""
+    sampling = m.get("error_sampling", {})
+    if sampling.get("sampled_matrices"):
+        _say(f"error kernel: {sampling['sampled_matrices']} of {sampling['matrices']} matrices estimated from "
+             f"{sampling['rows']} rows each (relative standard error: mean {sampling['mean_relative_se']:.2%}, "
+             f"max {sampling['max_relative_se']:.2%}; --error-rows 0 measures every row)")
     disk = m.get("activations", {}).get("peak_bytes_on_disk", 0)
     if disk:
         _say(f"hidden-state streams beyond the RAM budget: up to {disk / 2**30:.2f} GB on disk in "
