@@ -193,6 +193,9 @@ def miniature(work: Path, tokens: int) -> dict:
     from moeplan.sensitivity.generated import write_random_checkpoint
 
     d = work / "deepseek-v3-miniature"
+    cached = work / f"{d.name}-{tokens}-tokens.json"  # its accounting, from an earlier run in this --work
+    if cached.exists():
+        return json.loads(cached.read_text())
     if not d.exists():
         write_random_checkpoint(d, _dsv3_miniature(), dtype="BF16")
     r = subprocess.run([sys.executable, "-c", _MINIATURE_PROBE, str(d), str(tokens)], capture_output=True, text=True)
@@ -200,6 +203,7 @@ def miniature(work: Path, tokens: int) -> dict:
         sys.exit(f"{d.name}: profile failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1]) | {"tokens": tokens, "layers": 61}
     print(json.dumps(out), flush=True)
+    cached.write_text(json.dumps(out))
     return out
 
 
