@@ -56,7 +56,13 @@ a routed expert and the layer's mean removal cost (meta["unrouted_experts"] list
 zero cost that would make them free to prune or to quantize to 1 bit.
 
 Every statistic is a sum over calibration tokens (energies, KL sums, sums of squares, routing
-counts), so a share of the windows can be measured apart and the sums added (_Share).
+counts), so a share of the windows can be measured apart and the sums added (_Share). A profiler
+measures the windows of its share (all of them by default); the statistics every share needs before
+it can go on (a layer's importance vectors, token shares and routing counts, before the error kernel,
+the quantized copies and the local runs; the head's importance) pass through `_allreduce`, which adds
+the shares' sums (one share: they are the totals already), and every other sum is added at the end
+(ADDITIVE). sensitivity/distributed.py runs one share per Ray worker; this one process is the case of
+one share, the same code.
 
 Resumption: after each layer the state (reference and stream hidden states, the measurements so
 far) is written atomically to STATE; a run started with the same STATE, model and settings resumes
@@ -95,7 +101,11 @@ REMOVAL_METHODS = ("auto", "streams", "fisher")
 # two layers' expert streams fit in this much memory; else the Fisher metric (one backward sweep)
 REMOVAL_STREAMS_MAX = 2048
 REMOVAL_STREAMS_BYTES = 4 << 30
-STATE_VERSION = 1
+STATE_VERSION = 2
+# the measurements that are sums over the calibration tokens of a share (added over the shares at the
+# end); every other entry of the measurements is the same in every share
+ADDITIVE = ("local", "stream_energy", "removal_energy", "topk_energy", "head_kl", "stream_kl", "removal_fisher",
+            "passes")
 _CHUNK = 4096  # tokens per experts-module call in the local runs
 EXPERTS, OTHER = CORRECTION_CLASSES
 REMOVAL, TOPK = "removal", "topk"  # the gain streams of expert removal and of top-k
@@ -158,6 +168,7 @@ class _Share:
 
     windows: torch.Tensor  # (n, T) token ids
     batch_size: int
+    offset: int = 0  # the index of its first window among all the calibration windows
     ref: list[torch.Tensor] = field(default_factory=list)
     kw: list[dict] = field(default_factory=list)
     streams: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -174,7 +185,8 @@ class LayerwiseProfiler:
                  device: str = "cpu", dtype: torch.dtype | None = None, threads: int | None = None,
                  progress: bool = True, state_path: str | Path | None = None, joint_correction: bool = True,
                  fisher_samples: int = FISHER_SAMPLES, removal: str = "auto",
-                 activations_ram: int | None = None, activations_dir: str | Path | None = None):
+                 activations_ram: int | None = None, activations_dir: str | Path | None = None,
+                 share: tuple[int, int] | None = None):
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -188,7 +200,14 @@ class LayerwiseProfiler:
             raise ValueError(f"{model_dir}: the head is tied to the embedding; the layer-streaming profiler "
                              "measures them apart: profile with --method passes")
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
-        self.share = _Share(self.windows, batch_size)
+        # the windows this profiler measures, [start, stop) (whole batches; default all of them)
+        start, stop = share if share is not None else (0, self.windows.shape[0])
+        if not (0 <= start < stop <= self.windows.shape[0]) or (start % batch_size and start):
+            raise ValueError(f"share {share}: give windows [start, stop) inside 0..{self.windows.shape[0]}, starting "
+                             f"at a multiple of the batch size {batch_size}")
+        self.share = _Share(self.windows[start:stop], batch_size, start)
+        self.share_range = (start, stop)
+        self._fraction = (stop - start) / self.windows.shape[0]
         # hidden states beyond the RAM budget go to files (sensitivity/activations.py): the streams and
         # the backward sweep's layer inputs; the reference (one copy) stays in RAM
         self.activations = Budget(activations_ram, activations_dir if activations_dir is not None else
@@ -234,14 +253,27 @@ class LayerwiseProfiler:
 
     def _count_passes(self, layer_runs: float) -> None:
         """Forward work in full-pass equivalents: `layer_runs` decoder-layer runs over all windows."""
-        self.m["passes"] += layer_runs / self.sm.n_layers
+        self.m["passes"] += layer_runs / self.sm.n_layers * self._fraction
 
     def _settings(self, fingerprint: str) -> dict:
         return {"version": STATE_VERSION, "fingerprint": fingerprint, "formats": self.formats,
                 "fisher_samples": self.fisher_samples, "removal": self.removal,
                 "calibration_formats": self.calibration_formats, "stream_format": self.stream_format,
                 "windows": list(self.windows.shape), "windows_sha": _sha(self.windows),
-                "batch_size": self.share.batch_size, "dtype": str(self.dtype), "joint": self.joint_correction}
+                "batch_size": self.share.batch_size, "dtype": str(self.dtype), "joint": self.joint_correction,
+                "share": list(self.share_range)}
+
+    # ---- the shares' sums ----------------------------------------------------------------------
+
+    def _allreduce(self, tag: str, sums: dict) -> dict:
+        """The sums of every share for the statistics `sums` of this share (nested dicts of numbers and
+        arrays). One share: they are the totals."""
+        return sums
+
+    def _owned(self, sizes: dict[str, float]) -> set[str]:
+        """Which of the tensor groups `sizes` (key -> elements) this profiler runs the error kernel on;
+        the others' errors come from the other shares at the end. One share: all."""
+        return set(sizes)
 
     # ---- layer-local runs ----------------------------------------------------------------------
 
@@ -324,11 +356,12 @@ class LayerwiseProfiler:
             rec[k] = torch.cat([t.reshape(-1, t.shape[-1]) for t in rec[k]]) if rec[k] else None
         return rec
 
-    def _expert_statistics(self, l: int, rec: dict) -> tuple[dict, dict[str, np.ndarray], dict[str, float]]:
-        """Routing statistics and the importance vector and token share of every expert tensor of layer l."""
+    def _expert_sums(self, l: int, rec: dict) -> dict:
+        """The share's routing sums at layer l: its tokens; per expert the tokens routed to it, their
+        routing weights, weight x output norm (REAP), the squares of its inputs and of its down_proj's."""
         ad = self.ad
         experts = ad.experts_module(l)
-        n, k = ad.n_experts(l), ad.top_k(l)
+        n = ad.n_experts(l)
         x, idx, w = rec["ex_in"], rec["idx"], rec["w"].float()
         tokens = x.shape[0]
         count, wsum, reap = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -349,6 +382,15 @@ class LayerwiseProfiler:
                 xd, md = xe.double(), mid.double()
                 sq_in[e] = (xd * xd).sum(0).cpu().numpy()
                 sq_mid[e] = (md * md).sum(0).cpu().numpy()
+        return {"tokens": tokens, "count": count, "wsum": wsum, "reap": reap, "sq_in": sq_in, "sq_mid": sq_mid}
+
+    def _expert_statistics(self, l: int, sums: dict) -> tuple[dict, dict[str, np.ndarray], dict[str, float]]:
+        """Routing statistics and the importance vector and token share of every expert tensor of layer l,
+        from the routing sums of every share."""
+        ad = self.ad
+        n, k = ad.n_experts(l), ad.top_k(l)
+        tokens, count, wsum, reap, sq_in, sq_mid = (sums[s] for s in ("tokens", "count", "wsum", "reap", "sq_in",
+                                                                     "sq_mid"))
         routed = count > 0
         unrouted = [int(e) for e in np.nonzero(~routed)[0]]
         total = max(count.sum(), 1.0)
@@ -389,16 +431,18 @@ class LayerwiseProfiler:
             refs = [r for r in ad.linear_tensors(l) if r.role in QUANTIZABLE]
             self.cost = self._costs(l, refs)
             others = [r for r in refs if r.role is not TensorRole.ROUTED_EXPERT]
+            experts = ad.experts_module(l) if moe else None
+            sums = self._allreduce(f"layer/{l}", {"sq": {k: v.cpu().numpy() for k, v in rec["sq"].items()},
+                                                  "n": rec["n"], "experts": self._expert_sums(l, rec) if moe else {}})
             imp, share = {}, {}
             for r in others:
-                n = rec["n"].get(r.name, 0)
-                v = rec["sq"][r.name] / n if n else torch.ones(r.shape[-1], dtype=torch.float64)
-                imp[r.name] = v.float().cpu().numpy()
+                n = sums["n"].get(r.name, 0)
+                v = sums["sq"][r.name] / n if n else np.ones(r.shape[-1], dtype=np.float64)
+                imp[r.name] = v.astype(np.float32)
                 share[r.name] = 1.0
                 m["counts"][r.name] = float(n)
-            experts = ad.experts_module(l) if moe else None
             if moe:
-                stats, eimp, eshare = self._expert_statistics(l, rec)
+                stats, eimp, eshare = self._expert_statistics(l, sums["experts"])
                 imp |= eimp
                 share |= eshare
                 m["experts"][str(l)] = stats
@@ -409,17 +453,21 @@ class LayerwiseProfiler:
             # the error kernel: every tensor x every format, one pass per tensor (experts per kind, stacked)
             t1 = time.perf_counter()
             groups: list[_Group] = []
+            owned = self._owned({r.name: float(np.prod(r.shape)) for r in others} | (
+                {f"{l}/experts/{k.value}": float(_kind_view(experts, k).numel()) for k in ExpertKind} if moe else {}))
             for r in others:
                 where = "mlp" if r.role in (TensorRole.SHARED_EXPERT, TensorRole.DENSE_MLP) else "layer"
                 groups.append(_Group(r.name, OTHER, [r.name], where))
-                self._errors(r.name, [r.name], r.get(), imp[r.name][None], np.array([1.0]))
+                if r.name in owned:
+                    self._errors(r.name, [r.name], r.get(), imp[r.name][None], np.array([1.0]))
             if moe:
                 n_e = ad.n_experts(l)
                 for kind in ExpertKind:
                     names = [ad.expert_tensor_name(l, e, kind) for e in range(n_e)]
                     groups.append(_Group(f"{l}/experts/{kind.value}", EXPERTS, names, "experts"))
-                    self._errors(groups[-1].key, names, _kind_view(experts, kind),
-                                 np.stack([imp[n] for n in names]), np.array([share[n] for n in names]))
+                    if groups[-1].key in owned:
+                        self._errors(groups[-1].key, names, _kind_view(experts, kind),
+                                     np.stack([imp[n] for n in names]), np.array([share[n] for n in names]))
             self._tick("error_kernel", t1)
 
             # local runs and the streams, one format at a time (one quantized copy of the layer in memory)
@@ -565,11 +613,12 @@ class LayerwiseProfiler:
         """FISHER_SAMPLES next-token samples per position from the model's own distribution, and the
         gradient of each sample's log-likelihood with respect to the last layer's output: E over the
         samples of (g . delta)^2 / 2 is the second-order KL of a change delta there (Fisher information)."""
-        gen = torch.Generator().manual_seed(0)
         for p in (*head.parameters(), *norm.parameters()):
             p.requires_grad_(False)
         grads: list[list[torch.Tensor]] = [[] for _ in range(self.fisher_samples)]
         for b, h_ref in enumerate(self.share.ref):
+            # seeded by the batch's first window: the same samples whichever share measures the batch
+            gen = torch.Generator().manual_seed(self.share.offset + b * self.share.batch_size)
             probs = ref_lp[b].exp().reshape(-1, ref_lp[b].shape[-1]).float().cpu()
             with torch.enable_grad():
                 h = h_ref.clone().requires_grad_(True)
@@ -635,9 +684,9 @@ class LayerwiseProfiler:
             per_window = []
             for gs in g:
                 dot = (gs[tok].float() * delta).sum(-1).double()
-                per_window.append(float((torch.zeros(self.windows.shape[0], dtype=torch.float64, device=dot.device)
-                                         .index_add_(0, win, dot) ** 2).sum()))
-            fisher[e] = 0.5 * float(np.mean(per_window)) / self.n_positions
+                per_window.append(float((torch.zeros(self.share.windows.shape[0], dtype=torch.float64,
+                                                     device=dot.device).index_add_(0, win, dot) ** 2).sum()))
+            fisher[e] = 0.5 * float(np.mean(per_window))  # a sum over windows: / positions in _profile
             work += int(tok.sum())
         self._count_passes(self.cost["experts"] * work / max(x.shape[0], 1))
         self.m["removal_energy"][str(l)] = energy
@@ -664,7 +713,8 @@ class LayerwiseProfiler:
                                      "profiler cannot measure it: profile with --method passes")
             ones = np.ones(w.shape[-1], dtype=np.float32)
             self.importance[name] = ones
-            self._errors(name, [name], w, ones[None], np.array([1.0]))
+            if name in self._owned({name: float(w.numel())}):
+                self._errors(name, [name], w, ones[None], np.array([1.0]))
             m["groups"][name] = {"cls": OTHER, "names": [name], "layer": -1}
             for f in self.all_formats:
                 delta = (_qdq(w, f, ones, name).to(w.dtype) - w)
@@ -696,30 +746,34 @@ class LayerwiseProfiler:
         sm, m = self.sm, self.m
         normed = [norm(h) for h in self.share.ref]
         x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
-        imp = ((x * x).sum(0) / x.shape[0]).float().cpu().numpy()
-        self.importance[name] = imp
-        m["counts"][name] = float(x.shape[0])
-        self._errors(name, [name], head.weight, imp[None], np.array([1.0]))
-        m["groups"][name] = {"cls": OTHER, "names": [name], "layer": sm.n_layers}
         ref_lp = [_next_lp(head(h)) for h in normed]
-        n_pos = sum(lp.shape[0] * lp.shape[1] for lp in ref_lp)
         nll = -sum(float(lp.gather(-1, batch[:, 1:].to(self.device).unsqueeze(-1)).double().sum())
                    for lp, (_, batch) in zip(ref_lp, self.share.batches()))
-        m["reference_perplexity"] = math.exp(nll / n_pos)
+        sums = self._allreduce("head", {"sq": (x * x).sum(0).cpu().numpy(), "n": x.shape[0], "nll": nll,
+                                        "positions": sum(lp.shape[0] * lp.shape[1] for lp in ref_lp)})
+        del x
+        imp = (sums["sq"] / sums["n"]).astype(np.float32)
+        self.importance[name] = imp
+        m["counts"][name] = float(sums["n"])
+        if name in self._owned({name: float(head.weight.numel())}):
+            self._errors(name, [name], head.weight, imp[None], np.array([1.0]))
+        m["groups"][name] = {"cls": OTHER, "names": [name], "layer": sm.n_layers}
+        n_pos = sums["positions"]
+        m["reference_perplexity"] = math.exp(sums["nll"] / n_pos)
         self.n_positions = n_pos
-        kl = {}
+        kl = {}  # KL summed over the share's positions (divided by all positions in _profile), as head_kl
         for s, hidden in self.share.streams.items():
             if not s.startswith(f"joint/{OTHER}/"):
-                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden)) / n_pos
+                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden))
         for f in self.all_formats:
             q = _qdq(head.weight, f, imp, name)
             with _replaced([(head.weight, q)]):
                 if f in self.calibration_formats:
-                    m["head_kl"][f] = sum(_kl_sum(r, _next_lp(head(h))) for r, h in zip(ref_lp, normed)) / n_pos
+                    m["head_kl"][f] = sum(_kl_sum(r, _next_lp(head(h))) for r, h in zip(ref_lp, normed))
                 s = f"joint/{OTHER}/{f}"
                 if s in self.share.streams:
                     kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h))))
-                                for r, h in zip(ref_lp, self.share.streams[s])) / n_pos
+                                for r, h in zip(ref_lp, self.share.streams[s]))
         m["stream_kl"] = kl
         m["calibration_tokens"] = n_pos
         m["n_positions"] = n_pos
@@ -728,10 +782,20 @@ class LayerwiseProfiler:
     # ---- the whole profile -------------------------------------------------------------------------
 
     def run(self, fingerprint: str) -> tuple[Profile, dict[str, np.ndarray]]:
+        self._steps(self._settings(fingerprint))
+        self.activations.close()
+        prof = self._profile(fingerprint)
+        if self.state_path is not None and self.state_path.exists():
+            self.state_path.unlink()
+        self.sm.close()
+        return prof, dict(self.importance)
+
+    def _steps(self, settings: dict) -> None:
+        """Every step of the share (embedding, layers, head, backward sweep), resumed after the last one
+        the state holds."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
-        settings = self._settings(fingerprint)
         n = self.sm.n_layers
         steps = [("embedding", None), *(("layer", l) for l in range(n)), ("head", None)]
         if self.removal == "fisher":
@@ -753,16 +817,12 @@ class LayerwiseProfiler:
                 release_memory()
                 bar.update()
         self.m["seconds"]["total"] = self.m["seconds"].get("total", 0.0) + time.perf_counter() - t0
-        self.activations.close()
-        prof = self._profile(fingerprint)
-        if self.state_path is not None and self.state_path.exists():
-            self.state_path.unlink()
-        self.sm.close()
-        return prof, dict(self.importance)
 
     def _profile(self, fingerprint: str) -> Profile:
         m, ad = self.m, self.ad
-        kl = m["stream_kl"]
+        n_pos = m["n_positions"]  # the KLs and the Fisher values are sums over the calibration positions
+        kl = {s: v / n_pos for s, v in m["stream_kl"].items()}
+        head_kl = {f: v / n_pos for f, v in m["head_kl"].items()}
 
         def gain(l: int, cls: str) -> float:
             s = f"gain/{l}/{cls}"
@@ -775,7 +835,7 @@ class LayerwiseProfiler:
             names, l = g["names"], g["layer"]
             energy = {f: sum(m["err"][n][f] for n in names) for f in self.all_formats}
             if l == self.sm.n_layers:  # the head: the local change is the output itself
-                pts = sorted((energy[c], m["head_kl"][c] / energy[c] if energy[c] > 0 else 0.0)
+                pts = sorted((energy[c], head_kl[c] / energy[c] if energy[c] > 0 else 0.0)
                              for c in self.calibration_formats)
                 scale = 1.0
             else:
@@ -808,6 +868,7 @@ class LayerwiseProfiler:
             # removal: the Fisher metric's KL of each expert, scaled so that the stream's expert (removed
             # for real and measured end to end) comes out at its measured KL
             fisher, med = m["removal_fisher"].get(str(l)), m["removal_stream_expert"][str(l)]
+            fisher = None if fisher is None else [f / n_pos for f in fisher]
             if self.removal == "streams":
                 removal = [kl.get(f"gain/{l}/expert/{e}", 0.0) for e in range(ad.n_experts(l))]
             elif fisher[med] > 0:
