@@ -53,6 +53,7 @@ from .layerwise import ADDITIVE, LayerwiseProfiler
 from .profile import Profile
 
 RAY_MISSING = "profiling on Ray needs the ray extra: pip install -e '.[ray]' (ray>=2.60,<3)"
+UNAVAILABLE_S = 600  # how long a restarting worker is waited for
 KEEP_SUMS = 4  # the coordinator keeps the totals of this many latest sums (a restarted worker replays one)
 
 
@@ -204,6 +205,9 @@ class _Worker:
             raise ValueError(f"Ray worker state directory {d} is not a directory of this user")
         self.rank, self.state = rank, d / f"share-{rank}.state.safetensors"
         self.resumed = self.state.exists()
+        self.starts = d / f"share-{rank}.starts"  # one line per start of this worker: Ray's restarts counted
+        with open(self.starts, "a") as f:
+            f.write(f"{os.getpid()}\n")
         self.rss_start = _rss()
         self.p = _ShareProfiler(model_dir, ids, share=share, state_path=self.state, progress=False, threads=threads,
                                 rank=rank, workers=workers, coordinator=coordinator, **kwargs)
@@ -215,14 +219,13 @@ class _Worker:
         self.p.sm.close()
         state_bytes = self.state.stat().st_size if self.state.exists() else 0
         self.state.unlink(missing_ok=True)
+        starts = len(self.starts.read_text().split())
+        self.starts.unlink(missing_ok=True)
         return {"m": self.p.m, "importance": self.p.importance if self.rank == 0 else None,
                 "counts": self.p.token_counts if self.rank == 0 else None,
                 "pid": os.getpid(), "resumed": self.resumed, "seconds": time.perf_counter() - t0,
                 "rss_start": self.rss_start, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "state_bytes": state_bytes}
-
-    def pid(self) -> int:
-        return os.getpid()
+                "state_bytes": state_bytes, "restarts": starts - 1}
 
 
 def _init(ray, address: str | None, cpus: int | None) -> bool:
@@ -295,7 +298,7 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
         if on_start is not None:
             on_start(actors, coordinator)
         t0 = time.perf_counter()
-        results, restarts = _run_workers(ray, actors, fingerprint, max_restarts, progress, coordinator,
+        results = _run_workers(ray, actors, fingerprint, max_restarts, progress, coordinator,
                                          driver.sm.n_layers)
         wall = time.perf_counter() - t0
         moved = ray.get(coordinator.progress.remote())
@@ -307,7 +310,8 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
         prof.meta["threads"] = threads
         prof.meta["ray"] = {
             "workers": workers, "address": address or "local", "gpus_per_worker": 1 if gpus else 0,
-            "threads_per_worker": threads, "shares": [list(s) for s in shares], "restarts": restarts,
+            "threads_per_worker": threads, "shares": [list(s) for s in shares],
+            "restarts": [r["restarts"] for r in results],
             "quantized_copies": "recomputed by every worker (deterministic kernels)",
             "checkpoint": "read by every worker from its path",
             "sum_bytes_to_coordinator": moved["bytes_in"], "sum_bytes_from_coordinator": moved["bytes_out"],
@@ -315,6 +319,7 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
             "peak_rss": [r["peak_rss"] for r in results], "rss_start": [r["rss_start"] for r in results],
             "worker_seconds": [round(r["seconds"], 2) for r in results],
             "state_bytes": [r["state_bytes"] for r in results],
+            "resumed": [r["resumed"] for r in results], "sums": len(moved["sums"]),
         }
         counts = results[0]["counts"]
         driver.sm.close()
@@ -332,13 +337,14 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
 
 
 def _run_workers(ray, actors, fingerprint: str, max_restarts: int, progress: bool, coordinator,
-                 n_layers: int) -> tuple[list[dict], list[int]]:
+                 n_layers: int) -> list[dict]:
     """Every worker's run to its end; a worker that died is run again once Ray has restarted it (it
     resumes from its state), at most max_restarts times."""
     from tqdm.auto import tqdm
 
     results: list[dict | None] = [None] * len(actors)
-    restarts = [0] * len(actors)
+    died = [0] * len(actors)
+    waited: dict[int, float] = {}  # worker -> until when an unavailable (restarting) worker is waited for
     pending = {actors[r].run.remote(fingerprint): r for r in range(len(actors))}
     with tqdm(total=n_layers + 1, desc="profile (ray)", unit="sum", disable=not progress) as bar:
         while pending:
@@ -350,9 +356,15 @@ def _run_workers(ray, actors, fingerprint: str, max_restarts: int, progress: boo
                 r = pending.pop(ref)
                 try:
                     results[r] = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    restarts[r] += 1
-                    if restarts[r] > max_restarts:
-                        raise RuntimeError(f"Ray worker {r} died {restarts[r]} times; the last: {exc}") from None
+                except ray.exceptions.ActorUnavailableError:  # being restarted: asked again in a moment
+                    if time.monotonic() > waited.setdefault(r, time.monotonic() + UNAVAILABLE_S):
+                        raise RuntimeError(f"Ray worker {r} stayed unavailable for {UNAVAILABLE_S} s") from None
+                    time.sleep(0.5)
                     pending[actors[r].run.remote(fingerprint)] = r
-    return results, restarts
+                except ray.exceptions.RayActorError as exc:
+                    died[r] += 1
+                    waited.pop(r, None)
+                    if died[r] > max_restarts:
+                        raise RuntimeError(f"Ray worker {r} died {died[r]} times; the last: {exc}") from None
+                    pending[actors[r].run.remote(fingerprint)] = r
+    return results

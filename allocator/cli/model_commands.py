@@ -59,6 +59,12 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
                          "rest is written to --activations-dir")
     ap.add_argument("--activations-dir", metavar="DIR", help="where streams beyond --activations-ram go "
                     "(default: the directory of --out)")
+    ap.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="measure on Ray workers (layerwise; needs the ray extra): alone, a local cluster on this "
+                         "machine; 'auto' or host:port, a running cluster whose nodes all see MODEL at the same path")
+    ap.add_argument("--workers", type=positive_int, metavar="N",
+                    help="Ray workers (with --ray; default: one per GPU of the cluster, else one per CPU, at most "
+                         "one per calibration batch of 8 windows)")
 
 
 def _gib(s: str) -> int:
@@ -103,20 +109,35 @@ def _profile_run(args) -> int:
                          "keeps no streams)")
     if args.activations_dir and not os.path.isdir(args.activations_dir):
         raise ValueError(f"--activations-dir {args.activations_dir} is not a directory: create it or give another")
-    if args.method == "layerwise" and state_path(args.out).exists():
+    if args.workers is not None and args.ray is None:
+        raise ValueError("--workers is for --ray (the number of Ray workers); add --ray or leave it out")
+    if args.ray is not None:
+        if args.method != "layerwise":
+            raise ValueError("--ray needs --method layerwise (the in-memory profiler runs in one process)")
+        if state_path(args.out).exists():
+            raise ValueError(f"{state_path(args.out)} is the resumable state of an interrupted single-process profile "
+                             "and --ray does not resume it: run without --ray to resume, or remove it")
+        from moeplan.sensitivity.distributed import import_ray
+
+        import_ray()
+    elif args.method == "layerwise" and state_path(args.out).exists():
         _say(f"resuming from {state_path(args.out)} (remove it to start again)")
     text = _read_text(args.calib, "--calib") if args.calib else None
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
                          seq_len=args.seq_len, progress=True, method=args.method, device=args.device, dtype=dtype,
                          threads=args.threads, imatrix_out=args.imatrix, removal=args.removal,
-                         activations_ram=args.activations_ram, activations_dir=args.activations_dir)
+                         activations_ram=args.activations_ram, activations_dir=args.activations_dir,
+                         ray=args.ray, workers=args.workers)
     m = prof.meta
     fpe = f", {m['full_pass_equivalents']} full-pass equivalents" if "full_pass_equivalents" in m else ""
     disk = m.get("activations", {}).get("peak_bytes_on_disk", 0)
     if disk:
         _say(f"hidden-state streams beyond the RAM budget: up to {disk / 2**30:.2f} GB on disk in "
              f"{m['activations']['directory']}")
+    if "ray" in m:
+        _say(f"measured by {m['ray']['workers']} Ray worker(s) ({m['ray']['address']}), restarts "
+             f"{sum(m['ray']['restarts'])}")
     _say(f"profile of {args.model}: {len(prof.tensor_damage)} tensors x {len(prof.formats)} formats, "
          f"{sum(s.n_experts for s in prof.experts.values())} experts, {m['calibration_tokens']} calibration tokens, "
          f"{m['seconds']['total']:.0f} s{fpe} -> {args.out}" + (f" (+ imatrix {args.imatrix})" if args.imatrix else ""))
