@@ -221,6 +221,10 @@ class _Worker:
         self.state.unlink(missing_ok=True)
         starts = len(self.starts.read_text().split())
         self.starts.unlink(missing_ok=True)
+        try:
+            self.state.parent.rmdir()  # the last worker of this node to finish removes the directory
+        except OSError:
+            pass
         return {"m": self.p.m, "importance": self.p.importance if self.rank == 0 else None,
                 "counts": self.p.token_counts if self.rank == 0 else None,
                 "pid": os.getpid(), "resumed": self.resumed, "seconds": time.perf_counter() - t0,
@@ -285,11 +289,17 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
             workers = min(gpus or cpus, math.ceil(n_windows / batch))
         shares = split_windows(n_windows, batch, workers)
         threads = threads or max(1, cpus // workers)
+        if gpus and workers > gpus:
+            raise ValueError(f"--workers {workers}: the Ray cluster has {gpus} GPU(s) and a worker takes one; use at "
+                             f"most {gpus}")
+        if not gpus and workers * threads > cpus:
+            raise ValueError(f"--workers {workers} x {threads} thread(s) each: the Ray cluster has {cpus} CPUs; use "
+                             "fewer workers or --threads")
         if kwargs.get("activations_ram") is None and address is None:
             kwargs["activations_ram"] = default_ram_budget() // workers  # one machine shared by the workers
         worker_cls = ray.remote(_Worker)
         coordinator = ray.remote(_Coordinator).options(num_cpus=0, max_restarts=0).remote(workers)
-        ids = ray.put(torch.as_tensor(calib_ids))
+        ids = torch.as_tensor(calib_ids)
         actors = [worker_cls.options(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=max_restarts,
                                      max_task_retries=0,
                                      runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
@@ -298,8 +308,7 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
         if on_start is not None:
             on_start(actors, coordinator)
         t0 = time.perf_counter()
-        results = _run_workers(ray, actors, fingerprint, max_restarts, progress, coordinator,
-                                         driver.sm.n_layers)
+        results = _run_workers(ray, actors, fingerprint, max_restarts, progress, coordinator, driver.sm.n_layers)
         wall = time.perf_counter() - t0
         moved = ray.get(coordinator.progress.remote())
         driver.m = merge_measurements([r["m"] for r in results])

@@ -213,3 +213,10 @@ def test_cli_profile_on_ray(cluster, tmp_path, capsys):
     prof = json.loads(out.read_text())
     assert prof["meta"]["ray"]["workers"] == 2 and (tmp_path / "p.importance.safetensors").exists()
     assert "2 Ray worker(s)" in capsys.readouterr().err
+
+
+def test_more_workers_than_the_cluster_holds_is_refused(cluster):
+    with pytest.raises(ValueError, match="--workers 2 x 2 thread.*2 CPUs"):
+        _ray(QWEN, 2, threads=2)
+    with pytest.raises(ValueError, match="--workers 3: .* 2 batches"):
+        _ray(QWEN, 3)
