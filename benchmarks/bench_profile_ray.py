@@ -5,7 +5,7 @@ in a subprocess of its own: the single-process profiler with 1 thread (the refer
 threads, and `profile_model(ray="local")` with 1 worker x 2 threads and 2 workers x 1 thread. Per run:
 wall time, the driver's peak RSS, each worker's RSS at its start and its peak, the bytes that passed
 through Ray (the sums to and from the coordinator, the workers' results), the bytes of each worker's
-last state file, seconds per part, and the largest relative difference of the profile against the
+largest state file (its hidden states after a step), seconds per part, and the largest relative difference of the profile against the
 reference, per section (tensor damages; expert removal and top-k costs). One layer's quantized copies
 (every tensor group to every format, what each worker recomputes) are timed apart, for the cost model.
 
@@ -101,6 +101,16 @@ def _diff(a: dict, b: dict) -> dict[str, float]:
     return worst
 
 
+def _diffs(runs: dict) -> None:
+    """Each run's largest differences against the single process with 1 thread, and against the single
+    process with the same threads per process (another thread count alone changes the last bits)."""
+    same = {1: runs["single, 1 thread"]["profile"], 2: runs["single, 2 threads"]["profile"]}
+    for res in runs.values():
+        res["max_rel_diff_same_threads"] = _diff(res["profile"], same[res["threads"]])
+    for res in runs.values():
+        res["max_rel_diff"] = _diff(res.pop("profile"), same[1])
+
+
 def run(layers: int, tokens: int, work: Path) -> dict:
     from moeplan.kernels.inventory import build_inventory
 
@@ -117,11 +127,10 @@ def run(layers: int, tokens: int, work: Path) -> dict:
             sys.exit(f"{name}: profile failed:\n{r.stderr[-3000:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
         res["profile"] = json.loads(out.read_text())
+        res["threads"] = threads
         runs[name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "profile"}), flush=True)
-    ref = runs["single, 1 thread"]["profile"]
-    for res in runs.values():
-        res["max_rel_diff"] = _diff(res.pop("profile"), ref)
+    _diffs(runs)
     q = subprocess.run([sys.executable, "-c", _QDQ, str(d), FORMATS], capture_output=True, text=True, env=env)
     if q.returncode != 0:
         sys.exit(f"timing the quantized copies failed:\n{q.stderr[-3000:]}")
@@ -142,23 +151,31 @@ def write_results(res: dict, cmd: str) -> None:
              f"{res['checkpoint']} ({res['bf16_bytes'] / mb:.0f} MB in BF16, random weights), {res['tokens']} "
              f"calibration tokens in windows of {res['seq_len']} (two batches of 8), menu {res['formats']} plus "
              "the calibration and stream formats; removal streams.", "",
+             "Max rel. diff: the largest relative difference of the profile's tensor damages / expert statistics "
+             "(removal costs, frequencies, scores) / top-k costs against the single process with 1 thread, and "
+             "against the single process with the same threads per process. Wall: the whole command, for Ray "
+             "runs including the start of the local cluster and the workers.", "",
              "| run | wall (s) | driver peak RSS (MB) | worker RSS at start / peak (MB) | bytes through Ray (sums in / out, "
-             "results) | worker state file (MB) | max rel. diff: tensor damage / expert stats / top-k |",
-             "|---|---:|---:|---|---|---|---|"]
+             "results) | worker state file, largest (MB) | max rel. diff vs 1 thread | vs same threads |",
+             "|---|---:|---:|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         ray = r["meta"].get("ray")
-        d = r["max_rel_diff"]
-        diff = " / ".join(f"{d.get(s, 0.0):.1e}" for s in ("tensor_damage", "experts", "topk_cost"))
+        diff, diff_same = (" / ".join(f"{d.get(s, 0.0):.1e}" for s in ("tensor_damage", "experts", "topk_cost"))
+                           for d in (r["max_rel_diff"], r["max_rel_diff_same_threads"]))
         if ray:
             rss = ", ".join(f"{a / mb:.0f} / {b / mb:.0f}" for a, b in zip(ray["rss_start"], ray["peak_rss"]))
             moved = (f"{ray['sum_bytes_to_coordinator'] / mb:.2f} / {ray['sum_bytes_from_coordinator'] / mb:.2f} MB, "
                      f"{ray['result_bytes'] / mb:.2f} MB")
-            state = ", ".join(f"{b / mb:.1f}" for b in ray["state_bytes"])
+            state = ", ".join(f"{b / mb:.1f}" for b in ray["state_peak_bytes"])
         else:
-            rss, moved, state = "(one process)", "none", "(none: no --out state here)"
+            rss, moved, state = "(one process)", "none", "(its --out state, not measured)"
         lines.append(f"| {name} | {r['wall_s']:.0f} | {r['driver_peak_rss'] / mb:.0f} | {rss} | {moved} | {state} | "
-                     f"{diff} |")
-    lines += ["", "Seconds per part (for Ray runs, the slowest worker's):", ""]
+                     f"{diff} | {diff_same} |")
+    lines += ["", "The tensor damages come from double-precision sums (errors, energies, importance): the shares "
+              "change only their order. The expert statistics and top-k costs are float32 KLs of small changes "
+              "measured on re-routed token subsets, whose last bits move with the size of each product (the "
+              "share's tokens) as they move with the thread count: compare the two single-process rows.",
+              "", "Seconds per part (for Ray runs, the slowest worker's):", ""]
     for name, r in res["runs"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in r["meta"]["seconds"].items()))
     lines += ["", f"One layer's quantized copies (every non-expert tensor and every expert kind to each of "

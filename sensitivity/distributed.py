@@ -170,6 +170,7 @@ class _ShareProfiler(LayerwiseProfiler):
     def __init__(self, *args, rank: int, workers: int, coordinator, **kwargs):
         super().__init__(*args, **kwargs)
         self.rank, self.workers, self.coordinator = rank, workers, coordinator
+        self.state_peak = 0  # the largest state file written (bytes)
 
     def _allreduce(self, tag: str, sums: dict) -> dict:
         ray = import_ray()
@@ -177,6 +178,10 @@ class _ShareProfiler(LayerwiseProfiler):
 
     def _owned(self, sizes: dict[str, float]) -> set[str]:
         return {k for k, r in split_work(sizes, self.workers).items() if r == self.rank}
+
+    def _save(self, settings: dict, done: int) -> None:
+        super()._save(settings, done)
+        self.state_peak = max(self.state_peak, self.state_path.stat().st_size)
 
 
 def _rss() -> int:
@@ -217,7 +222,7 @@ class _Worker:
         self.p._steps(self.p._settings(fingerprint))
         self.p.activations.close()
         self.p.sm.close()
-        state_bytes = self.state.stat().st_size if self.state.exists() else 0
+        state_bytes = self.p.state_peak
         self.state.unlink(missing_ok=True)
         starts = len(self.starts.read_text().split())
         self.starts.unlink(missing_ok=True)
@@ -327,7 +332,7 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
             "result_bytes": sum(_pickled_bytes(r) for r in results),
             "peak_rss": [r["peak_rss"] for r in results], "rss_start": [r["rss_start"] for r in results],
             "worker_seconds": [round(r["seconds"], 2) for r in results],
-            "state_bytes": [r["state_bytes"] for r in results],
+            "state_peak_bytes": [r["state_bytes"] for r in results],
             "resumed": [r["resumed"] for r in results], "sums": len(moved["sums"]),
         }
         counts = results[0]["counts"]
