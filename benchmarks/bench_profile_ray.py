@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -192,14 +193,17 @@ def _projection(res: dict) -> list[str]:
     q = min(res["qdq_s_per_layer"] * res["layers"], total - err)
     fwd = total - err - q
     groups = 3  # the error kernel splits by tensor group; a layer's three expert kinds hold nearly all its weights
-    rows = [f"| {n} | {q + err / min(n, groups) + fwd / n:.0f} | {total / (q + err / min(n, groups) + fwd / n):.1f} |"
-            for n in (1, 2, 4, 8, 16, 64)]
+
+    def t(n: int) -> float:  # the most loaded worker's error kernel: ceil(3 / N) of the 3 expert kinds
+        return q + err * math.ceil(groups / n) / groups + fwd / n
+
+    rows = [f"| {n} | {t(n):.0f} | {total / t(n):.1f} |" for n in (1, 2, 4, 8, 16, 64)]
     return ["## Cost model and projection to N machines (on paper)", "",
             "Per layer, every worker: reads the whole layer from the checkpoint (N reads of each layer in all), "
             "runs the reference pass, the local runs, the streams and the routing changes over its share of the "
-            "windows (scales as 1/N), runs the error kernel on its part of the layer's tensor groups (scales as "
-            "1/N up to the number of groups; the three expert kinds carry nearly all the weights, so beyond 3 "
-            "workers it stays at a third), and quantizes every tensor group to every format for its local runs "
+            "windows (scales as 1/N), runs the error kernel on its part of the layer's tensor groups (the "
+            "three expert kinds carry nearly all the weights: the most loaded worker has ceil(3 / N) of them, "
+            "2 of 3 with N = 2, a third from N = 3 on), and quantizes every tensor group to every format for its local runs "
             "(recomputed by each worker: does not scale). Sequential per layer: one sum through the coordinator "
             "(here "
             f"{res['runs']['ray, 2 workers x 1 thread']['meta']['ray']['sum_bytes_to_coordinator'] / res['layers'] / 1e6:.2f}"
@@ -208,7 +212,7 @@ def _projection(res: dict) -> list[str]:
             "weights and no hidden states.", "",
             f"From the single-process 1-thread run above: total {total:.0f} s = error kernel {err:.0f} s + quantized "
             f"copies {q:.0f} s (the timed layer x {res['layers']} layers) + forward work and the rest {fwd:.0f} s. "
-            "Projected T(N) = copies + error kernel / min(N, 3) + forward / N, one core per worker, N machines "
+            "Projected T(N) = copies + error kernel x ceil(3 / N) / 3 + forward / N, one core per worker, N machines "
             "that do not share cores (not measured here; this machine has 2 cores):", "",
             "| workers N | projected wall (s) | speed-up |", "|---:|---:|---:|", *rows, "",
             "The quantized copies bound the speed-up. Splitting them by tensor group and shipping them through the "
