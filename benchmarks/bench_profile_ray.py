@@ -1,13 +1,14 @@
 """The layer-streaming profile on Ray: one process against 1 and 2 local workers.
 
-On a generated checkpoint (random weights, Qwen3-MoE shapes; sensitivity/generated.py), four runs, each
-in a subprocess of its own: the single-process profiler with 1 thread (the reference) and with 2
-threads, and `profile_model(ray="local")` with 1 worker x 2 threads and 2 workers x 1 thread. Per run:
-wall time, the driver's peak RSS, each worker's RSS at its start and its peak, the bytes that passed
-through Ray (the sums to and from the coordinator, the workers' results), the bytes of each worker's
-largest state file (its hidden states after a step), seconds per part, and the largest relative difference of the profile against the
-reference, per section (tensor damages; expert removal and top-k costs). One layer's quantized copies
-(every tensor group to every format, what each worker recomputes) are timed apart, for the cost model.
+On a generated checkpoint (random weights, Qwen3-MoE shapes; sensitivity/generated.py), four runs,
+each in a subprocess of its own: the single-process profiler with 1 thread (the reference) and with
+2 threads, and `profile_model(ray="local")` with 1 worker x 2 threads and 2 workers x 1 thread. Per
+run: wall time, the driver's peak RSS, each worker's RSS at its start and its peak, the bytes that
+passed through Ray (the sums to and from the coordinator, the workers' results), the bytes of each
+worker's largest state file (its hidden states after a step), seconds per part, and the largest
+relative difference of the profile against the reference, per section (tensor damages; expert
+removal and top-k costs). One layer's quantized copies (every tensor group to every format, what
+each worker recomputes) are timed apart, for the cost model.
 
     python benchmarks/bench_profile_ray.py [--layers 6] [--tokens 1024] [--work DIR]
 
@@ -156,8 +157,9 @@ def write_results(res: dict, cmd: str) -> None:
              "(removal costs, frequencies, scores) / top-k costs against the single process with 1 thread, and "
              "against the single process with the same threads per process. Wall: the whole command, for Ray "
              "runs including the start of the local cluster and the workers.", "",
-             "| run | wall (s) | driver peak RSS (MB) | worker RSS at start / peak (MB) | bytes through Ray (sums in / out, "
-             "results) | worker state file, largest (MB) | max rel. diff vs 1 thread | vs same threads |",
+             "| run | wall (s) | driver peak RSS (MB) | worker RSS at start / peak (MB) | bytes through Ray "
+             "(sums in / out, results) | worker state file, largest (MB) | max rel. diff vs 1 thread | "
+             "vs same threads |",
              "|---|---:|---:|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         ray = r["meta"].get("ray")
@@ -198,28 +200,31 @@ def _projection(res: dict) -> list[str]:
         return q + err * math.ceil(groups / n) / groups + fwd / n
 
     rows = [f"| {n} | {t(n):.0f} | {total / t(n):.1f} |" for n in (1, 2, 4, 8, 16, 64)]
-    return ["## Cost model and projection to N machines (on paper)", "",
-            "Per layer, every worker: reads the whole layer from the checkpoint (N reads of each layer in all), "
-            "runs the reference pass, the local runs, the streams and the routing changes over its share of the "
-            "windows (scales as 1/N), runs the error kernel on its part of the layer's tensor groups (the "
-            "three expert kinds carry nearly all the weights: the most loaded worker has ceil(3 / N) of them, "
-            "2 of 3 with N = 2, a third from N = 3 on), and quantizes every tensor group to every format for its local runs "
-            "(recomputed by each worker: does not scale). Sequential per layer: one sum through the coordinator "
-            "(here "
-            f"{res['runs']['ray, 2 workers x 1 thread']['meta']['ray']['sum_bytes_to_coordinator'] / res['layers'] / 1e6:.2f}"
-            " MB per layer from 2 workers; a round trip of milliseconds) after the reference pass, where the "
-            "workers wait for the slowest. The driver adds the measurements at the end (a few MB here) and holds no "
-            "weights and no hidden states.", "",
-            f"From the single-process 1-thread run above: total {total:.0f} s = error kernel {err:.0f} s + quantized "
-            f"copies {q:.0f} s (the timed layer x {res['layers']} layers) + forward work and the rest {fwd:.0f} s. "
-            "Projected T(N) = copies + error kernel x ceil(3 / N) / 3 + forward / N, one core per worker, N machines "
-            "that do not share cores (not measured here; this machine has 2 cores):", "",
-            "| workers N | projected wall (s) | speed-up |", "|---:|---:|---:|", *rows, "",
-            "The quantized copies bound the speed-up. Splitting them by tensor group and shipping them through the "
-            "object store (each worker computes 1/N of them; every worker fetches each format's copy of the layer, "
-            "about its BF16 size x 2 per format in float32, or much less as quantized bytes) would make them scale "
-            "too, at the price of those bytes per worker and layer; splitting the expert stacks by expert would "
-            "lift the error kernel's limit of 3.", ""]
+    two = res["runs"]["ray, 2 workers x 1 thread"]["meta"]["ray"]
+    per_layer_sum = two["sum_bytes_to_coordinator"] / res["layers"]
+    text = (
+        "Per layer, every worker: reads the whole layer from the checkpoint (N reads of each layer in all), "
+        "runs the reference pass, the local runs, the streams and the routing changes over its share of the "
+        "windows (scales as 1/N), runs the error kernel on its part of the layer's tensor groups (the three "
+        "expert kinds carry nearly all the weights: the most loaded worker has ceil(3 / N) of them, 2 of 3 "
+        "with N = 2, a third from N = 3 on), and quantizes every tensor group to every format for its local "
+        "runs (recomputed by each worker: does not scale). Sequential per layer: one sum through the "
+        f"coordinator (here {per_layer_sum / 1e6:.2f} MB per layer from 2 workers; a round trip of "
+        "milliseconds) after the reference pass, where the workers wait for the slowest. The driver adds the "
+        "measurements at the end (a few MB here) and holds no weights and no hidden states.")
+    model = (
+        f"From the single-process 1-thread run above: total {total:.0f} s = error kernel {err:.0f} s + quantized "
+        f"copies {q:.0f} s (the timed layer x {res['layers']} layers) + forward work and the rest {fwd:.0f} s. "
+        "Projected T(N) = copies + error kernel x ceil(3 / N) / 3 + forward / N, one core per worker, N "
+        "machines that do not share cores (not measured here; this machine has 2 cores):")
+    after = (
+        "The quantized copies bound the speed-up. Splitting them by tensor group and shipping them through the "
+        "object store (each worker computes 1/N of them; every worker fetches each format's copy of the layer, "
+        "about its BF16 size x 2 per format in float32, or much less as quantized bytes) would make them scale "
+        "too, at the price of those bytes per worker and layer; splitting the expert stacks by expert would "
+        "lift the error kernel's limit of 3.")
+    return ["## Cost model and projection to N machines (on paper)", "", text, "", model, "",
+            "| workers N | projected wall (s) | speed-up |", "|---:|---:|---:|", *rows, "", after, ""]
 
 
 def main(argv=None) -> None:
