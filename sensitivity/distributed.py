@@ -280,7 +280,9 @@ def profile_on_ray(model_dir: str | Path, calib_ids, fingerprint: str, *, addres
     started = _init(ray, address, None if address is not None else (os.cpu_count() or 1))
     coordinator, actors = None, []
     own_dir = state_dir is None
-    state_dir = Path(state_dir) if state_dir is not None else Path(tempfile.gettempdir()) / f"moeplan-ray-{uuid.uuid4().hex}"
+    if state_dir is None:  # on each worker's node; unguessable, so nothing can be planted there first
+        state_dir = Path(tempfile.gettempdir()) / f"moeplan-ray-{uuid.uuid4().hex}"
+    state_dir = Path(state_dir)
     try:
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
