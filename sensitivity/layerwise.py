@@ -56,7 +56,13 @@ a routed expert and the layer's mean removal cost (meta["unrouted_experts"] list
 zero cost that would make them free to prune or to quantize to 1 bit.
 
 Every statistic is a sum over calibration tokens (energies, KL sums, sums of squares, routing
-counts), so a share of the windows can be measured apart and the sums added (_Share).
+counts), so a share of the windows can be measured apart and the sums added (_Share). A profiler
+measures the windows of its share (all of them by default); the statistics every share needs before
+it can go on (a layer's importance vectors, token shares and routing counts, before the error kernel,
+the quantized copies and the local runs; the head's importance) pass through `_allreduce`, which adds
+the shares' sums (one share: they are the totals already), and every other sum is added at the end
+(ADDITIVE). sensitivity/distributed.py runs one share per Ray worker; this one process is the case of
+one share, the same code.
 
 Resumption: after each layer the state (reference and stream hidden states, the measurements so
 far) is written atomically to STATE; a run started with the same STATE, model and settings resumes
@@ -96,7 +102,7 @@ REMOVAL_METHODS = ("auto", "streams", "fisher")
 # two layers' expert streams fit in this much memory; else the Fisher metric (one backward sweep)
 REMOVAL_STREAMS_MAX = 2048
 REMOVAL_STREAMS_BYTES = 4 << 30
-STATE_VERSION = 1
+STATE_VERSION = 2
 # the error kernel measures this many rows of a matrix (seeded sample, the same rows for every format)
 # where the matrix has more than 4 x as many; the estimate's relative standard errors go to meta
 ERROR_ROWS = 64
@@ -105,6 +111,10 @@ ERROR_TARGET_RSE = 0.05  # the sample doubles until every estimate's relative st
 # carry this share of the calibration windows; the reference, the local runs, the importance and the
 # per-expert removal streams use every window
 STREAM_SHARE = 0.25
+# the measurements that are sums over the calibration tokens of a share (added over the shares at the
+# end); every other entry of the measurements is the same in every share
+ADDITIVE = ("local", "stream_energy", "removal_energy", "topk_energy", "head_kl", "stream_kl", "removal_fisher",
+            "passes")
 _CHUNK = 4096  # tokens per experts-module call in the local runs
 EXPERTS, OTHER = CORRECTION_CLASSES
 REMOVAL, TOPK = "removal", "topk"  # the gain streams of expert removal and of top-k
@@ -205,6 +215,7 @@ class _Share:
 
     windows: torch.Tensor  # (n, T) token ids
     batch_size: int
+    offset: int = 0  # the index of its first window among all the calibration windows
     ref: list[torch.Tensor] = field(default_factory=list)
     kw: list[dict] = field(default_factory=list)
     streams: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -222,7 +233,8 @@ class LayerwiseProfiler:
                  progress: bool = True, state_path: str | Path | None = None, joint_correction: bool = True,
                  fisher_samples: int = FISHER_SAMPLES, removal: str = "auto",
                  activations_ram: int | None = None, activations_dir: str | Path | None = None,
-                 error_rows: int = ERROR_ROWS, stream_share: float = STREAM_SHARE):
+                 error_rows: int = ERROR_ROWS, stream_share: float = STREAM_SHARE,
+                 share: tuple[int, int] | None = None):
         if not 0 < stream_share <= 1:
             raise ValueError(f"stream_share {stream_share}: give a share of the calibration windows in (0, 1]")
         if error_rows < 0:
@@ -241,15 +253,22 @@ class LayerwiseProfiler:
             raise ValueError(f"{model_dir}: the head is tied to the embedding; the layer-streaming profiler "
                              "measures them apart: profile with --method passes")
         self.windows = chunk_tokens(calib_ids, seq_len, max_tokens)
-        # the gain and joint-correction streams carry the first `stream_windows` windows (whole batches)
         n_win = self.windows.shape[0]
+        # the gain and joint-correction streams carry the first `stream_windows` windows (whole batches)
         self.stream_share = float(stream_share)
         stream_windows = max(1, math.ceil(stream_share * n_win - 1e-9))
         batch_size = max(1, min(batch_size, stream_windows))
         self.stream_windows = min(n_win, math.ceil(stream_windows / batch_size) * batch_size)
-        self.stream_batches = self.stream_windows // batch_size if self.stream_windows < n_win else \
-            math.ceil(n_win / batch_size)
-        self.share = _Share(self.windows, batch_size)
+        # the windows this profiler measures, [start, stop) (whole batches; default all of them)
+        start, stop = share if share is not None else (0, n_win)
+        if not (0 <= start < stop <= n_win) or (start % batch_size and start):
+            raise ValueError(f"share {share}: give windows [start, stop) inside 0..{n_win}, starting "
+                             f"at a multiple of the batch size {batch_size}")
+        self.share = _Share(self.windows[start:stop], batch_size, start)
+        self.share_range = (start, stop)
+        self._fraction = (stop - start) / n_win
+        # this share's batches that the streams carry: its batches among the first `stream_windows` windows
+        self.stream_batches = max(0, math.ceil((min(stop, self.stream_windows) - start) / batch_size))
         # hidden states beyond the RAM budget go to files (sensitivity/activations.py): the streams and
         # the backward sweep's layer inputs; the reference (one copy) stays in RAM
         self.activations = Budget(activations_ram, activations_dir if activations_dir is not None else
@@ -298,7 +317,7 @@ class LayerwiseProfiler:
 
     def _count_passes(self, layer_runs: float) -> None:
         """Forward work in full-pass equivalents: `layer_runs` decoder-layer runs over all windows."""
-        self.m["passes"] += layer_runs / self.sm.n_layers
+        self.m["passes"] += layer_runs / self.sm.n_layers * self._fraction
 
     def _settings(self, fingerprint: str) -> dict:
         return {"version": STATE_VERSION, "fingerprint": fingerprint, "formats": self.formats,
@@ -306,7 +325,19 @@ class LayerwiseProfiler:
                 "calibration_formats": self.calibration_formats, "stream_format": self.stream_format,
                 "windows": list(self.windows.shape), "windows_sha": _sha(self.windows),
                 "batch_size": self.share.batch_size, "dtype": str(self.dtype), "joint": self.joint_correction,
-                "error_rows": self.error_rows, "stream_windows": self.stream_windows}
+                "error_rows": self.error_rows, "stream_windows": self.stream_windows, "share": list(self.share_range)}
+
+    # ---- the shares' sums ----------------------------------------------------------------------
+
+    def _allreduce(self, tag: str, sums: dict) -> dict:
+        """The sums of every share for the statistics `sums` of this share (nested dicts of numbers and
+        arrays). One share: they are the totals."""
+        return sums
+
+    def _owned(self, sizes: dict[str, float]) -> set[str]:
+        """Which of the tensor groups `sizes` (key -> elements) this profiler runs the error kernel on;
+        the others' errors come from the other shares at the end. One share: all."""
+        return set(sizes)
 
     # ---- layer-local runs ----------------------------------------------------------------------
 
@@ -389,11 +420,12 @@ class LayerwiseProfiler:
             rec[k] = torch.cat([t.reshape(-1, t.shape[-1]) for t in rec[k]]) if rec[k] else None
         return rec
 
-    def _expert_statistics(self, l: int, rec: dict) -> tuple[dict, dict[str, np.ndarray], dict[str, float]]:
-        """Routing statistics and the importance vector and token share of every expert tensor of layer l."""
+    def _expert_sums(self, l: int, rec: dict) -> dict:
+        """The share's routing sums at layer l: its tokens; per expert the tokens routed to it, their
+        routing weights, weight x output norm (REAP), the squares of its inputs and of its down_proj's."""
         ad = self.ad
         experts = ad.experts_module(l)
-        n, k = ad.n_experts(l), ad.top_k(l)
+        n = ad.n_experts(l)
         x, idx, w = rec["ex_in"], rec["idx"], rec["w"].float()
         tokens = x.shape[0]
         count, wsum, reap = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -414,6 +446,15 @@ class LayerwiseProfiler:
                 xd, md = xe.double(), mid.double()
                 sq_in[e] = (xd * xd).sum(0).cpu().numpy()
                 sq_mid[e] = (md * md).sum(0).cpu().numpy()
+        return {"tokens": tokens, "count": count, "wsum": wsum, "reap": reap, "sq_in": sq_in, "sq_mid": sq_mid}
+
+    def _expert_statistics(self, l: int, sums: dict) -> tuple[dict, dict[str, np.ndarray], dict[str, float]]:
+        """Routing statistics and the importance vector and token share of every expert tensor of layer l,
+        from the routing sums of every share."""
+        ad = self.ad
+        n, k = ad.n_experts(l), ad.top_k(l)
+        tokens, count, wsum, reap, sq_in, sq_mid = (sums[s] for s in ("tokens", "count", "wsum", "reap", "sq_in",
+                                                                     "sq_mid"))
         routed = count > 0
         unrouted = [int(e) for e in np.nonzero(~routed)[0]]
         total = max(count.sum(), 1.0)
@@ -454,16 +495,18 @@ class LayerwiseProfiler:
             refs = [r for r in ad.linear_tensors(l) if r.role in QUANTIZABLE]
             self.cost = self._costs(l, refs)
             others = [r for r in refs if r.role is not TensorRole.ROUTED_EXPERT]
+            experts = ad.experts_module(l) if moe else None
+            sums = self._allreduce(f"layer/{l}", {"sq": {k: v.cpu().numpy() for k, v in rec["sq"].items()},
+                                                  "n": rec["n"], "experts": self._expert_sums(l, rec) if moe else {}})
             imp, share = {}, {}
             for r in others:
-                n = rec["n"].get(r.name, 0)
-                v = rec["sq"][r.name] / n if n else torch.ones(r.shape[-1], dtype=torch.float64)
-                imp[r.name] = v.float().cpu().numpy()
+                n = sums["n"].get(r.name, 0)
+                v = sums["sq"][r.name] / n if n else np.ones(r.shape[-1], dtype=np.float64)
+                imp[r.name] = v.astype(np.float32)
                 share[r.name] = 1.0
                 m["counts"][r.name] = float(n)
-            experts = ad.experts_module(l) if moe else None
             if moe:
-                stats, eimp, eshare = self._expert_statistics(l, rec)
+                stats, eimp, eshare = self._expert_statistics(l, sums["experts"])
                 imp |= eimp
                 share |= eshare
                 m["experts"][str(l)] = stats
@@ -474,17 +517,21 @@ class LayerwiseProfiler:
             # the error kernel: every tensor x every format, one pass per tensor (experts per kind, stacked)
             t1 = time.perf_counter()
             groups: list[_Group] = []
+            owned = self._owned({r.name: float(np.prod(r.shape)) for r in others} | (
+                {f"{l}/experts/{k.value}": float(_kind_view(experts, k).numel()) for k in ExpertKind} if moe else {}))
             for r in others:
                 where = "mlp" if r.role in (TensorRole.SHARED_EXPERT, TensorRole.DENSE_MLP) else "layer"
                 groups.append(_Group(r.name, OTHER, [r.name], where))
-                self._errors(r.name, [r.name], r.get(), imp[r.name][None], np.array([1.0]))
+                if r.name in owned:
+                    self._errors(r.name, [r.name], r.get(), imp[r.name][None], np.array([1.0]))
             if moe:
                 n_e = ad.n_experts(l)
                 for kind in ExpertKind:
                     names = [ad.expert_tensor_name(l, e, kind) for e in range(n_e)]
                     groups.append(_Group(f"{l}/experts/{kind.value}", EXPERTS, names, "experts"))
-                    self._errors(groups[-1].key, names, _kind_view(experts, kind),
-                                 np.stack([imp[n] for n in names]), np.array([share[n] for n in names]))
+                    if groups[-1].key in owned:
+                        self._errors(groups[-1].key, names, _kind_view(experts, kind),
+                                     np.stack([imp[n] for n in names]), np.array([share[n] for n in names]))
             self._tick("error_kernel", t1)
 
             # local runs and the streams, one format at a time (the layer in that format's bytes in memory;
@@ -521,7 +568,7 @@ class LayerwiseProfiler:
                         src = self.share.streams[name] if name in self.share.streams else self._streamed(rec["h_in"])
                         with self._swapped(l, [(g, live[g.key], q[g.key]) for g in members]):
                             self.share.streams[name] = self._run_layer(layer, src)
-                        self._count_passes(self.stream_windows / self.windows.shape[0])
+                        self._count_passes(self._windows_of(src) / self.share.windows.shape[0])
                 del q
             self._tick("local_and_streams", t2)
 
@@ -532,7 +579,8 @@ class LayerwiseProfiler:
             t4 = time.perf_counter()
             for name in in_flight:
                 self.share.streams[name] = self._run_layer(layer, self.share.streams[name])
-            self._count_passes(sum(self._windows_of(self.share.streams[n]) for n in in_flight) / self.windows.shape[0])
+            self._count_passes(sum(self._windows_of(self.share.streams[n]) for n in in_flight)
+                               / self.share.windows.shape[0])
             self._tick("streams", t4)
             for g in groups:
                 m["groups"][g.key] = {"cls": g.cls, "names": g.names, "layer": l}
@@ -561,10 +609,11 @@ class LayerwiseProfiler:
         return list(hidden[: self.stream_batches])
 
     def _stream_energy(self, out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-        """Energy of out - ref over the streamed windows, scaled to every window (an estimate of the
-        whole calibration set's, as the local energies are; the stream's KL is a mean per position)."""
+        """Energy of out - ref over this share's streamed windows, scaled by all windows / all streamed
+        windows: summed over the shares, an estimate of the whole calibration set's, as the local
+        energies are (the stream's KL is a mean over the streamed positions)."""
         out = self._streamed(out)
-        return sum(_energy(o - r) for o, r in zip(out, ref)) * self.windows.shape[0] / self._windows_of(out)
+        return sum(_energy(o - r) for o, r in zip(out, ref)) * self.windows.shape[0] / self.stream_windows
 
     def _errors(self, key: str, names: list[str], w: torch.Tensor, importance: np.ndarray, share: np.ndarray) -> None:
         """Importance-weighted error of the tensors `names` (rows of the stack `w`) in every format, from a
@@ -602,7 +651,7 @@ class LayerwiseProfiler:
         streamed: only the batches the streams carry."""
         h_in, h_out = (self._streamed(rec["h_in"]), self._streamed(rec["h_out"])) if streamed else \
             (rec["h_in"], rec["h_out"])
-        share = self._windows_of(h_out) / self.windows.shape[0]
+        share = self._windows_of(h_out) / self.share.windows.shape[0]
         if where == "layer":
             self._count_passes(share)
             return self._run_layer(layer, h_in)
@@ -681,11 +730,12 @@ class LayerwiseProfiler:
         """FISHER_SAMPLES next-token samples per position from the model's own distribution, and the
         gradient of each sample's log-likelihood with respect to the last layer's output: E over the
         samples of (g . delta)^2 / 2 is the second-order KL of a change delta there (Fisher information)."""
-        gen = torch.Generator().manual_seed(0)
         for p in (*head.parameters(), *norm.parameters()):
             p.requires_grad_(False)
         grads: list[list[torch.Tensor]] = [[] for _ in range(self.fisher_samples)]
         for b, h_ref in enumerate(self.share.ref):
+            # seeded by the batch's first window: the same samples whichever share measures the batch
+            gen = torch.Generator().manual_seed(self.share.offset + b * self.share.batch_size)
             probs = ref_lp[b].exp().reshape(-1, ref_lp[b].shape[-1]).float().cpu()
             with torch.enable_grad():
                 h = h_ref.clone().requires_grad_(True)
@@ -751,9 +801,9 @@ class LayerwiseProfiler:
             per_window = []
             for gs in g:
                 dot = (gs[tok].float() * delta).sum(-1).double()
-                per_window.append(float((torch.zeros(self.windows.shape[0], dtype=torch.float64, device=dot.device)
-                                         .index_add_(0, win, dot) ** 2).sum()))
-            fisher[e] = 0.5 * float(np.mean(per_window)) / self.n_positions
+                per_window.append(float((torch.zeros(self.share.windows.shape[0], dtype=torch.float64,
+                                                     device=dot.device).index_add_(0, win, dot) ** 2).sum()))
+            fisher[e] = 0.5 * float(np.mean(per_window))  # a sum over windows: / positions in _profile
             work += int(tok.sum())
         self._count_passes(self.cost["experts"] * work / max(x.shape[0], 1))
         self.m["removal_energy"][str(l)] = energy
@@ -780,7 +830,8 @@ class LayerwiseProfiler:
                                      "profiler cannot measure it: profile with --method passes")
             ones = np.ones(w.shape[-1], dtype=np.float32)
             self.importance[name] = ones
-            self._errors(name, [name], w, ones[None], np.array([1.0]))
+            if name in self._owned({name: float(w.numel())}):
+                self._errors(name, [name], w, ones[None], np.array([1.0]))
             m["groups"][name] = {"cls": OTHER, "names": [name], "layer": -1}
             for f in self.all_formats:
                 delta = (_qdq(w, f, ones, name).to(w.dtype) - w)
@@ -812,34 +863,34 @@ class LayerwiseProfiler:
         sm, m = self.sm, self.m
         normed = [norm(h) for h in self.share.ref]
         x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
-        imp = ((x * x).sum(0) / x.shape[0]).float().cpu().numpy()
-        self.importance[name] = imp
-        m["counts"][name] = float(x.shape[0])
-        self._errors(name, [name], head.weight, imp[None], np.array([1.0]))
-        m["groups"][name] = {"cls": OTHER, "names": [name], "layer": sm.n_layers}
         ref_lp = [_next_lp(head(h)) for h in normed]
-        n_pos = sum(lp.shape[0] * lp.shape[1] for lp in ref_lp)
         nll = -sum(float(lp.gather(-1, batch[:, 1:].to(self.device).unsqueeze(-1)).double().sum())
                    for lp, (_, batch) in zip(ref_lp, self.share.batches()))
-        m["reference_perplexity"] = math.exp(nll / n_pos)
+        sums = self._allreduce("head", {"sq": (x * x).sum(0).cpu().numpy(), "n": x.shape[0], "nll": nll,
+                                        "positions": sum(lp.shape[0] * lp.shape[1] for lp in ref_lp)})
+        del x
+        imp = (sums["sq"] / sums["n"]).astype(np.float32)
+        self.importance[name] = imp
+        m["counts"][name] = float(sums["n"])
+        if name in self._owned({name: float(head.weight.numel())}):
+            self._errors(name, [name], head.weight, imp[None], np.array([1.0]))
+        m["groups"][name] = {"cls": OTHER, "names": [name], "layer": sm.n_layers}
+        n_pos = sums["positions"]
+        m["reference_perplexity"] = math.exp(sums["nll"] / n_pos)
         self.n_positions = n_pos
-
-        def positions(hidden: list[torch.Tensor]) -> int:  # the positions a stream's KL is a mean over
-            return sum(lp.shape[0] * lp.shape[1] for lp, _ in zip(ref_lp, hidden))
-
-        kl = {}
+        kl = {}  # KL summed over the share's positions (divided by all positions in _profile), as head_kl
         for s, hidden in self.share.streams.items():
             if not s.startswith(f"joint/{OTHER}/"):
-                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden)) / positions(hidden)
+                kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden))
         for f in self.all_formats:
             q = _qdq(head.weight, f, imp, name)
             with _replaced([(head.weight, q)]):
                 if f in self.calibration_formats:
-                    m["head_kl"][f] = sum(_kl_sum(r, _next_lp(head(h))) for r, h in zip(ref_lp, normed)) / n_pos
+                    m["head_kl"][f] = sum(_kl_sum(r, _next_lp(head(h))) for r, h in zip(ref_lp, normed))
                 s = f"joint/{OTHER}/{f}"
                 if s in self.share.streams:
                     kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h))))
-                                for r, h in zip(ref_lp, self.share.streams[s])) / positions(self.share.streams[s])
+                                for r, h in zip(ref_lp, self.share.streams[s]))
         m["stream_kl"] = kl
         m["calibration_tokens"] = n_pos
         m["n_positions"] = n_pos
@@ -848,10 +899,20 @@ class LayerwiseProfiler:
     # ---- the whole profile -------------------------------------------------------------------------
 
     def run(self, fingerprint: str) -> tuple[Profile, dict[str, np.ndarray]]:
+        self._steps(self._settings(fingerprint))
+        self.activations.close()
+        prof = self._profile(fingerprint)
+        if self.state_path is not None and self.state_path.exists():
+            self.state_path.unlink()
+        self.sm.close()
+        return prof, dict(self.importance)
+
+    def _steps(self, settings: dict) -> None:
+        """Every step of the share (embedding, layers, head, backward sweep), resumed after the last one
+        the state holds."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
-        settings = self._settings(fingerprint)
         n = self.sm.n_layers
         steps = [("embedding", None), *(("layer", l) for l in range(n)), ("head", None)]
         if self.removal == "fisher":
@@ -873,16 +934,15 @@ class LayerwiseProfiler:
                 release_memory()
                 bar.update()
         self.m["seconds"]["total"] = self.m["seconds"].get("total", 0.0) + time.perf_counter() - t0
-        self.activations.close()
-        prof = self._profile(fingerprint)
-        if self.state_path is not None and self.state_path.exists():
-            self.state_path.unlink()
-        self.sm.close()
-        return prof, dict(self.importance)
 
     def _profile(self, fingerprint: str) -> Profile:
         m, ad = self.m, self.ad
-        kl = m["stream_kl"]
+        n_pos = m["n_positions"]  # the KLs and the Fisher values are sums over the calibration positions
+        # the gain and joint-correction streams carry the first stream_windows windows (equal lengths),
+        # the per-expert removal streams every window
+        n_streamed = n_pos * self.stream_windows / self.windows.shape[0]
+        kl = {s: v / (n_pos if _every_window(s) else n_streamed) for s, v in m["stream_kl"].items()}
+        head_kl = {f: v / n_pos for f, v in m["head_kl"].items()}
 
         def gain(l: int, cls: str) -> float:
             s = f"gain/{l}/{cls}"
@@ -895,7 +955,7 @@ class LayerwiseProfiler:
             names, l = g["names"], g["layer"]
             energy = {f: sum(m["err"][n][f] for n in names) for f in self.all_formats}
             if l == self.sm.n_layers:  # the head: the local change is the output itself
-                pts = sorted((energy[c], m["head_kl"][c] / energy[c] if energy[c] > 0 else 0.0)
+                pts = sorted((energy[c], head_kl[c] / energy[c] if energy[c] > 0 else 0.0)
                              for c in self.calibration_formats)
                 scale = 1.0
             else:
@@ -928,6 +988,7 @@ class LayerwiseProfiler:
             # removal: the Fisher metric's KL of each expert, scaled so that the stream's expert (removed
             # for real and measured end to end) comes out at its measured KL
             fisher, med = m["removal_fisher"].get(str(l)), m["removal_stream_expert"][str(l)]
+            fisher = None if fisher is None else [f / n_pos for f in fisher]
             if self.removal == "streams":
                 removal = [kl.get(f"gain/{l}/expert/{e}", 0.0) for e in range(ad.n_experts(l))]
             elif fisher[med] > 0:
@@ -1064,6 +1125,12 @@ class LayerwiseProfiler:
         self.n_positions = int(self.m.get("n_positions", 0))
         self.share.kw = [self.sm.embed(batch)[1] for _, batch in self.share.batches()]
         return int(self.m["done"])
+
+
+def _every_window(stream: str) -> bool:
+    """Whether a stream carries every calibration window (an expert's removal: gain/L/expert/E), not
+    only the first stream_windows."""
+    return "/expert/" in stream
 
 
 def _kind_view(experts, kind: ExpertKind) -> torch.Tensor:

@@ -49,6 +49,7 @@ from moeplan.kernels.outputs import output_file
 
 from .adapters import MoEAdapter, TensorRole, adapter_for
 from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, DEFAULT_FORMATS, QUANTIZABLE, interpolate_gain, menu
+from .distributed import profile_on_ray
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text, load_text_ids
 from .layerwise import ERROR_ROWS, STREAM_SHARE, LayerwiseProfiler
 from .profile import ExpertStats, Profile
@@ -403,7 +404,8 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
                   dtype: torch.dtype | None = None, threads: int | None = None,
                   imatrix_out: str | Path | None = None, removal: str = "auto",
                   activations_ram: int | None = None, activations_dir: str | Path | None = None,
-                  error_rows: int = ERROR_ROWS, stream_share: float = STREAM_SHARE) -> Profile:
+                  error_rows: int = ERROR_ROWS, stream_share: float = STREAM_SHARE,
+                  ray: str | None = None, workers: int | None = None) -> Profile:
     """Profile a checkpoint directory or a shipped reference model on calibration text
     (default: the model's shipped calibration split). Writes PROFILE (json) and its importance
     vectors (PROFILE.importance.safetensors) when `out` is given, and a llama.cpp imatrix GGUF of
@@ -414,8 +416,12 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
     layer; hidden-state streams beyond `activations_ram` bytes, default half the available memory, go
     to files in `activations_dir`, default the directory of `out`; the error kernel estimates a matrix of
     more than 4 x `error_rows` rows from a sample of its rows, 0: every row; the gain and joint-correction
-    streams carry `stream_share` of the windows); "passes": the in-memory reference
-    profiler (the whole model in float32)."""
+    streams carry `stream_share` of the windows); "passes": the in-memory reference profiler (the whole
+    model in float32).
+
+    `ray` (layerwise): measured by `workers` Ray workers (sensitivity.distributed), on a local cluster
+    ("local") or a running one ("auto", host:port); the same profile up to the order of its sums, not
+    resumable from `out`'s state file."""
     if method not in PROFILERS:
         raise ValueError(f"method {method!r}: use one of {', '.join(PROFILERS)}")
     if method == "passes" and (device != "cpu" or dtype not in (None, torch.float32)):
@@ -424,6 +430,27 @@ def profile_model(model: str, calib_text: str | None = None, *, out: str | Path 
     if threads is not None:
         torch.set_num_threads(threads)
     fingerprint = build_inventory(model).fingerprint
+    if ray is not None:
+        if method != "layerwise":
+            raise ValueError("--ray needs --method layerwise (the in-memory profiler runs in one process)")
+        if out is not None and state_path(out).exists():
+            raise ValueError(f"{state_path(out)} is the state of an interrupted single-process profile; --ray does not "
+                             "resume it: run without --ray to resume, or remove it")
+        path, ids = load_text_ids(model, calib_text, "calib", "profiling", "--calib")
+        prof, importance, counts = profile_on_ray(
+            path, ids, fingerprint, address=None if ray == "local" else ray, workers=workers, formats=formats,
+            seq_len=seq_len, max_tokens=max_tokens, progress=progress, device=device, dtype=dtype, threads=threads,
+            removal=removal, activations_ram=activations_ram, activations_dir=activations_dir,
+            error_rows=error_rows, stream_share=stream_share)
+        if out is not None:
+            prof.save(out)
+            save_importance(importance, importance_path(out))
+        if imatrix_out is not None:
+            write_profile_imatrix(imatrix_out, importance, counts, build_inventory(model),
+                                  prof.meta["calibration_tokens"], seq_len)
+        return prof
+    if workers is not None:
+        raise ValueError("--workers is for --ray (the Ray workers of a distributed profile)")
     if method == "layerwise":
         path, ids = load_text_ids(model, calib_text, "calib", "profiling", "--calib")
         profiler = LayerwiseProfiler(path, ids, seq_len=seq_len, max_tokens=max_tokens, formats=formats,

@@ -63,9 +63,15 @@ def _profile_args(ap: argparse.ArgumentParser) -> None:
                     help="share of the calibration windows the gain and joint-correction streams carry (layerwise; "
                          "default 0.25; 1: every window)")
     ap.add_argument("--error-rows", type=_rows, default=None, metavar="N",
-                    help="the error kernel measures N seeded rows of a matrix with more than 4N rows and scales "
-                         "the error up (layerwise; default 64; the profile's meta states the relative standard "
-                         "errors); 0: every row of every matrix")
+                    help="the error kernel estimates a matrix from N seeded rows, doubled until the relative "
+                         "standard error is at most 5%% (a sample of a quarter of the rows or more: every row) "
+                         "(layerwise; default 64; the profile's meta states the sample); 0: every row")
+    ap.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="measure on Ray workers (layerwise; needs the ray extra): alone, a local cluster on this "
+                         "machine; 'auto' or host:port, a running cluster whose nodes all see MODEL at the same path")
+    ap.add_argument("--workers", type=positive_int, metavar="N",
+                    help="Ray workers (with --ray; default: one per GPU of the cluster, else one per CPU, at most "
+                         "one per calibration batch of 8 windows)")
 
 
 def _gib(s: str) -> int:
@@ -133,7 +139,18 @@ def _profile_run(args) -> int:
                          "every row and runs every window)")
     if args.activations_dir and not os.path.isdir(args.activations_dir):
         raise ValueError(f"--activations-dir {args.activations_dir} is not a directory: create it or give another")
-    if args.method == "layerwise" and state_path(args.out).exists():
+    if args.workers is not None and args.ray is None:
+        raise ValueError("--workers is for --ray (the number of Ray workers); add --ray or leave it out")
+    if args.ray is not None:
+        if args.method != "layerwise":
+            raise ValueError("--ray needs --method layerwise (the in-memory profiler runs in one process)")
+        if state_path(args.out).exists():
+            raise ValueError(f"{state_path(args.out)} is the resumable state of an interrupted single-process profile "
+                             "and --ray does not resume it: run without --ray to resume, or remove it")
+        from moeplan.sensitivity.distributed import import_ray
+
+        import_ray()
+    elif args.method == "layerwise" and state_path(args.out).exists():
         _say(f"resuming from {state_path(args.out)} (remove it to start again)")
     text = _read_text(args.calib, "--calib") if args.calib else None
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -142,18 +159,23 @@ def _profile_run(args) -> int:
                          threads=args.threads, imatrix_out=args.imatrix, removal=args.removal,
                          activations_ram=args.activations_ram, activations_dir=args.activations_dir,
                          **({} if args.error_rows is None else {"error_rows": args.error_rows}),
-                         **({} if args.stream_share is None else {"stream_share": args.stream_share}))
+                         **({} if args.stream_share is None else {"stream_share": args.stream_share}),
+                         ray=args.ray, workers=args.workers)
     m = prof.meta
     fpe = f", {m['full_pass_equivalents']} full-pass equivalents" if "full_pass_equivalents" in m else ""
     sampling = m.get("error_sampling", {})
     if sampling.get("sampled_matrices"):
-        _say(f"error kernel: {sampling['sampled_matrices']} of {sampling['matrices']} matrices estimated from "
-             f"{sampling['rows']} rows each (relative standard error: mean {sampling['mean_relative_se']:.2%}, "
+        _say(f"error kernel: {sampling['sampled_matrices']} of {sampling['matrices']} matrices estimated from a "
+             f"sample of their rows ({sampling['share_of_rows_measured']:.1%} of the rows measured; relative "
+             f"standard error: mean {sampling['mean_relative_se']:.2%}, "
              f"max {sampling['max_relative_se']:.2%}; --error-rows 0 measures every row)")
     disk = m.get("activations", {}).get("peak_bytes_on_disk", 0)
     if disk:
         _say(f"hidden-state streams beyond the RAM budget: up to {disk / 2**30:.2f} GB on disk in "
              f"{m['activations']['directory']}")
+    if "ray" in m:
+        _say(f"measured by {m['ray']['workers']} Ray worker(s) ({m['ray']['address']}), restarts "
+             f"{sum(m['ray']['restarts'])}")
     _say(f"profile of {args.model}: {len(prof.tensor_damage)} tensors x {len(prof.formats)} formats, "
          f"{sum(s.n_experts for s in prof.experts.values())} experts, {m['calibration_tokens']} calibration tokens, "
          f"{m['seconds']['total']:.0f} s{fpe} -> {args.out}" + (f" (+ imatrix {args.imatrix})" if args.imatrix else ""))
