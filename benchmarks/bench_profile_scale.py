@@ -10,7 +10,10 @@ standard error), and, on a DeepSeek-V3 miniature (its 61 layers and 256 experts,
 profiler's forward-work accounting of DeepSeek-V3's structure.
 
     python benchmarks/bench_profile_scale.py [--sizes 0.5,1,2,4] [--tokens 512] [--formats Q4_K,Q8_0]
-        [--fp8] [--work DIR] [--miniature-tokens 1024]
+        [--fp8] [--work DIR] [--miniature-tokens 0]
+
+With --work, the checkpoints and each finished measurement are kept there and reused by the next run
+with the same settings (so the tables can be written again without measuring again).
 
 Writes results/profile-scale.csv and results/profile-scale.md (the goals of the measurement, and a
 projection of a DeepSeek-V3 profile from the measured per-layer costs). Random weights: the damages
@@ -131,6 +134,10 @@ def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, re
         inv = build_inventory(d)
         bf16 = inv.bytes_uniform("BF16")
         disk = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+        done = work / f"{d.name}-{tokens}-tokens-{formats}-{removal}.result.json"  # a row from an earlier run
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            continue
         out = work / f"{d.name}.json"
         for stale in (out, out.with_name(out.stem + ".state.safetensors")):
             stale.unlink(missing_ok=True)
@@ -162,6 +169,7 @@ def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, re
         })
         print(json.dumps(rows[-1]), flush=True)
         out.unlink(missing_ok=True)
+        done.write_text(json.dumps(rows[-1]))
     return rows
 
 
@@ -271,6 +279,18 @@ def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: d
     lines.append("- Forward work, full-pass equivalents: " + "; ".join(fpe) + ". A few of them do not grow with L "
                  "(the reference pass, the local runs of each tensor group, the Fisher sweep's 1 + 2 x 4 samples), "
                  "so at one to five layers they exceed 2L + F; at DeepSeek-V3's 61 layers see below.")
+    if len(bf) >= 2 and not mini:
+        xl = np.array([r["layers"] for r in bf], dtype=float)
+        yf = np.array([r["full_pass_equivalents"] for r in bf])
+        b_l, a_l = np.polyfit(xl, yf, 1)
+        share = bf[-1]["stream_windows"] / max(1, tokens // 128)  # windows of 128 tokens
+        extra = 2 * (13 - n_fmt) * share  # the joint-correction streams of the 13-format default menu
+        lines.append(f"- Projected, not measured: a straight line through the BF16 rows, {a_l:.1f} + {b_l:.2f} L "
+                     f"full-pass equivalents, plus 2 x (13 - {n_fmt}) x {share:.2f} for the joint-correction streams "
+                     f"of the default menu, gives {a_l + b_l * 61 + extra:.0f} at DeepSeek-V3's 61 layers against "
+                     "2L + F = 135 (DeepSeek-V3's layers differ in their parts' shares of the work; "
+                     "`--miniature-tokens` measures its own structure's accounting, a run of about two hours on "
+                     "two shared cores).")
     if mini:
         bound = 2 * mini["layers"] + mini["formats"]
         lines.append(f"- DeepSeek-V3's own accounting, measured on its miniature (`_dsv3_miniature`: its 61 layers, "
@@ -313,8 +333,9 @@ def main(argv=None) -> None:
                     help="expert removal method (default fisher: the large-model path)")
     ap.add_argument("--fp8", action="store_true", help="also a DeepSeek-V3-like FP8 checkpoint")
     ap.add_argument("--work", type=Path, help="where the generated checkpoints go (default: a temp dir, removed)")
-    ap.add_argument("--miniature-tokens", type=int, default=1024,
-                    help="calibration tokens for DeepSeek-V3's miniature (its forward-work accounting); 0: skip it")
+    ap.add_argument("--miniature-tokens", type=int, default=0,
+                    help="calibration tokens for DeepSeek-V3's miniature (its forward-work accounting; 1024: about "
+                         "two hours on two shared cores); 0 (default): skip it, project from the BF16 rows")
     args = ap.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",")]
     bad = [s for s in sizes if s not in LAYERS]
