@@ -142,6 +142,18 @@ def run(layers: int, tokens: int, work: Path) -> dict:
             "machine": {"cores": os.cpu_count(), "arch": platform.machine(), "load_average_end": os.getloadavg()[0]}}
 
 
+def _batches(tokens: int, seq_len: int) -> str:
+    """How the profiler batches the windows: whole batches that the streams' share of the windows fills."""
+    import math
+
+    from moeplan.sensitivity.layerwise import STREAM_SHARE
+
+    n_win = tokens // seq_len
+    streamed = max(1, math.ceil(STREAM_SHARE * n_win))
+    bs = min(8, streamed)
+    return f"{math.ceil(n_win / bs)} batches of {bs}; the gain and joint-correction streams carry the first {streamed}"
+
+
 def write_results(res: dict, cmd: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "profile-ray.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -151,7 +163,8 @@ def write_results(res: dict, cmd: str) -> None:
              f"other jobs (load average at the end {res['machine']['load_average_end']:.1f}): the wall times are "
              "what this machine gave, not a speed-up measurement. Checkpoint: generated "
              f"{res['checkpoint']} ({res['bf16_bytes'] / mb:.0f} MB in BF16, random weights), {res['tokens']} "
-             f"calibration tokens in windows of {res['seq_len']} (two batches of 8), menu {res['formats']} plus "
+             f"calibration tokens in windows of {res['seq_len']} ({_batches(res['tokens'], res['seq_len'])}), menu "
+             f"{res['formats']} plus "
              "the calibration and stream formats; removal streams.", "",
              "Max rel. diff: the largest relative difference of the profile's tensor damages / expert statistics "
              "(removal costs, frequencies, scores) / top-k costs against the single process with 1 thread, and "
