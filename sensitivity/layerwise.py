@@ -103,8 +103,8 @@ REMOVAL_METHODS = ("auto", "streams", "fisher")
 REMOVAL_STREAMS_MAX = 2048
 REMOVAL_STREAMS_BYTES = 4 << 30
 STATE_VERSION = 2
-# the error kernel measures this many rows of a matrix (seeded sample, the same rows for every format)
-# where the matrix has more than 4 x as many; the estimate's relative standard errors go to meta
+# the error kernel starts from this many rows of a matrix (seeded sample, the same rows for every format),
+# doubled up to ERROR_TARGET_RSE; a sample of a quarter of the rows or more: every row (kernels.sampled_quant_error)
 ERROR_ROWS = 64
 ERROR_TARGET_RSE = 0.05  # the sample doubles until every estimate's relative standard error is at most this
 # the gain and joint-correction streams (a KL per unit of energy; a KL over a sum of predictions: ratios)
