@@ -53,7 +53,7 @@ import numpy as np
 from moeplan.kernels.inventory import build_inventory
 from moeplan.sensitivity.adapters import ExpertKind, TensorRole
 from moeplan.sensitivity.costs import QUANTIZABLE
-from moeplan.sensitivity.layerwise import LayerwiseProfiler, _kind_view, _qdq
+from moeplan.sensitivity.layerwise import LayerwiseProfiler, _kind_view, _Quantized
 import torch
 torch.set_num_threads(1)
 p = LayerwiseProfiler(sys.argv[1], list(range(256)), seq_len=64, max_tokens=256, formats=sys.argv[2].split(","),
@@ -67,7 +67,7 @@ with p.sm.loaded(layer):
     t = time.perf_counter()
     for f in p.all_formats:
         for w in live:
-            _qdq(w, f, np.ones(w.shape[-1], np.float32), "w")
+            _Quantized.of(w, f, np.ones(w.shape[-1], np.float32), "w").write_into(torch.empty_like(w))
     print(json.dumps({"qdq_s_per_layer": time.perf_counter() - t, "qdq_formats": p.all_formats}))
 """
 

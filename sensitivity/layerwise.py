@@ -131,26 +131,22 @@ def _kl_sum(ref_lp: torch.Tensor, lp: torch.Tensor) -> float:
     return float((ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0).double().sum())
 
 
-@contextlib.contextmanager
-def _replaced(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """Each live tensor of `pairs` set to its replacement inside the block, restored after."""
-    saved = []
-    with torch.no_grad():
-        for live, new in pairs:
-            saved.append(live.clone())
-            live.copy_(new.to(live.dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for (live, _), old in zip(pairs, saved):
-                live.copy_(old)
+_ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of a matrix quantized or dequantized at once
+
+
+def _row_steps(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """[r0, r1) row ranges of about _ROW_CHUNK_BYTES of float32 each."""
+    step = max(1, _ROW_CHUNK_BYTES // (4 * max(1, cols)))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
 
 
 @dataclass
 class _Quantized:
     """A tensor (2-D, or a 3-D stack of experts) held as a format's bytes, not as a dequantized copy:
-    the layer's tensors in one format take that format's size, not the compute dtype's."""
+    the layer's tensors in one format take that format's size, not the compute dtype's. A matrix is
+    quantized and dequantized a chunk of rows at a time (the same bytes as all at once: every block
+    lies inside one row), so no float copy of a large matrix (an embedding, a head) is made."""
 
     data: np.ndarray  # (rows, row_bytes) or (experts, rows, row_bytes)
     stored: str  # the format after llama.cpp's fallback for the row length
@@ -158,44 +154,41 @@ class _Quantized:
 
     @classmethod
     def of(cls, w: torch.Tensor, fmt: str, importance: np.ndarray | None, name: str) -> "_Quantized":
-        """`w` quantized to `fmt`; a stack one matrix at a time (the same bytes as all at once: the
-        matrices are independent), so no float copy of the whole stack is made."""
+        """`w` quantized to `fmt`; a stack one matrix at a time, a matrix a chunk of rows at a time."""
         stored = fmts.resolve(fmt, w.shape[-1]).name
+        row_bytes = fmts.get(stored).row_bytes(w.shape[-1])
+
+        def matrix(m: torch.Tensor, imp: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+            for r0, r1 in _row_steps(m.shape[0], m.shape[1]):
+                out[r0:r1] = kernels.quantize(m[r0:r1].detach().float().cpu().contiguous(), stored, imp)
+            return out
+
         try:
             if w.dim() == 2:
-                data = kernels.quantize(w.detach().float().cpu().contiguous(), stored, importance)
+                data = matrix(w, importance, np.empty((w.shape[0], row_bytes), np.uint8))
             else:
                 imp = None if importance is None else np.asarray(importance).reshape(-1, w.shape[-1])
-                data = np.stack([kernels.quantize(w[e].detach().float().cpu().contiguous(), stored,
-                                                  None if imp is None else imp[e if imp.shape[0] > 1 else 0])
-                                 for e in range(w.shape[0])]) if w.shape[0] else \
-                    np.empty((0, w.shape[1], fmts.get(stored).row_bytes(w.shape[-1])), np.uint8)
+                data = np.empty((w.shape[0], w.shape[1], row_bytes), np.uint8)
+                for e in range(w.shape[0]):
+                    matrix(w[e], None if imp is None else imp[e if imp.shape[0] > 1 else 0], data[e])
         except ValueError as exc:
             raise ValueError(f"tensor {name} ({stored}): {exc}; profile with a menu of formats that can hold it "
                              "(--formats)") from None
         return cls(data, stored, tuple(w.shape))
 
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` of a matrix, dequantized (float32)."""
+        return torch.from_numpy(kernels.dequantize(np.ascontiguousarray(self.data[index]), self.stored,
+                                                   (len(index), self.shape[-1])))
+
     def write_into(self, live: torch.Tensor) -> None:
-        """Dequantize into `live` (one matrix of a stack at a time)."""
+        """Dequantize into `live` (one matrix of a stack, a chunk of rows, at a time)."""
         with torch.no_grad():
-            if len(self.shape) == 2:
-                live.copy_(torch.from_numpy(kernels.dequantize(self.data, self.stored, self.shape)))
-                return
-            for e in range(self.shape[0]):
-                live[e].copy_(torch.from_numpy(kernels.dequantize(self.data[e], self.stored, self.shape[1:])))
-
-
-def _qdq(w: torch.Tensor, fmt: str, importance: np.ndarray | None, name: str) -> torch.Tensor:
-    """`w` (2-D, or 3-D stacked experts) quantized to `fmt` (llama.cpp's fallback for its row length
-    applied) and dequantized by the kernels, float32."""
-    x = w.detach().float().cpu().contiguous()
-    stored = fmts.resolve(fmt, x.shape[-1]).name
-    try:
-        data = kernels.quantize(x, stored, importance)
-    except ValueError as exc:
-        raise ValueError(f"tensor {name} ({stored}): {exc}; profile with a menu of formats that can hold it "
-                         "(--formats)") from None
-    return torch.from_numpy(kernels.dequantize(data, stored, x.shape)).to(w.device)
+            for e in range(self.shape[0]) if len(self.shape) == 3 else [None]:
+                data, out = (self.data, live) if e is None else (self.data[e], live[e])
+                for r0, r1 in _row_steps(out.shape[0], out.shape[1]):
+                    out[r0:r1].copy_(torch.from_numpy(kernels.dequantize(np.ascontiguousarray(data[r0:r1]),
+                                                                         self.stored, (r1 - r0, out.shape[1]))))
 
 
 @dataclass
@@ -601,6 +594,15 @@ class LayerwiseProfiler:
                 else:
                     self.sm.reread(live, l, name=g.key)
 
+    @contextlib.contextmanager
+    def _restored(self, live: torch.Tensor, source: str) -> Iterator[None]:
+        """After the block, `live` holds checkpoint tensor `source`'s values again (read back from the
+        checkpoint a chunk of rows at a time: bit for bit what loading wrote)."""
+        try:
+            yield
+        finally:
+            self.sm.reread(live, -1, name=source)
+
     def _windows_of(self, hidden: list[torch.Tensor]) -> int:
         return sum(h.shape[0] for h in hidden)
 
@@ -665,7 +667,7 @@ class LayerwiseProfiler:
             self._count_passes(self.cost["mlp"] * share)
             return outs
         experts = self.ad.experts_module(l)
-        n = sum(h.shape[0] * h.shape[1] for h in h_out)
+        n = _tokens(h_out)
         new = self._experts_out(experts, rec["ex_in"][:n], rec["idx"][:n], rec["w"][:n])
         self._count_passes(self.cost["experts"] * share)
         return _add_by_batch(h_out, new - rec["ex_out"][:n])
@@ -712,7 +714,7 @@ class LayerwiseProfiler:
         if k0 > 1:
             variants[TOPK] = ad.route(l, logits, top_k=k0 - 1)
         h_out = self._streamed(rec["h_out"])
-        n = sum(h.shape[0] * h.shape[1] for h in h_out)  # the streamed tokens
+        n = _tokens(h_out)  # the streamed tokens: the first n rows of the layer's flat inputs
         for kind, (w, i) in variants.items():
             new = self._experts_out(experts, x[:n], i[:n], w[:n].to(rec["w"].dtype))
             work += n
@@ -834,8 +836,9 @@ class LayerwiseProfiler:
                 self._errors(name, [name], w, ones[None], np.array([1.0]))
             m["groups"][name] = {"cls": OTHER, "names": [name], "layer": -1}
             for f in self.all_formats:
-                delta = (_qdq(w, f, ones, name).to(w.dtype) - w)
-                outs = [h + delta[batch.to(self.device)] for (b, batch), h in zip(self.share.batches(), self.share.ref)]
+                q = _Quantized.of(w, f, ones, name)
+                outs = [h + _changed_rows(q, w, batch.to(self.device)) for (_, batch), h in
+                        zip(self.share.batches(), self.share.ref)]
                 if f in self.calibration_formats:
                     m["local"].setdefault(name, {})[f] = sum(_energy(o - h) for o, h in zip(outs, self.share.ref))
                 if f == self.stream_format:
@@ -882,9 +885,12 @@ class LayerwiseProfiler:
         for s, hidden in self.share.streams.items():
             if not s.startswith(f"joint/{OTHER}/"):
                 kl[s] = sum(_kl_sum(r, _next_lp(head(norm(h)))) for r, h in zip(ref_lp, hidden))
+        source = sm.checkpoint_source(head)
         for f in self.all_formats:
-            q = _qdq(head.weight, f, imp, name)
-            with _replaced([(head.weight, q)]):
+            q = _Quantized.of(head.weight, f, imp, name)
+            with self._restored(head.weight, source):
+                q.write_into(head.weight)
+                del q
                 if f in self.calibration_formats:
                     m["head_kl"][f] = sum(_kl_sum(r, _next_lp(head(h))) for r, h in zip(ref_lp, normed))
                 s = f"joint/{OTHER}/{f}"
@@ -1139,6 +1145,20 @@ def _kind_view(experts, kind: ExpertKind) -> torch.Tensor:
     if kind is ExpertKind.DOWN:
         return experts.down_proj.data
     return experts.gate_up_proj.data[:, :inter] if kind is ExpertKind.GATE else experts.gate_up_proj.data[:, inter:]
+
+
+def _tokens(hidden: list[torch.Tensor]) -> int:
+    """Tokens in a list of (batch, positions, hidden) batches: the streamed batches come first, so their
+    tokens are the first rows of a layer's flat recorded inputs."""
+    return sum(h.shape[0] * h.shape[1] for h in hidden)
+
+
+def _changed_rows(q: _Quantized, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(quantized - original) rows of the embedding `w` for the token ids `ids`: only the rows a batch
+    looks up are dequantized (the same values as indexing the whole matrix's difference)."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    delta = q.rows(uniq.cpu().numpy()).to(w.dtype).to(w.device) - w[uniq]
+    return delta[inverse]
 
 
 def _next_lp(logits: torch.Tensor) -> torch.Tensor:

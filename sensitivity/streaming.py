@@ -120,16 +120,39 @@ class StreamingModel:
                 name = f"{prefix}.{rel}" if prefix else rel
                 if name in filled:
                     continue
-                src = self.ad.checkpoint_name(name, layer)
-                if src not in self.ckpt and t is getattr(self.model.get_input_embeddings(), "weight", None):
-                    src = self._prefix[id(self.model.get_input_embeddings())] + ".weight"  # tied head
-                if src not in self.ckpt:
-                    raise ValueError(f"{self.model_dir}: the checkpoint has no tensor {src} (needed by {name})")
-                x = self.ckpt.read(src)
-                if tuple(x.shape) != tuple(t.shape):
-                    raise ValueError(f"{self.model_dir}: {src} is {list(x.shape)} in the checkpoint, the config's "
-                                     f"architecture needs {list(t.shape)}")
-                t.copy_(x.to(t.dtype))
+                src = self._source(name, layer, t)
+                if tuple(self.ckpt.shape(src)) != tuple(t.shape):
+                    raise ValueError(f"{self.model_dir}: {src} is {list(self.ckpt.shape(src))} in the checkpoint, "
+                                     f"the config's architecture needs {list(t.shape)}")
+                self._fill(t, src)
+
+    def _source(self, name: str, layer: int | None, t: torch.Tensor) -> str:
+        """The checkpoint tensor that module tensor `name` (`t`) is read from."""
+        src = self.ad.checkpoint_name(name, layer)
+        if src not in self.ckpt and t is getattr(self.model.get_input_embeddings(), "weight", None):
+            src = self._prefix[id(self.model.get_input_embeddings())] + ".weight"  # tied head
+        if src not in self.ckpt:
+            raise ValueError(f"{self.model_dir}: the checkpoint has no tensor {src} (needed by {name})")
+        return src
+
+    def checkpoint_source(self, module: nn.Module, rel: str = "weight") -> str:
+        """The checkpoint name of a loaded module's tensor `rel` (a tied head's is the embedding's)."""
+        prefix = self._prefix[id(module)]
+        name = f"{prefix}.{rel}" if prefix else rel
+        return self._source(name, self._layer_index(prefix), getattr(module, rel))
+
+    def _fill(self, t: torch.Tensor, src: str) -> None:
+        """Checkpoint tensor `src` written into `t`; a matrix a chunk of rows at a time (an embedding or
+        a head is never held twice in float32). The same values as one read: rows convert on their own
+        and FP8 chunks start on a scale block."""
+        shape = self.ckpt.shape(src)
+        step = self.ckpt.row_chunk(src) if len(shape) == 2 else 0
+        if not step or shape[0] <= step:
+            t.copy_(self.ckpt.read(src).to(t.dtype))
+            return
+        for r0 in range(0, shape[0], step):
+            r1 = min(shape[0], r0 + step)
+            t[r0:r1].copy_(self.ckpt.read(src, rows=(r0, r1)).to(t.dtype))
 
     def reread(self, live: torch.Tensor, layer: int, name: str | None = None, kind: ExpertKind | None = None) -> None:
         """Write a loaded tensor's checkpoint values into it again, bit for bit what loading wrote: the
@@ -137,11 +160,11 @@ class StreamingModel:
         (experts, rows, cols) stack). One expert at a time: nothing of the tensor's size is allocated."""
         with torch.no_grad():
             if kind is None:
-                x = self.ckpt.read(name)
-                if tuple(x.shape) != tuple(live.shape):
-                    raise ValueError(f"{self.model_dir}: {name} is {list(x.shape)} in the checkpoint, the live tensor "
-                                     f"{list(live.shape)}: it is not one checkpoint tensor and cannot be read back")
-                live.copy_(x.to(live.dtype))
+                if tuple(self.ckpt.shape(name)) != tuple(live.shape):
+                    raise ValueError(f"{self.model_dir}: {name} is {list(self.ckpt.shape(name))} in the checkpoint, "
+                                     f"the live tensor {list(live.shape)}: it is not one checkpoint tensor and cannot "
+                                     "be read back")
+                self._fill(live, name)
                 return
             prefix = self._experts_prefix(layer)
             for e in range(live.shape[0]):

@@ -144,6 +144,57 @@ def test_swapped_tensors_come_back_bit_for_bit(tmp_path):
                 assert torch.equal(after[k], v), (dtype, k)
 
 
+def test_matrices_are_quantized_and_read_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
+    """An embedding or a head is quantized, dequantized and read from the checkpoint in chunks of rows:
+    the same bytes and values as all at once (BF16, and FP8 with chunks on its scale blocks)."""
+    from moeplan import kernels
+    from moeplan.kernels.checkpoint import Checkpoint
+    from moeplan.sensitivity import layerwise
+    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.streaming import StreamingModel
+
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(rng.standard_normal((37, 512)).astype(np.float32))
+    stack = torch.from_numpy(rng.standard_normal((3, 9, 256)).astype(np.float32))
+    imp = rng.uniform(0.1, 2.0, 512).astype(np.float32)
+    whole = {f: layerwise._Quantized.of(w, f, imp, "w") for f in ("Q4_K", "IQ2_XXS")}
+    monkeypatch.setattr(layerwise, "_ROW_CHUNK_BYTES", 4 * 512 * 5)  # 5 rows a chunk
+    for f, q0 in whole.items():
+        q = layerwise._Quantized.of(w, f, imp, "w")
+        assert np.array_equal(q.data, kernels.quantize(w, f, imp)) and np.array_equal(q.data, q0.data), f
+        live = torch.empty_like(w)
+        q.write_into(live)
+        deq = torch.from_numpy(kernels.dequantize(q.data, f, tuple(w.shape)))
+        assert torch.equal(live, deq)
+        ids = np.array([36, 0, 5, 5, 11])
+        assert torch.equal(q.rows(ids), deq[ids])
+    qs = layerwise._Quantized.of(stack, "Q4_K", None, "stack")
+    assert np.array_equal(qs.data, np.stack([kernels.quantize(m, "Q4_K") for m in stack]))
+    out = torch.empty_like(stack)
+    qs.write_into(out)
+    assert torch.equal(out, torch.from_numpy(np.stack([kernels.dequantize(d, "Q4_K", (9, 256)) for d in qs.data])))
+
+    cfg = json.loads((DSV3 / "config.json").read_text())
+    for dtype in ("BF16", "F8_E4M3"):
+        d = write_random_checkpoint(tmp_path / dtype, cfg, dtype=dtype)
+        sm = StreamingModel(d)
+        emb, head = sm.model.get_input_embeddings(), sm.model.get_output_embeddings()
+        with sm.loaded(emb), sm.loaded(head):
+            want = {m: m.weight.detach().clone() for m in (emb, head)}
+        with monkeypatch.context() as mp:
+            mp.setattr(Checkpoint, "row_chunk", lambda self, name, chunk_bytes=0: 128 if self.fp8_block else 100)
+            with sm.loaded(emb), sm.loaded(head):
+                for m in (emb, head):
+                    assert torch.equal(m.weight, want[m]), (dtype, m)
+                    src = sm.checkpoint_source(m)
+                    assert src in sm.ckpt and m.weight.shape[0] > 128
+                    with torch.no_grad():
+                        m.weight.zero_()
+                    sm.reread(m.weight, -1, name=src)
+                    assert torch.equal(m.weight, want[m]), (dtype, src)
+        sm.close()
+
+
 @pytest.mark.parametrize("path", [QWEN, DSV3], ids=["qwen3-moe", "deepseek-v3"])
 def test_removal_energy_is_the_output_change_of_the_pruned_model(path):
     """The re-routing of the local measurement equals a model with the expert physically removed
