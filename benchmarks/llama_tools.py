@@ -108,7 +108,7 @@ def _fetch_source(version: str, root: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         _log(f"downloading the llama-cpp-python {version} sdist")
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                        "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp],
+                        "--no-binary", "llama-cpp-python", f"llama-cpp-python=={version}", "-d", tmp],
                        check=True)
         archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz")) + \
             list(Path(tmp).glob("llama-cpp-python-*.tar.gz"))
