@@ -110,6 +110,68 @@ print(json.dumps({"formats": len(menu(None)), "bf16_bytes": bf16, "seconds": sec
 """
 
 
+# Single-thread quantize speed of every format the profiler quantizes whole layers to with the default
+# menu (the menu, the calibration formats and the stream format), with an importance vector, as the
+# profiler calls it: the cost of the quantized copies of a layer (one per format) at DeepSeek-V3 scale.
+_QUANT = r"""
+import json, time
+import numpy as np
+from moeplan import kernels
+from moeplan.sensitivity.costs import CALIBRATION_FORMATS, menu
+from moeplan.sensitivity.layerwise import STREAM_FORMAT
+rng = np.random.default_rng(0)
+x = rng.standard_normal((256, 2048)).astype(np.float32)
+imp = rng.uniform(0.5, 2.0, 2048).astype(np.float32)
+out = {}
+for f in dict.fromkeys(menu(None) + menu(list(CALIBRATION_FORMATS)) + [STREAM_FORMAT]):
+    kernels.quantize(x[:8], f, imp, threads=1)
+    n, t0 = 0, time.process_time()  # CPU time: other jobs on the machine do not count
+    while n == 0 or time.process_time() - t0 < 0.5:
+        kernels.quantize(x, f, imp, threads=1)
+        n += 1
+    out[f] = x.size * n / (time.process_time() - t0)
+print(json.dumps(out))
+"""
+
+
+def quantize_speeds(work: Path) -> dict[str, float]:
+    """Weights per second per core of each format's quantizer (cached in --work)."""
+    cached = work / "quantize-speeds.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    r = subprocess.run([sys.executable, "-c", _QUANT], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"quantize speeds: failed:\n{r.stderr[-3000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    cached.write_text(json.dumps(out))
+    return out
+
+
+def multiply_adds(cfg: dict) -> dict[str, float]:
+    """Multiply-adds per token of a Qwen3-MoE or DeepSeek-V3 config's weight matrices, the decoder layers
+    (attention, dense MLPs, routed experts at top-k plus shared experts and the router) and the head
+    (the embedding is a lookup). DeepSeek-V3's own config gives 36.6e9 (its 37B activated parameters
+    count the embedding too)."""
+    h, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    if cfg["model_type"] == "deepseek_v3":
+        heads, qk = cfg["num_attention_heads"], cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+        q = h * cfg["q_lora_rank"] + cfg["q_lora_rank"] * heads * qk if cfg.get("q_lora_rank") else h * heads * qk
+        attn = q + h * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) \
+            + cfg["kv_lora_rank"] * heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]) \
+            + heads * cfg["v_head_dim"] * h
+        dense_layers = cfg.get("first_k_dense_replace", 0)
+        moe = (cfg["num_experts_per_tok"] + cfg.get("n_shared_experts", 0)) * 3 * h * cfg["moe_intermediate_size"] \
+            + h * cfg["n_routed_experts"]
+    else:
+        hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+        attn = 2 * h * cfg["num_attention_heads"] * hd + 2 * h * cfg["num_key_value_heads"] * hd
+        dense_layers = len(cfg.get("mlp_only_layers") or [])
+        moe = cfg["num_experts_per_tok"] * 3 * h * cfg["moe_intermediate_size"] + h * cfg["num_experts"]
+    dense = 3 * h * cfg["intermediate_size"]
+    layers = n_layers * attn + dense_layers * dense + (n_layers - dense_layers) * moe
+    return {"layers": float(layers), "head": float(h * cfg["vocab_size"])}
+
+
 def _deepseek_like() -> dict:
     cfg = json.loads((ROOT / "sensitivity/models/tiny-deepseek-v3/config.json").read_text())
     cfg.update(hidden_size=2048, moe_intermediate_size=512, intermediate_size=4096, n_routed_experts=64,
@@ -173,13 +235,17 @@ def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, re
     return rows
 
 
-def _dsv3_miniature() -> dict:
-    """DeepSeek-V3's structure (61 layers, the first 3 dense, 256 routed experts of which 8 per token in 8
+def _dsv3_miniature(experts: int = 256, layers: int = 61) -> dict:
+    """DeepSeek-V3's structure (61 layers, the first 3 dense, routed experts of which 8 per token in 8
     groups, a shared expert, MLA) with every width divided by 32, so that each part of a layer keeps its
     share of the multiply-adds: the profiler's forward-work accounting of DeepSeek-V3 itself, measured by
-    running it (full-pass equivalents depend on the structure, not on the widths)."""
+    running it. Full-pass equivalents depend on the structure, not on the widths, and hardly on the
+    number of routed experts (a part's cost counts the experts a token runs, top-k of them; the router's
+    width is what moves): the bench runs `experts` of them (16 by default, 2 per group; DeepSeek-V3 has
+    256) and measures that on 5 layers with 16 and with 64 experts."""
     cfg = json.loads((ROOT / "sensitivity/models/tiny-deepseek-v3/config.json").read_text())
-    cfg.update(num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8, n_group=8,
+    cfg.update(num_hidden_layers=layers, first_k_dense_replace=3, n_routed_experts=experts, num_experts_per_tok=8,
+               n_group=8,
                topk_group=4, n_shared_experts=1, hidden_size=7168 // 32, intermediate_size=18432 // 32,
                moe_intermediate_size=2048 // 32, q_lora_rank=1536 // 32, kv_lora_rank=512 // 32,
                num_attention_heads=128 // 32, num_key_value_heads=128 // 32, qk_nope_head_dim=128,
@@ -197,25 +263,108 @@ print(json.dumps({k: prof.meta[k] for k in ("full_pass_equivalents", "stream_win
 """
 
 
-def miniature(work: Path, tokens: int) -> dict:
+def _miniature_run(work: Path, tokens: int, experts: int, layers: int) -> dict:
     from moeplan.sensitivity.generated import write_random_checkpoint
 
-    d = work / "deepseek-v3-miniature"
+    d = work / f"deepseek-v3-miniature-{layers}L-{experts}E"
     cached = work / f"{d.name}-{tokens}-tokens.json"  # its accounting, from an earlier run in this --work
     if cached.exists():
         return json.loads(cached.read_text())
     if not d.exists():
-        write_random_checkpoint(d, _dsv3_miniature(), dtype="BF16")
+        write_random_checkpoint(d, _dsv3_miniature(experts, layers), dtype="BF16")
     r = subprocess.run([sys.executable, "-c", _MINIATURE_PROBE, str(d), str(tokens)], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{d.name}: profile failed:\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1]) | {"tokens": tokens, "layers": 61}
+    out = json.loads(r.stdout.strip().splitlines()[-1]) | {"tokens": tokens, "layers": layers, "experts": experts}
     print(json.dumps(out), flush=True)
     cached.write_text(json.dumps(out))
     return out
 
 
-def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: dict | None) -> None:
+def miniature(work: Path, tokens: int, experts: int = 16) -> dict:
+    """DeepSeek-V3's accounting on its 61-layer miniature, with the check that the number of routed
+    experts does not change it (5 layers, 2 of them MoE; `experts` and 4 x `experts` of them)."""
+    few, many = (_miniature_run(work, tokens, e, 5) for e in (experts, 4 * experts))
+    out = _miniature_run(work, tokens, experts, 61)
+    return out | {"check": {f"{e['experts']} experts": e["full_pass_equivalents"] for e in (few, many)}}
+
+
+def projection(bf: list[dict], tokens: int, formats: str, speeds: dict[str, float], mini: dict | None,
+               sweep: float) -> list[str]:
+    """DeepSeek-V3's profile time from this run's measured costs, part by part: the error-kernel sweep
+    (MB/s per core), the quantized copies of every layer (one per format, at the measured quantize
+    speeds), and the forward work (full-pass equivalents x multiply-adds per pass, at the per-core rate
+    the BF16 rows measured)."""
+    import numpy as np
+
+    from moeplan.sensitivity.costs import CALIBRATION_FORMATS, DEFAULT_FORMATS
+    from moeplan.sensitivity.layerwise import STREAM_FORMAT
+
+    def per_weight(menu):  # core-seconds per weight to quantize a layer once in each format
+        return sum(1.0 / speeds[f] for f in dict.fromkeys([*menu, *CALIBRATION_FORMATS, STREAM_FORMAT]))
+
+    # the forward rate: what a row's wall time leaves after its error kernel and its quantized copies
+    rates = []
+    for r in bf:
+        weights = r["bf16_bytes"] / 2
+        quant = weights * per_weight(formats.split(",")) / r["threads"]
+        fwd = r["wall_s"] - r["seconds"].get("error_kernel", 0.0) - quant
+        macs = multiply_adds({**QWEN_LIKE, "num_hidden_layers": r["layers"]})
+        rates.append((r, quant, fwd, r["full_pass_equivalents"] * (macs["layers"] + macs["head"]) * tokens
+                      / max(fwd, 1e-9) / r["threads"]))
+    rate = rates[-1][3]  # the most layers: the embedding's and the head's fixed share is smallest
+    cfg = json.loads((ROOT / "sensitivity/configs/deepseek-v3.json").read_text())
+    macs = multiply_adds(cfg)
+    n_weights = 671e9
+    dsv3_gb = 2 * n_weights / 1e9
+    calib = 4096  # the profiler's default --max-tokens
+    if mini:
+        fpe, fpe_from = mini["full_pass_equivalents"], "measured on the miniature"
+    else:
+        xl = np.array([r["layers"] for r in bf], dtype=float)
+        b_l, a_l = np.polyfit(xl, np.array([r["full_pass_equivalents"] for r in bf]), 1)
+        fpe, fpe_from = round(a_l + 61 * b_l + 2 * (13 - len(formats.split(","))) * 0.25, 1), "projected"
+    fwd_macs = fpe * (macs["layers"] + macs["head"]) * calib
+    quant_core_s = n_weights * per_weight(DEFAULT_FORMATS)
+    sweep_core_s = dsv3_gb * 1e3 / sweep
+    out = ["", "## Projection to DeepSeek-V3", "",
+           "Part by part, from this run's measurements (the default 13-format menu, the default 4096 calibration "
+           f"tokens, 671e9 weights, {macs['layers'] + macs['head']:.3g} multiply-adds per token from DeepSeek-V3's "
+           "config: `multiply_adds`):", "",
+           f"- Error-kernel sweep: {sweep:.1f} MB/s of BF16 weights per core (above): {sweep_core_s:,.0f} core-s.",
+           "- Quantized copies: every layer once per format of the menu, the calibration formats and the stream "
+           "format, at the quantize speeds measured here (one thread, CPU time, importance given; Mw/s: " +
+           ", ".join(f"{f} {v / 1e6:.1f}" for f, v in speeds.items()) + f"): {quant_core_s:,.0f} core-s.",
+           f"- Forward work: {fpe} full-pass equivalents ({fpe_from}) x {calib} tokens x the multiply-adds per "
+           f"token = {fwd_macs:.3g} multiply-adds. The BF16 rows' forward rate, what each wall time leaves after "
+           "its error kernel and its quantized copies, divided by its full-pass equivalents' multiply-adds "
+           "(per core): " + ", ".join(f"{r['checkpoint']} {rt / 1e9:.1f} G/s (forward {fw:.0f} s of "
+                                      f"{r['wall_s']:.0f} s, quantized copies {q:.0f} s)" for r, q, fw, rt in rates)
+           + f"; the last, {rate / 1e9:.1f} G multiply-adds/s per core (float32, this machine's cores), is used "
+           "(the more layers, the smaller the fixed share of the embedding and the head).", ""]
+    cpu = {"error sweep": sweep_core_s / 64, "quantized copies": quant_core_s / 64,
+           "forward": fwd_macs / rate / 64}
+    gpu_rate = 8 * 989e12 / 2 * 0.2  # 8 H100s, BF16 dense peak 989 TFLOP/s, 20% of it assumed
+    host = 112  # a DGX H100's two 56-core Xeon 8480C
+    gpu = {"error sweep": sweep_core_s / host, "quantized copies": quant_core_s / host,
+           "forward": fwd_macs / gpu_rate}
+    out += ["| machine | error sweep (h) | quantized copies (h) | forward work (h) | total (h) |",
+            "|---|---:|---:|---:|---:|"]
+    for name, parts in (("64-core CPU server (this machine's per-core speeds)", cpu),
+                        (f"8-GPU node (forward on 8 H100 at an assumed 20% of 989 TFLOP/s BF16; the C kernels on "
+                         f"its {host} host cores)", gpu)):
+        out.append(f"| {name} | {parts['error sweep'] / 3600:.2f} | {parts['quantized copies'] / 3600:.2f} | "
+                   f"{parts['forward'] / 3600:.2f} | {sum(parts.values()) / 3600:.1f} |")
+    out += ["", "Not counted: reading the checkpoint (671 GB of FP8 once per profile, each layer's tensors read "
+            "back from the page cache after a swap) and the Fisher sweep's backward passes beyond their "
+            "full-pass equivalents. On the GPU node the C kernels on the host bound the time; the quantized copies "
+            "are the largest part, and they split across workers as the error sweep does "
+            "(`moeplan profile --ray`).", ""]
+    return out
+
+
+def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: dict | None,
+                  speeds: dict[str, float] | None = None) -> None:
     import numpy as np
     import pandas as pd
 
@@ -289,39 +438,20 @@ def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: d
                      f"full-pass equivalents, plus 2 x (13 - {n_fmt}) x {share:.2f} for the joint-correction streams "
                      f"of the default menu, gives {a_l + b_l * 61 + extra:.0f} at DeepSeek-V3's 61 layers against "
                      "2L + F = 135 (DeepSeek-V3's layers differ in their parts' shares of the work; "
-                     "`--miniature-tokens` measures its own structure's accounting, a run of about two hours on "
-                     "two shared cores).")
+                     "`--miniature-tokens` measures its own structure's accounting).")
     if mini:
         bound = 2 * mini["layers"] + mini["formats"]
         lines.append(f"- DeepSeek-V3's own accounting, measured on its miniature (`_dsv3_miniature`: its 61 layers, "
-                     f"3 dense, 256 routed experts, top-8 in 8 groups, MLA, every width / 32; {mini['tokens']} tokens, "
+                     f"3 dense, {mini['experts']} routed experts (DeepSeek-V3: 256; the accounting counts the top-k a "
+                     "token runs, not the experts there are; at 5 layers, " + ", ".join(
+                         f"{k}: {v}" for k, v in mini["check"].items()) + " full-pass equivalents), top-8 in 8 "
+                     f"groups, MLA, every width / 32; {mini['tokens']} tokens, "
                      f"the default {mini['formats']}-format menu, {mini['stream_windows']} of "
                      f"{mini['tokens'] // 128} windows in the streams): **{mini['full_pass_equivalents']} full-pass "
                      f"equivalents** against 2L + F = {bound} (goal: at most that; about 16,500 before the "
                      "layer-streaming profiler).")
-    if len(bf) >= 2:
-        a, b = bf[0], bf[-1]
-        dsv3_gb = 1340.0  # DeepSeek-V3's BF16 weights (671B parameters)
-        sweep = float(np.median(sw))
-        lines += ["", "## Projection to DeepSeek-V3", ""]
-        if r2 >= 0.9:
-            per_gb = (b["wall_s"] - a["wall_s"]) / ((b["bf16_bytes"] - a["bf16_bytes"]) / 1e9)
-            core_s = per_gb * b["threads"]
-            lines += [f"Marginal cost measured here with the menu {formats}: {per_gb:.0f} s per GB of BF16 weights on "
-                      f"{b['threads']} threads ({core_s:.0f} core-s per GB), from {a['checkpoint']} to "
-                      f"{b['checkpoint']}: on a 64-core CPU server at the same per-core speed, "
-                      f"{core_s * dsv3_gb / 64 / 3600:.1f} h for DeepSeek-V3's {dsv3_gb:.0f} GB.", ""]
-        else:
-            lines += [f"The wall times of this run are not linear in the size (R^2 = {r2:.2f}): other jobs shared the "
-                      "two cores, unevenly over the run, so no wall-time projection is made from them; a run on an "
-                      "idle machine gives one.", ""]
-        lines += [f"- The error-kernel sweep over the default menu, {sweep:.1f} MB/s per core on one thread (a lower "
-                  "bound: measured under the same load), takes "
-                  f"{dsv3_gb * 1e3 / sweep / 64 / 3600:.1f} h for {dsv3_gb:.0f} GB on 64 cores.",
-                  "- The joint correction quantizes every layer once per format of the menu, at the quantize speeds "
-                  "of results/kernels.md (the codebook formats dominate); the forward work is the full-pass "
-                  "equivalents above, each one pass of the model over the calibration set.",
-                  "- On one 8-GPU node the forward work moves to the GPUs; the C kernels stay on the host's cores.", ""]
+    if len(bf) >= 2 and speeds:
+        lines += projection(bf, tokens, formats, speeds, mini, float(np.median(sw)))
     (RESULTS / "profile-scale.md").write_text("\n".join(lines) + "\n")
 
 
@@ -335,8 +465,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fp8", action="store_true", help="also a DeepSeek-V3-like FP8 checkpoint")
     ap.add_argument("--work", type=Path, help="where the generated checkpoints go (default: a temp dir, removed)")
     ap.add_argument("--miniature-tokens", type=int, default=0,
-                    help="calibration tokens for DeepSeek-V3's miniature (its forward-work accounting; 1024: about "
-                         "two hours on two shared cores); 0 (default): skip it, project from the BF16 rows")
+                    help="calibration tokens for DeepSeek-V3's miniature (its forward-work accounting; 512: four "
+                         "windows, one of them streamed as in a default profile); 0 (default): skip it, project "
+                         "from the BF16 rows")
     args = ap.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",")]
     bad = [s for s in sizes if s not in LAYERS]
@@ -347,11 +478,12 @@ def main(argv=None) -> None:
     try:
         rows = run(sizes, args.tokens, args.formats, args.fp8, work, args.removal)
         mini = miniature(work, args.miniature_tokens) if args.miniature_tokens else None
+        speeds = quantize_speeds(work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     cmd = "python benchmarks/bench_profile_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_results(rows, cmd.strip(), args.tokens, args.formats, mini)
+    write_results(rows, cmd.strip(), args.tokens, args.formats, mini, speeds)
     print((RESULTS / "profile-scale.md").read_text())
 
 
