@@ -120,7 +120,7 @@ def _deepseek_like() -> dict:
 
 
 def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, removal: str) -> list[dict]:
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
     from moeplan.kernels.inventory import build_inventory
 
     rows = []
@@ -198,7 +198,7 @@ print(json.dumps({k: prof.meta[k] for k in ("full_pass_equivalents", "stream_win
 
 
 def miniature(work: Path, tokens: int) -> dict:
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
 
     d = work / "deepseek-v3-miniature"
     cached = work / f"{d.name}-{tokens}-tokens.json"  # its accounting, from an earlier run in this --work

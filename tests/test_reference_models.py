@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeplan.sensitivity import data, reference
+from moeplan.sensitivity import reference
 from moeplan.sensitivity.adapters import adapter_for
-from moeplan.sensitivity.train import MODEL_SPECS, eval_stream, evaluate
+from moeplan.sensitivity.factory import data
+from moeplan.sensitivity.factory.train import MODEL_SPECS, eval_stream, evaluate
 
 MODELS = ["tiny-deepseek-v3", "tiny-qwen3-moe"]
 # Perplexity bounds on the first 8 windows of 256 tokens of valid.txt: about twice what
-# `python -m moeplan.sensitivity.train card` measured on that split (results/model-card-<name>.md).
+# `python -m moeplan.sensitivity.factory.train card` measured on that split (results/model-card-<name>.md).
 PPL_BOUND = {"tiny-deepseek-v3": 130.0, "tiny-qwen3-moe": 190.0}
 TEST_WINDOWS = 8
 

@@ -1,8 +1,8 @@
 """Train, ship and describe moeplan's two reference MoE language models.
 
-    python -m moeplan.sensitivity.train --model tiny-deepseek-v3 --minutes 20     # train, write sensitivity/models/<name>/
-    python -m moeplan.sensitivity.train --model tiny-qwen3-moe --steps 600         # a fixed number of steps instead
-    python -m moeplan.sensitivity.train card --model tiny-deepseek-v3             # measure the shipped model, write its card
+    python -m moeplan.sensitivity.factory.train --model tiny-deepseek-v3 --minutes 20     # train, write sensitivity/models/<name>/
+    python -m moeplan.sensitivity.factory.train --model tiny-qwen3-moe --steps 600         # a fixed number of steps instead
+    python -m moeplan.sensitivity.factory.train card --model tiny-deepseek-v3             # measure the shipped model, write its card
 
 Both are transformers' own classes (DeepseekV3ForCausalLM, Qwen3MoeForCausalLM), so every code
 path that serves a real checkpoint serves these. Expert tensors have input widths that are
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data as corpus
-from .adapters import RoutingRecord, record_routing
+from ..adapters import RoutingRecord, record_routing
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # moeplan.sensitivity, which ships the models
 MODELS_DIR = PACKAGE_DIR / "models"
 RESULTS_DIR = PACKAGE_DIR.parent / "results"
 TEST_WINDOWS = 8  # windows of valid.txt that tests/test_reference_models.py evaluates
@@ -480,7 +480,7 @@ def train(a: TrainArgs) -> Path:
     log(final)
     training_log = {
         "model": a.model,
-        "command": f"python -m moeplan.sensitivity.train --model {a.model} " + (f"--steps {a.steps}" if a.steps else f"--minutes {a.minutes:g}"),
+        "command": f"python -m moeplan.sensitivity.factory.train --model {a.model} " + (f"--steps {a.steps}" if a.steps else f"--minutes {a.minutes:g}"),
         "args": asdict(a),
         "hardware": cpu_description(),
         "torch": torch.__version__,
@@ -546,8 +546,8 @@ def _data_card(name: str, manifest: dict) -> str:
     lines = [
         f"# {name}: data and licences",
         "",
-        "Weights were trained from scratch by `python -m moeplan.sensitivity.train` on the train split of the corpus",
-        "built by `python -m moeplan.sensitivity.data prepare`. The files valid.txt and calib.txt in this folder are",
+        "Weights were trained from scratch by `python -m moeplan.sensitivity.factory.train` on the train split of the corpus",
+        "built by `python -m moeplan.sensitivity.factory.data prepare`. The files valid.txt and calib.txt in this folder are",
         "the validation and calibration splits; they contain only PSF-licensed and public-domain text.",
         "The train split is not shipped; documents.json lists its document ids and SHA-256 hashes.",
         "",
@@ -575,7 +575,7 @@ def _data_card(name: str, manifest: dict) -> str:
 
 
 def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
-    from . import reference
+    from .. import reference
 
     spec = _spec(name)
     path = reference.reference_model_path(name)
@@ -591,7 +591,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     # the text tests/test_reference_models.py measures: the first TEST_WINDOWS windows of valid
     ev_test = evaluate(model, streams["valid"], seq_len, max_windows=TEST_WINDOWS)
     sizes = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    cmd = f"python -m moeplan.sensitivity.train card --model {name}"
+    cmd = f"python -m moeplan.sensitivity.factory.train card --model {name}"
     manifest = json.loads((path / "documents.json").read_text(encoding="utf-8"))
     lines = [
         f"# Model card: {name}",
@@ -636,7 +636,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     lines += [
         "## Data",
         "",
-        "Built by `python -m moeplan.sensitivity.data prepare --out DIR`; documents are split by a keyed SHA-256 of their id.",
+        "Built by `python -m moeplan.sensitivity.factory.data prepare --out DIR`; documents are split by a keyed SHA-256 of their id.",
         "",
         "| source | domain | licence | shipped text |",
         "| --- | --- | --- | --- |",
@@ -740,7 +740,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "card":
-        p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.train card", description="measure a shipped reference model and write results/model-card-<name>.md")
+        p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.factory.train card", description="measure a shipped reference model and write results/model-card-<name>.md")
         p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
         p.add_argument("--out", type=Path, default=None)
         p.add_argument("--threads", type=int, default=2)
@@ -748,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
         print(write_card(a.model, a.out))
         return 0
-    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.train", description="train a reference MoE model and ship it to sensitivity/models/<name>/")
+    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.factory.train", description="train a reference MoE model and ship it to sensitivity/models/<name>/")
     p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--minutes", type=float, default=None, help="wall-clock budget; the cosine schedule runs over it (default 20)")
