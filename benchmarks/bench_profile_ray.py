@@ -1,6 +1,6 @@
 """The layer-streaming profile on Ray: one process against 1 and 2 local workers.
 
-On a generated checkpoint (random weights, Qwen3-MoE shapes; sensitivity/generated.py), four runs,
+On a generated checkpoint (random weights, Qwen3-MoE shapes; sensitivity/factory/generated.py), four runs,
 each in a subprocess of its own: the single-process profiler with 1 thread (the reference) and with
 2 threads, and `profile_model(ray="local")` with 1 worker x 2 threads and 2 workers x 1 thread. Per
 run: wall time, the driver's peak RSS, each worker's RSS at its start and its peak, the bytes that
@@ -74,7 +74,7 @@ with p.sm.loaded(layer):
 
 def _checkpoint(work: Path, layers: int) -> Path:
     from moeplan.kernels.inventory import MODELS_DIR
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
 
     d = work / f"qwen3-moe-like-{layers}L"
     if not d.exists():

@@ -182,7 +182,7 @@ def _deepseek_like() -> dict:
 
 
 def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, removal: str) -> list[dict]:
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
     from moeplan.kernels.inventory import build_inventory
 
     rows = []
@@ -264,7 +264,7 @@ print(json.dumps({k: prof.meta[k] for k in ("full_pass_equivalents", "stream_win
 
 
 def _miniature_run(work: Path, tokens: int, experts: int, layers: int) -> dict:
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
 
     d = work / f"deepseek-v3-miniature-{layers}L-{experts}E"
     cached = work / f"{d.name}-{tokens}-tokens.json"  # its accounting, from an earlier run in this --work

@@ -25,14 +25,15 @@ the safetensors headers of HF checkpoints, and gives views into the fused storag
 
 Routing. Every family's router module (``mlp.gate``) returns ``(router_logits (T, E), weights (T, k),
 indices (T, k))`` and the block passes weights and indices unchanged to ``mlp.experts``.
-``record_routing`` hooks both: logits from the router's output, indices and weights from the
-experts' input (exactly what the experts compute with), and optionally per-expert input statistics
-(mean of x**2 per input column, the importance vectors of weighted quantization).
+``record_routing``, the one routing recorder (profiler, reference-model training, tests), hooks
+both: logits from the router's output (detached, or in the autograd graph for a balance loss),
+indices and weights from the experts' input (exactly what the experts compute with), and optionally
+per-expert statistics (tokens, routing-weight sums, REAP sums, and the sum of x**2 per input column
+of gate/up and of down: the importance vectors of weighted quantization).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -618,7 +619,7 @@ def adapter_for(model: nn.Module) -> MoEAdapter:
 
 
 # --------------------------------------------------------------------------------------------
-# routing and expert-input recording
+# routing and expert-input recording: the one recorder (profiler, training, tests)
 
 
 @dataclass
@@ -643,14 +644,24 @@ class LayerRouting:
         """(E,) how many tokens selected each expert."""
         return torch.bincount(self.indices.reshape(-1), minlength=n_experts)
 
+    def weight_sums(self, n_experts: int) -> torch.Tensor:
+        """(E,) float64: the sum of the routing weights of the tokens that selected each expert, added
+        one (token, slot) at a time in call order."""
+        sums = torch.zeros(n_experts, dtype=torch.float64, device=self.weights.device)
+        return sums.index_add_(0, self.indices.reshape(-1), self.weights.reshape(-1).double())
+
 
 @dataclass
 class ExpertInputStats:
-    """Per-expert input statistics of one MoE layer, over the tokens routed to each expert."""
+    """Per-expert statistics of one MoE layer, over the tokens routed to each expert. Each call adds
+    its sums per expert (in float32, over the call's tokens) to float64 totals."""
 
     tokens: torch.Tensor  # (E,) float64: tokens routed to the expert
     sum_sq_in: torch.Tensor  # (E, H) float64: sum of x**2 of the gate/up input, per column
     sum_sq_mid: torch.Tensor | None  # (E, I) float64: same for the down input act(gate(x)) * up(x)
+    weight_sum: torch.Tensor | None = None  # (E,) float64: sum of the routing weights of those tokens
+    reap_sum: torch.Tensor | None = None  # (E,) float64: sum of weight * ||expert output|| (REAP), with reap=True
+    seen: int = 0  # tokens the layer saw, routed to any expert
 
     def mean_sq_in(self) -> torch.Tensor:
         """(E, H) importance vectors of gate_proj / up_proj (zero rows for unused experts)."""
@@ -664,20 +675,29 @@ class ExpertInputStats:
 
 
 class RoutingRecord:
-    """Filled by ``record_routing``; read ``routing(layer)`` and ``stats(layer)``."""
+    """Filled by ``record_routing`` while its hooks are on; read ``routing(layer)`` and
+    ``stats(layer)``. A context manager (the hooks come off at its end), or ``close()`` them."""
 
-    def __init__(self, adapter: MoEAdapter, keep_logits: bool, importance: str | None, device: torch.device | str):
+    def __init__(self, adapter: MoEAdapter, keep_logits: bool, importance: str | None, device: torch.device | str,
+                 logits_grad: bool = False, reap: bool = False):
         self.adapter = adapter
         self.keep_logits = keep_logits
+        self.logits_grad = logits_grad
         self.importance = importance
+        self.reap = reap
         self.device = torch.device(device)
-        self._indices: dict[int, list[torch.Tensor]] = {i: [] for i in adapter.moe_layers()}
-        self._weights: dict[int, list[torch.Tensor]] = {i: [] for i in adapter.moe_layers()}
-        self._logits: dict[int, list[torch.Tensor]] = {i: [] for i in adapter.moe_layers()}
-        self._stats: dict[int, ExpertInputStats] = {}
+        self._handles: list = []
+        self.reset()
 
     def layers(self) -> list[int]:
         return self.adapter.moe_layers()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far (the hooks stay on)."""
+        self._indices: dict[int, list[torch.Tensor]] = {i: [] for i in self.adapter.moe_layers()}
+        self._weights: dict[int, list[torch.Tensor]] = {i: [] for i in self.adapter.moe_layers()}
+        self._logits: dict[int, list[torch.Tensor]] = {i: [] for i in self.adapter.moe_layers()}
+        self._stats: dict[int, ExpertInputStats] = {}
 
     def routing(self, layer: int) -> LayerRouting:
         if layer not in self._indices:
@@ -700,9 +720,33 @@ class RoutingRecord:
 
     # hooks
 
+    def _attach(self) -> None:
+        for layer in self.adapter.moe_layers():
+            self._handles.append(self.adapter.router(layer).register_forward_hook(
+                lambda mod, args, out, layer=layer: self._on_router(layer, out)))
+
+            def pre_hook(mod, args, kwargs, layer=layer):
+                self._on_experts(layer, mod, *_experts_args(args, kwargs))
+
+            self._handles.append(self.adapter.experts_module(layer).register_forward_pre_hook(pre_hook,
+                                                                                               with_kwargs=True))
+
+    def close(self) -> None:
+        """Take the hooks off (what was recorded stays readable)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> RoutingRecord:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _on_router(self, layer: int, output) -> None:
         if self.keep_logits:
-            self._logits[layer].append(output[0].detach().float().to(self.device))
+            logits = output[0] if self.logits_grad else output[0].detach()
+            self._logits[layer].append(logits.float().to(self.device))
 
     def _on_experts(self, layer: int, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
         self._indices[layer].append(index.detach().to(self.device, torch.long))
@@ -711,70 +755,77 @@ class RoutingRecord:
             return
         with torch.no_grad():
             x = hidden.detach().reshape(-1, hidden.shape[-1]).float()  # (T, H)
-            n_exp = module.gate_up_proj.shape[0]
-            routed = torch.zeros(x.shape[0], n_exp, dtype=torch.float32, device=x.device)
-            routed.scatter_(1, index, 1.0)  # (T, E): 1 where the token uses the expert
+            index = index.reshape(x.shape[0], -1)
+            weights = weights.detach().reshape(x.shape[0], -1).float()
             st = self._stats.get(layer)
             if st is None:
-                inter = module.down_proj.shape[-1]
+                n_exp, inter = module.gate_up_proj.shape[0], module.down_proj.shape[-1]
                 z = dict(dtype=torch.float64, device=x.device)
+                mid = self.importance == "gate_up_down"
                 st = self._stats[layer] = ExpertInputStats(
                     tokens=torch.zeros(n_exp, **z),
                     sum_sq_in=torch.zeros(n_exp, x.shape[1], **z),
-                    sum_sq_mid=torch.zeros(n_exp, inter, **z) if self.importance == "gate_up_down" else None,
+                    sum_sq_mid=torch.zeros(n_exp, inter, **z) if mid else None,
+                    weight_sum=torch.zeros(n_exp, **z),
+                    reap_sum=torch.zeros(n_exp, **z) if self.reap else None,
                 )
-            st.tokens += routed.sum(0).double()
-            st.sum_sq_in += (routed.T @ (x * x)).double()  # (E, T) @ (T, H)
-            if st.sum_sq_mid is not None:
-                inter = module.down_proj.shape[-1]
-                for e in torch.nonzero(routed.sum(0)).flatten().tolist():
-                    xe = x[routed[:, e] > 0]
-                    gate_up = module.gate_up_proj[e].float()  # (2I, H)
-                    g, u = (xe @ gate_up.T).split(inter, dim=-1)
-                    mid = module.act_fn(g) * u  # (T_e, I)
-                    st.sum_sq_mid[e] += (mid * mid).sum(0).double()
+            st.seen += x.shape[0]
+            for e in torch.unique(index).tolist():
+                tok, slot = torch.nonzero(index == e, as_tuple=True)  # the tokens routed to e, in order
+                xe = x[tok]
+                we = weights[tok, slot]
+                st.tokens[e] += tok.numel()
+                st.weight_sum[e] += we.sum().item()
+                st.sum_sq_in[e] += (xe * xe).sum(0).double()
+                if st.sum_sq_mid is None:
+                    continue
+                w = self.adapter.expert_weights(layer, e)
+                mid = module.act_fn(xe @ w[ExpertKind.GATE].float().T) * (xe @ w[ExpertKind.UP].float().T)  # (T_e, I)
+                if st.reap_sum is not None:
+                    out = mid @ w[ExpertKind.DOWN].float().T  # (T_e, H): the expert's output
+                    st.reap_sum[e] += (we * out.norm(dim=-1)).sum().item()
+                st.sum_sq_mid[e] += (mid * mid).sum(0).double()
 
 
 _IMPORTANCE_MODES = (None, "gate_up", "gate_up_down")
 
 
-@contextlib.contextmanager
 def record_routing(
     model: nn.Module,
     *,
     keep_logits: bool = True,
     importance: str | None = None,
     device: torch.device | str = "cpu",
-) -> Iterator[RoutingRecord]:
-    """Record, for every MoE layer and every token of the forward passes run inside the block,
-    the selected experts and their weights (and the router logits when ``keep_logits``).
+    logits_grad: bool = False,
+    reap: bool = False,
+) -> RoutingRecord:
+    """Record, for every MoE layer and every token of the forward passes run while the hooks are on
+    (``with record_routing(model) as rec:``, or until ``rec.close()``), the selected experts and their
+    weights (and the router logits when ``keep_logits``).
 
-    ``importance='gate_up'`` also accumulates, per expert, the sum of x**2 per input column over
-    the tokens routed to it (one (E, T) @ (T, H) product per call); ``'gate_up_down'`` adds the
-    same for the down_proj input, recomputing act(gate(x)) * up(x) per used expert (about the cost
-    of the experts' own gate/up projection). Routing tensors are stored on ``device``; the input
+    ``logits_grad``: the logits are kept as the router computed them, in the autograd graph (for a
+    loss on the routing, such as DeepSeek-V3's sequence-wise balance loss); otherwise detached.
+    ``importance='gate_up'`` also accumulates, per expert, the number of tokens routed to it, the sum
+    of their routing weights and the sum of x**2 per input column; ``'gate_up_down'`` adds the same
+    for the down_proj input, recomputing act(gate(x)) * up(x) for the expert's tokens (about the cost
+    of the experts' own gate/up projection); ``reap`` (with 'gate_up_down') adds the sum of
+    weight * ||expert output|| (REAP). Routing tensors are stored on ``device``; the input
     statistics stay on the activations' device.
     """
     if importance not in _IMPORTANCE_MODES:
         raise ValueError(f"importance must be one of {_IMPORTANCE_MODES}, got {importance!r}")
+    if logits_grad and not keep_logits:
+        raise ValueError("logits_grad=True keeps the router logits: it needs keep_logits=True")
+    if reap and importance != "gate_up_down":
+        raise ValueError("reap=True needs the down_proj inputs: record with importance='gate_up_down'")
     adapter = model if isinstance(model, MoEAdapter) else adapter_for(model)
-    record = RoutingRecord(adapter, keep_logits, importance, device)
-    handles = []
+    record = RoutingRecord(adapter, keep_logits, importance, device, logits_grad, reap)
     try:
-        for layer in adapter.moe_layers():
-            handles.append(
-                adapter.router(layer).register_forward_hook(lambda mod, args, out, layer=layer: record._on_router(layer, out))
-            )
-
-            def pre_hook(mod, args, kwargs, layer=layer):
-                bound = _experts_args(args, kwargs)
-                record._on_experts(layer, mod, *bound)
-
-            handles.append(adapter.experts_module(layer).register_forward_pre_hook(pre_hook, with_kwargs=True))
-        yield record
-    finally:
-        for h in handles:
-            h.remove()
+        record._attach()
+    except BaseException:
+        record.close()
+        raise
+    return record
 
 
 def _experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -47,7 +46,7 @@ from moeplan.kernels.imatrix import check_importance, write_profile_imatrix
 from moeplan.kernels.inventory import build_inventory
 from moeplan.kernels.outputs import output_file
 
-from .adapters import MoEAdapter, TensorRole, adapter_for
+from .adapters import ExpertInputStats, MoEAdapter, TensorRole, adapter_for, record_routing
 from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, DEFAULT_FORMATS, QUANTIZABLE, interpolate_gain, menu
 from .distributed import profile_on_ray
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text, load_text_ids
@@ -57,16 +56,6 @@ from .profile import ExpertStats, Profile
 # Every decoder layer's input on the calibration windows is kept (when it fits under this), so that
 # a change in layer l reruns layers l.. only.
 CACHE_LIMIT_BYTES = 4 << 30
-
-
-@dataclass
-class _ExpertAccum:
-    count: np.ndarray  # (E,) routed (token, slot) assignments
-    weight_sum: np.ndarray  # (E,) sum of routing weights when selected
-    reap_sum: np.ndarray  # (E,) sum of weight * ||expert output||
-    sq_in: np.ndarray  # (E, H) sum of x^2 of routed tokens
-    sq_mid: np.ndarray  # (E, I) sum of act(gate x) * up x squared
-    tokens: int = 0
 
 
 class Profiler:
@@ -137,46 +126,13 @@ class Profiler:
         return min(starts) if starts else None
 
     # ---- 1. statistics of one forward pass over the calibration windows ----
-    def _collect(self) -> tuple[dict[int, _ExpertAccum], dict[str, np.ndarray]]:
-        ad = self.adapter
-        accum: dict[int, _ExpertAccum] = {}
+    def _collect(self) -> tuple[dict[int, ExpertInputStats], dict[str, np.ndarray]]:
+        """The reference pass over the calibration windows, recording per MoE layer the routing and
+        expert-input statistics (adapters.record_routing) and the per-column mean of x^2 of every
+        plain Linear (attention, dense MLP, shared experts, head)."""
         linear_sq: dict[str, torch.Tensor] = {}
         linear_n: dict[str, int] = {}
         handles = []
-
-        def expert_hook(mod, args, kwargs, layer):
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
-            hidden, index, weights = vals
-            x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-            index = index.reshape(x.shape[0], -1)
-            weights = weights.reshape(x.shape[0], -1).float()
-            acc = accum[layer]
-            acc.tokens += x.shape[0]
-            for e in torch.unique(index).tolist():
-                tok, slot = torch.nonzero(index == e, as_tuple=True)
-                xe = x[tok]
-                w = ad.expert_weights(layer, e)
-                g = xe @ w["gate"].float().T
-                u = xe @ w["up"].float().T
-                mid = mod.act_fn(g) * u
-                out = mid @ w["down"].float().T
-                we = weights[tok, slot]
-                acc.count[e] += tok.numel()
-                acc.weight_sum[e] += we.sum().item()
-                acc.reap_sum[e] += (we * out.norm(dim=-1)).sum().item()
-                acc.sq_in[e] += (xe * xe).sum(0).double().numpy()
-                acc.sq_mid[e] += (mid * mid).sum(0).double().numpy()
-
-        for layer in ad.moe_layers():
-            ex = ad.experts_module(layer)
-            e0 = ad.expert_weights(layer, 0)
-            n = ad.n_experts(layer)
-            accum[layer] = _ExpertAccum(np.zeros(n), np.zeros(n), np.zeros(n),
-                                        np.zeros((n, e0["gate"].shape[1])), np.zeros((n, e0["down"].shape[1])))
-            handles.append(ex.register_forward_pre_hook(lambda m, a, k, layer=layer: expert_hook(m, a, k, layer),
-                                                        with_kwargs=True))
-        # per-column mean of x^2 for every plain Linear (attention, dense MLP, shared experts, head)
         for mname, mod in self.model.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 key = f"{mname}.weight"
@@ -190,18 +146,20 @@ class Profiler:
         n_tokens = self.windows.numel()
         cache = self.cache_layer_inputs and LayerInputs.nbytes_estimate(self.model, n_tokens) <= CACHE_LIMIT_BYTES
         try:
-            self.reference = ReferenceLogits(self.model, self.windows, self.batch_size, cache_layer_inputs=cache)
+            with record_routing(self.adapter, keep_logits=False, importance="gate_up_down", reap=True) as rec:
+                self.reference = ReferenceLogits(self.model, self.windows, self.batch_size, cache_layer_inputs=cache)
         finally:
             for h in handles:
                 h.remove()
         importance = {k: (v / linear_n[k]).numpy().astype(np.float32) for k, v in linear_sq.items()}
-        return accum, importance
+        return {layer: rec.stats(layer) for layer in self.adapter.moe_layers()}, importance
 
     # ---- the whole profile ----
     def run(self, fingerprint: str) -> tuple[Profile, dict[str, np.ndarray]]:
         t0 = time.perf_counter()
         ad = self.adapter
-        accum, lin_imp = self._collect()
+        stats, lin_imp = self._collect()
+        count = {layer: st.tokens.numpy() for layer, st in stats.items()}  # (E,) tokens routed to each expert
         self.timings["statistics"] = time.perf_counter() - t0
 
         # importance vector and token share of every quantizable tensor
@@ -210,11 +168,11 @@ class Profiler:
         share: dict[str, float] = {}
         for r in refs:
             if r.role is TensorRole.ROUTED_EXPERT:
-                acc = accum[r.layer]
-                cnt = max(acc.count[r.expert], 1.0)
-                sq = acc.sq_mid[r.expert] if r.kind.value == "down" else acc.sq_in[r.expert]
-                importance[r.name] = (sq / cnt).astype(np.float32)
-                share[r.name] = acc.count[r.expert] / max(acc.tokens, 1)
+                st = stats[r.layer]
+                cnt = max(count[r.layer][r.expert], 1.0)
+                sq = st.sum_sq_mid[r.expert] if r.kind.value == "down" else st.sum_sq_in[r.expert]
+                importance[r.name] = (sq.numpy() / cnt).astype(np.float32)
+                share[r.name] = count[r.layer][r.expert] / max(st.seen, 1)
             else:
                 imp = lin_imp.get(r.name)
                 if imp is None or imp.shape[0] != r.shape[-1]:
@@ -284,12 +242,12 @@ class Profiler:
         n_total = sum(ad.n_experts(l) for l in ad.moe_layers())
         with self._bar(n_total, "expert removal") as bar:
             for layer in ad.moe_layers():
-                acc = accum[layer]
+                cnt, st = count[layer], stats[layer]
                 n = ad.n_experts(layer)
-                slots = max(acc.count.sum(), 1.0)
-                freq = acc.count / slots * ad.top_k(layer)  # sums to top_k: per-token probability of use
-                mean_score = np.where(acc.count > 0, acc.weight_sum / np.maximum(acc.count, 1), 0.0)
-                reap = np.where(acc.count > 0, acc.reap_sum / np.maximum(acc.count, 1), 0.0)
+                slots = max(cnt.sum(), 1.0)
+                freq = cnt / slots * ad.top_k(layer)  # sums to top_k: per-token probability of use
+                mean_score = np.where(cnt > 0, st.weight_sum.numpy() / np.maximum(cnt, 1), 0.0)
+                reap = np.where(cnt > 0, st.reap_sum.numpy() / np.maximum(cnt, 1), 0.0)
                 removal = []
                 for e in range(n):
                     removal.append(self._removal_kl(layer, e))

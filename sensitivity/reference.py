@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Document, read_split
+from .factory.data import Document, read_split
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 TEXT_SPLITS = ("valid", "calib")

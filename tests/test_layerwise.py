@@ -115,7 +115,7 @@ def test_swapped_tensors_come_back_bit_for_bit(tmp_path):
     what loading wrote (BF16 and FP8 with its block scales), and no float copy of it is kept."""
     from moeplan import kernels
     from moeplan.sensitivity.adapters import ExpertKind, TensorRole
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
     from moeplan.sensitivity.layerwise import EXPERTS, OTHER, LayerwiseProfiler, _Group, _kind_view, _Quantized
 
     cfg = json.loads((DSV3 / "config.json").read_text())
@@ -344,7 +344,7 @@ print(base, peak)
 
 @pytest.mark.slow
 def test_peak_memory_stays_well_below_the_checkpoint(tmp_path):
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
 
     cfg = json.loads((QWEN / "config.json").read_text())
     cfg.update(num_hidden_layers=24, hidden_size=512, moe_intermediate_size=256, num_local_experts=16)

@@ -21,7 +21,7 @@ needs_model = pytest.mark.skipif(not ((MODEL_DIR / "model.safetensors").exists()
 @pytest.fixture(scope="module")
 def shipped():
     """(inventory, profile, evaluator on 256 held-out tokens, BF16 bytes) of the shipped model."""
-    from moeplan.allocator.cli.pareto import Evaluator
+    from moeplan.allocator.cli.evaluation import Evaluator
     from moeplan.sensitivity.profile import Profile
 
     ev = Evaluator(MODEL, eval_tokens=256, seq_len=128)
@@ -120,7 +120,7 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
     """Free target, no expert groups: layer 0 keeps 3 of 16 experts with top-k 3 (< the original 4);
     measured in memory, and written as safetensors that load back with the same output."""
     from moeplan.allocator.baselines import uniform
-    from moeplan.allocator.cli.pareto import Evaluator
+    from moeplan.allocator.cli.evaluation import Evaluator
     from moeplan.sensitivity.profile import Profile
 
     ev = Evaluator("tiny-qwen3-moe", eval_tokens=128)
@@ -156,7 +156,7 @@ def test_a_layer_may_keep_fewer_experts_than_the_original_top_k(tmp_path):
 
 def test_measuring_needs_a_checkpoint_with_weights(capsys):
     from moeplan.allocator.cli import main
-    from moeplan.allocator.cli.pareto import Evaluator
+    from moeplan.allocator.cli.evaluation import Evaluator
 
     with pytest.raises(ValueError, match="checkpoint with weights"):
         Evaluator("deepseek-v3")  # a bundled config.json, no weights

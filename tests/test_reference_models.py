@@ -9,12 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeplan.sensitivity import data, reference
-from moeplan.sensitivity.train import MODEL_SPECS, eval_stream, evaluate, moe_routers
+from moeplan.sensitivity import reference
+from moeplan.sensitivity.adapters import adapter_for
+from moeplan.sensitivity.factory import data
+from moeplan.sensitivity.factory.train import MODEL_SPECS, eval_stream, evaluate
 
 MODELS = ["tiny-deepseek-v3", "tiny-qwen3-moe"]
 # Perplexity bounds on the first 8 windows of 256 tokens of valid.txt: about twice what
-# `python -m moeplan.sensitivity.train card` measured on that split (results/model-card-<name>.md).
+# `python -m moeplan.sensitivity.factory.train card` measured on that split (results/model-card-<name>.md).
 PPL_BOUND = {"tiny-deepseek-v3": 130.0, "tiny-qwen3-moe": 190.0}
 TEST_WINDOWS = 8
 
@@ -49,7 +51,9 @@ def test_shapes_exercise_k_quants_and_fallbacks(loaded):
     name, model, _ = loaded
     cfg = model.config
     assert cfg.hidden_size % 256 == 0 and cfg.moe_intermediate_size % 256 == 0
-    for _, gate in moe_routers(model):
+    adapter = adapter_for(model)
+    for layer in adapter.moe_layers():
+        gate = adapter.router(layer)
         assert gate.top_k == 4 and gate.num_experts == 16
     widths = {n: p.shape[-1] for n, p in model.named_parameters() if p.dim() >= 2}
     expert = [w for n, w in widths.items() if ".experts." in n]

@@ -42,7 +42,7 @@ def _small_config(**kw) -> dict:
 
 
 def test_generated_sharded_checkpoint_reads_back_and_runs(tmp_path):
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
     from moeplan.sensitivity.streaming import StreamingModel
 
     d = write_random_checkpoint(tmp_path / "gen", _small_config(), shard_bytes=2 << 20)
@@ -55,7 +55,7 @@ def test_generated_sharded_checkpoint_reads_back_and_runs(tmp_path):
 
 
 def test_fp8_checkpoint_is_dequantized_by_blocks(tmp_path):
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
 
     d = write_random_checkpoint(tmp_path / "fp8", _small_config(hidden_size=320), dtype="F8_E4M3")
     cfg = json.loads((d / "config.json").read_text())
@@ -102,7 +102,7 @@ print(peak - base)
 
 @pytest.mark.slow
 def test_peak_memory_is_one_layer_not_the_model(tmp_path):
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
 
     cfg = _small_config(num_hidden_layers=8, hidden_size=512, moe_intermediate_size=512, num_local_experts=32)
     d = write_random_checkpoint(tmp_path / "big", cfg)

@@ -9,7 +9,6 @@ Everything it writes goes into one folder (default ./moeplan-demo).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from moeplan.allocator import paper_baseline, solve
+from moeplan.allocator.cli.evaluation import Evaluator
 from moeplan.allocator.cli.materialize import materialize
 from moeplan.allocator.plan import PlanError, make_plan
 from moeplan.allocator.sweep import ProblemFactory, sweep, write
@@ -36,12 +36,7 @@ def _say(msg: str) -> None:
 def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fraction: float = 0.20,
              context: int = 256, reprofile: bool = False, eval_tokens: int = 4096, sweep_points: int = 12,
              write_gguf: bool = True) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moeplan.sensitivity.compress import Decision, apply_decision
-    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
-    from moeplan.sensitivity.profiler import importance_path, load_importance, profile_model
+    from moeplan.sensitivity.profiler import importance_path, profile_model
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -62,7 +57,6 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
         _say("[1/5] profile: measuring on the model's calibration text")
         profile = profile_model(str(model_dir), out=out / "profile.json")
         imp_file = importance_path(out / "profile.json")
-    importance = load_importance(imp_file) if imp_file.exists() else None
 
     # 2. solve at the default budget: `fraction` of the BF16 weights, plus the KV cache for `context`
     bf16 = inv.bytes_uniform("BF16")
@@ -111,10 +105,8 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
              f"{gguf_report.total_tensor_bytes:,}, plan predicted {plan.totals.weight_bytes:,})")
 
     # 5. measure: moeplan's plan and the paper's pipeline at the same budget
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    windows = chunk_tokens(encode_text(tok, (model_dir / "valid.txt").read_text()), 128, eval_tokens)
-    original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ref = ReferenceLogits(original, windows)
+    evaluator = Evaluator(model_dir, eval_tokens=eval_tokens, seq_len=128,
+                          importance=imp_file if imp_file.exists() else None)
     rows = []
     candidates = [("moeplan (gguf)", plan)]
     pb = paper_baseline(problem)
@@ -122,22 +114,22 @@ def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fract
         candidates.append(("paper pipeline", make_plan(pb.problem, pb.assignment,
                                                        {"solver": pb.name, "status": "baseline", "wall_s": 0.0})))
     for name, pl in candidates:
-        m = apply_decision(copy.deepcopy(original), Decision.from_plan(pl), importance)
-        r = evaluate(m, ref)
+        r = evaluator(pl)
         rows.append({"method": name, "weight_bytes": pl.totals.weight_bytes, "bits_per_weight": pl.totals.bits_per_weight,
                      "predicted_kld": pl.damage.total, "measured_kld": r.kld_mean, "kld_p99": r.kld_p99,
                      "top1_agreement": r.top1_agreement, "perplexity": r.perplexity})
-    llama_check = _llama_check(gguf_report, original, plan, importance, windows) if gguf_report else None
-    summary = {"model": model, "memory_bytes": memory, "reference_perplexity": ref.perplexity,
+    llama_check = _llama_check(gguf_report, evaluator, plan) if gguf_report else None
+    summary = {"model": model, "memory_bytes": memory, "reference_perplexity": evaluator.reference_perplexity,
                "solver": sol.report(), "results": rows, "llama_cpp": llama_check,
                "seconds": round(time.perf_counter() - t_start, 1)}
     write_text(out / "summary.json", json_text(summary, indent=1) + "\n")
-    _say(f"[5/5] evaluate on {ref.n_tokens} held-out tokens (original perplexity {ref.perplexity:.2f})")
+    _say(f"[5/5] evaluate on {evaluator.n_tokens} held-out tokens (original perplexity "
+         f"{evaluator.reference_perplexity:.2f})")
     _print_table(rows, llama_check, summary["seconds"], out)
     return summary
 
 
-def _llama_check(report, original, plan, importance, windows) -> dict | None:
+def _llama_check(report, evaluator: Evaluator, plan) -> dict | None:
     """Run the GGUF in llama.cpp on one window; compare its next-token choices with the in-memory plan."""
     try:
         import llama_cpp  # noqa: F401
@@ -146,13 +138,11 @@ def _llama_check(report, original, plan, importance, windows) -> dict | None:
     import torch
     from llama_cpp import Llama
 
-    from moeplan.sensitivity.compress import Decision, apply_decision
-
-    ids = windows[0].tolist()
+    ids = evaluator.reference.windows[0].tolist()
     llm = Llama(model_path=str(report.path), n_ctx=len(ids) + 8, logits_all=True, verbose=False, seed=0)
     llm.eval(ids)
     ll = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    m = apply_decision(copy.deepcopy(original), Decision.from_plan(plan), importance)
+    m = evaluator.compressed(plan)
     with torch.inference_mode():
         hf = m(input_ids=torch.tensor([ids])).logits[0].float().numpy()
     agree = float((ll.argmax(-1) == hf.argmax(-1)).mean())

@@ -15,6 +15,7 @@ from moeplan.kernels.outputs import check_output
 from moeplan.sensitivity.costs import DEFAULT_FORMATS
 
 from .args import Command, positive_int
+from .evaluation import Evaluator, held_out_windows, importance_vectors
 
 
 def _say(msg: str) -> None:
@@ -198,26 +199,18 @@ def _evaluate_args(ap: argparse.ArgumentParser) -> None:
 def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = None, tokens: int = 8192,
                   seq_len: int = 128, importance_file: str | None = None):
     """Perplexity, KL to the original and top-1 agreement of MODEL compressed under a plan (API)."""
-    import copy
+    from moeplan.sensitivity.evaluate import load_model_and_text
 
-    from moeplan.sensitivity.compress import Decision, apply_decision
-    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-    from moeplan.sensitivity.profiler import load_importance
-
-    plan = importance = None
+    plan = inventory = None
+    importance = (None, None)
     if plan_path is not None:  # the plan and the importance are checked before the model is loaded
-        plan = Plan.load(plan_path, build_inventory(model))
-        imp_path = Path(importance_file) if importance_file else resolve_model(model) / "profile.importance.safetensors"
-        if importance_file and not imp_path.is_file():
-            raise FileNotFoundError(f"--importance {imp_path} does not exist")
-        importance = load_importance(imp_path) if imp_path.exists() else None
+        inventory = build_inventory(model)
+        plan = Plan.load(plan_path, inventory)
+        importance = importance_vectors(resolve_model(model), importance_file or None, "--importance")
     path, original, ids = load_model_and_text(model, text, "valid", "evaluation", "--text")
-    windows = chunk_tokens(ids, seq_len, tokens)
-    ref = ReferenceLogits(original, windows)
-    model_ = original
-    if plan is not None:
-        model_ = apply_decision(copy.deepcopy(original), Decision.from_plan(plan), importance)
-    return evaluate(model_, ref)
+    evaluator = Evaluator.of_model(path, original, held_out_windows(ids, seq_len, tokens), importance,
+                                   inventory=inventory)
+    return evaluator(plan) if plan is not None else evaluator.evaluate()
 
 
 def _evaluate_run(args) -> int:

@@ -7,8 +7,9 @@ computes with, pruned experts removed, top-k set: exactly what `moeplan material
 and compared with the original model on the checkpoint's held-out text (`valid.txt`): KL divergence
 of the next-token distributions (mean and 99th percentile), perplexity and top-1 agreement.
 
-- `Evaluator`: the original model, its reference log-probabilities (computed once) and the importance
-  vectors; evaluates a Plan (identical plans are evaluated once).
+- `Evaluator` (allocator.cli.evaluation, the command line's one evaluator): the original model, its
+  reference log-probabilities (computed once) and the importance vectors; evaluates a Plan (identical
+  plans are evaluated once).
 - `measure(table, plans, model)`: a sweep's table with the measured columns added, for every row
   that has a plan (`sweep(..., plans=d)` collects them).
 - `quantization_only_factory(...)`: moeplan's integer program with pruning and top-k changes taken
@@ -25,10 +26,7 @@ of the next-token distributions (mean and 99th percentile), perplexity and top-1
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
-import json
 import math
 import re
 import time
@@ -37,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from moeplan.allocator.cli.evaluation import Evaluator
 from moeplan.allocator.cli.materialize import materialize
 from moeplan.allocator.problem import Assignment, Problem, parse_size
 from moeplan.allocator.sweep import PAPER_RATIO, ProblemFactory, save_figure, sweep
@@ -63,94 +62,7 @@ def _say_nothing(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluating plans
-
-class Evaluator:
-    """The original model of checkpoint `model`, its next-token log-probabilities on `eval_tokens`
-    tokens of held-out text (the checkpoint's valid.txt, or `eval_text`) in windows of `seq_len`, and
-    the importance vectors the quantizers use (`importance`: a path, a loaded dict, or None for the
-    checkpoint's shipped profile.importance.safetensors when there is one). Calling it on a Plan
-    returns the plan's EvalResult; identical plans are evaluated once.
-
-    `sample="spread"` (default) takes the windows evenly spaced over the whole text, so that a few
-    thousand tokens still cover every kind of document in it (the shipped valid.txt holds code,
-    documentation and prose, one after the other); "head" takes the first eval_tokens tokens."""
-
-    def __init__(self, model, *, eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128,
-                 importance=None, batch_size: int = 8, sample: str = "spread"):
-        from moeplan.sensitivity.evaluate import ReferenceLogits, load_model_and_text
-
-        if eval_tokens < seq_len:
-            raise ValueError(f"eval_tokens ({eval_tokens}) must be at least one window of seq_len={seq_len} tokens")
-        if sample not in ("spread", "head"):
-            raise ValueError(f"sample must be 'spread' or 'head', got {sample!r}")
-        path = resolve_model(model)
-        if not path.is_dir():
-            raise ValueError(f"measuring plans needs a checkpoint with weights; {path} is not a checkpoint directory "
-                             "(give the directory that holds config.json and the *.safetensors weights)")
-        t0 = time.perf_counter()
-        self.model_dir, self.original, ids = load_model_and_text(path, eval_text, "valid", "evaluation", "--eval-text")
-        self.inventory: Inventory = build_inventory(self.model_dir)
-        self.reference = ReferenceLogits(self.original, held_out_windows(ids, seq_len, eval_tokens, sample), batch_size)
-        self.sample = sample
-        self.importance_file, self.importance = _importance(self.model_dir, importance)
-        self.seconds = time.perf_counter() - t0
-        self.evaluations = 0  # plans actually applied and evaluated (cache misses)
-        self._cache: dict[str, object] = {}
-
-    @property
-    def n_tokens(self) -> int:
-        return self.reference.n_tokens
-
-    @property
-    def reference_perplexity(self) -> float:
-        return self.reference.perplexity
-
-    def __call__(self, plan):
-        from moeplan.sensitivity.compress import Decision, apply_decision
-        from moeplan.sensitivity.evaluate import evaluate
-
-        plan.check_model(self.inventory)
-        key = decision_key(plan)
-        if key not in self._cache:
-            model = copy.deepcopy(self.original)
-            model = apply_decision(model, Decision.from_plan(plan), self.importance)
-            self._cache[key] = evaluate(model, self.reference)
-            self.evaluations += 1
-            del model
-        return self._cache[key]
-
-
-def held_out_windows(ids, seq_len: int, eval_tokens: int, sample: str = "spread"):
-    """(n, seq_len) windows with n = eval_tokens // seq_len: spread evenly over the whole text
-    (sensitivity.evaluate.chunk_tokens) or, with sample="head", the first ones."""
-    from moeplan.sensitivity.evaluate import chunk_tokens
-
-    if sample == "head":
-        return chunk_tokens(list(ids)[:eval_tokens], seq_len)
-    return chunk_tokens(ids, seq_len, eval_tokens)
-
-
-def _importance(model_dir: Path, importance):
-    from moeplan.sensitivity.profiler import load_importance
-
-    if isinstance(importance, dict):
-        return None, importance
-    if importance is None:
-        p = model_dir / "profile.importance.safetensors"
-        return (p, load_importance(p)) if p.exists() else (None, None)
-    p = Path(importance)
-    if not p.exists():
-        raise FileNotFoundError(f"importance file {p} does not exist")
-    return p, load_importance(p)
-
-
-def decision_key(plan) -> str:
-    """A digest of what a plan does to the model (formats, kept experts, top-k, target)."""
-    obj = {"target": plan.target, "tensors": sorted(plan.tensors.items()),
-           "layers": [(l.layer, l.kept, l.top_k) for l in sorted(plan.layers, key=lambda l: l.layer)]}
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
-
+# measuring plans
 
 def measure(table, plans: dict | None = None, model=None, *, evaluator: Evaluator | None = None,
             eval_tokens: int = 4096, eval_text: str | None = None, seq_len: int = 128, importance=None,

@@ -1,8 +1,8 @@
 """Train, ship and describe moeplan's two reference MoE language models.
 
-    python -m moeplan.sensitivity.train --model tiny-deepseek-v3 --minutes 20     # train, write sensitivity/models/<name>/
-    python -m moeplan.sensitivity.train --model tiny-qwen3-moe --steps 600         # a fixed number of steps instead
-    python -m moeplan.sensitivity.train card --model tiny-deepseek-v3             # measure the shipped model, write its card
+    python -m moeplan.sensitivity.factory.train --model tiny-deepseek-v3 --minutes 20     # train, write sensitivity/models/<name>/
+    python -m moeplan.sensitivity.factory.train --model tiny-qwen3-moe --steps 600         # a fixed number of steps instead
+    python -m moeplan.sensitivity.factory.train card --model tiny-deepseek-v3             # measure the shipped model, write its card
 
 Both are transformers' own classes (DeepseekV3ForCausalLM, Qwen3MoeForCausalLM), so every code
 path that serves a real checkpoint serves these. Expert tensors have input widths that are
@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data as corpus
+from ..adapters import RoutingRecord, record_routing
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # moeplan.sensitivity, which ships the models
 MODELS_DIR = PACKAGE_DIR / "models"
 RESULTS_DIR = PACKAGE_DIR.parent / "results"
 TEST_WINDOWS = 8  # windows of valid.txt that tests/test_reference_models.py evaluates
@@ -150,16 +151,6 @@ def _spec(name: str) -> ModelSpec:
     return MODEL_SPECS[name]
 
 
-def moe_routers(model) -> list[tuple[int, torch.nn.Module]]:
-    """(layer index, router module) of every MoE layer, in order."""
-    out = []
-    for i, layer in enumerate(model.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if gate is not None and hasattr(gate, "top_k"):
-            out.append((i, gate))
-    return out
-
-
 def parameter_counts(model) -> dict:
     cfg = model.config
     total = sum(p.numel() for p in model.parameters())
@@ -219,44 +210,13 @@ def eval_stream(tokenizer, docs: list[corpus.Document]) -> EvalStream:
     return EvalStream(torch.tensor(ids, dtype=torch.long), np.asarray(dom), np.asarray(src), domains, sources)
 
 
-class RoutingRecorder:
-    """Forward hooks on every MoE router: per-layer routed-token counts and summed routing weights."""
-
-    def __init__(self, model, keep_logits: bool = False):
-        self.routers = moe_routers(model)
-        self.keep_logits = keep_logits
-        n_exp = self.routers[0][1].num_experts
-        self.counts = {i: torch.zeros(n_exp, dtype=torch.float64) for i, _ in self.routers}
-        self.weights = {i: torch.zeros(n_exp, dtype=torch.float64) for i, _ in self.routers}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.last_idx: dict[int, torch.Tensor] = {}
-        self._handles = [gate.register_forward_hook(self._hook(i)) for i, gate in self.routers]
-
-    def _hook(self, layer: int):
-        def fn(module, args, output):
-            logits, weights, idx = output  # (T, E), (T, k), (T, k) in both families
-            flat = idx.reshape(-1)
-            self.counts[layer] += torch.bincount(flat, minlength=module.num_experts).double().cpu()
-            self.weights[layer].index_add_(0, flat.cpu(), weights.detach().reshape(-1).double().cpu())
-            self.last_idx[layer] = idx.detach()
-            if self.keep_logits:
-                self.logits[layer] = logits
-
-        return fn
-
-    def reset(self) -> None:
-        for t in (*self.counts.values(), *self.weights.values()):
-            t.zero_()
-        self.logits.clear()
-        self.last_idx.clear()
-
-    def shares(self) -> dict[int, np.ndarray]:
-        """Per layer: each expert's share of routed assignments divided by the uniform share 1/E."""
-        return {i: (c / c.sum() * len(c)).numpy() for i, c in self.counts.items()}
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+def expert_shares(rec: RoutingRecord) -> dict[int, np.ndarray]:
+    """Per MoE layer: each expert's share of the routed assignments recorded, divided by the uniform share 1/E."""
+    out = {}
+    for layer in rec.layers():
+        c = rec.routing(layer).counts(rec.adapter.n_experts(layer)).double()
+        out[layer] = (c / c.sum() * len(c)).numpy()
+    return out
 
 
 @torch.no_grad()
@@ -269,19 +229,20 @@ def evaluate(model, stream: EvalStream, seq_len: int = 256, max_windows: int | N
         n_win = min(n_win, max_windows)
     if n_win < 1:
         raise ValueError(f"evaluation text too short: {len(stream.ids)} tokens for windows of {seq_len}")
-    rec = RoutingRecorder(model)
+    rec = record_routing(model, keep_logits=False)
     nll_sum = np.zeros(len(stream.ids))
     counted = np.zeros(len(stream.ids), dtype=bool)
-    n_exp = rec.routers[0][1].num_experts
+    n_exp = rec.adapter.n_experts(rec.layers()[0])
     # per layer, routed-assignment counts split by the domain of the token routed: (D, E)
-    dom_counts = {i: np.zeros((len(stream.domains), n_exp)) for i, _ in rec.routers}
+    dom_counts = {i: np.zeros((len(stream.domains), n_exp)) for i in rec.layers()}
     try:
         for b0 in range(0, n_win, batch):
             wins = range(b0, min(n_win, b0 + batch))
             x = torch.stack([stream.ids[w * seq_len : (w + 1) * seq_len] for w in wins])
             logits = model(input_ids=x).logits.float()
             tok_dom = np.concatenate([stream.domain[w * seq_len : (w + 1) * seq_len] for w in wins])  # (B*L,)
-            for layer, idx in rec.last_idx.items():
+            for layer in rec.layers():
+                idx = rec.routing(layer).indices[-x.numel():]  # this batch's tokens, (B*L, k)
                 k = idx.shape[-1]
                 np.add.at(dom_counts[layer], (np.repeat(tok_dom, k), idx.reshape(-1).numpy()), 1)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
@@ -302,14 +263,16 @@ def evaluate(model, stream: EvalStream, seq_len: int = 256, max_windows: int | N
     out = agg(np.ones_like(counted))
     out["per_domain"] = {d: agg(stream.domain == i) for i, d in enumerate(stream.domains)}
     out["per_source"] = {s: agg(stream.source == i) for i, s in enumerate(stream.sources)}
-    shares = rec.shares()
+    shares = expert_shares(rec)
     out["expert_share"] = {str(i): [round(float(v), 4) for v in s] for i, s in shares.items()}
     out["expert_share_per_domain"] = {
         str(i): {d: [round(float(v), 4) for v in c[j] / max(c[j].sum(), 1) * n_exp] for j, d in enumerate(stream.domains)}
         for i, c in dom_counts.items()
     }
+    routing = {i: rec.routing(i) for i in rec.layers()}
     out["expert_mean_weight"] = {
-        str(i): [round(float(w / c), 4) if c else 0.0 for w, c in zip(rec.weights[i], rec.counts[i])] for i in rec.counts
+        str(i): [round(float(w / c), 4) if c else 0.0 for w, c in zip(r.weight_sums(n_exp), r.counts(n_exp).double())]
+        for i, r in routing.items()
     }
     return out
 
@@ -348,15 +311,18 @@ def _lr_at(a: TrainArgs, step: int, progress: float) -> float:
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _deepseek_seq_balance_loss(rec: RoutingRecorder, batch: int, top_k: int) -> torch.Tensor:
-    """DeepSeek-V3 eq. 17-20: sum over experts of f_i * P_i per sequence, averaged, summed over layers."""
+def _deepseek_seq_balance_loss(rec: RoutingRecord, batch: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20: sum over experts of f_i * P_i per sequence, averaged, summed over layers
+    (the logits recorded with their gradient)."""
     total = 0.0
-    for layer, logits in rec.logits.items():
+    for layer in rec.layers():
+        routing = rec.routing(layer)
+        logits = routing.logits
         n_exp = logits.shape[-1]
         s = torch.sigmoid(logits.float())
         s = (s / s.sum(-1, keepdim=True)).view(batch, -1, n_exp)  # (B, L, E) normalized affinities
         seq_len = s.shape[1]
-        idx = rec.last_idx[layer].view(batch, -1)  # (B, L*k)
+        idx = routing.indices.view(batch, -1)  # (B, L*k)
         f = torch.zeros(batch, n_exp).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         f = f * n_exp / (top_k * seq_len)
         total = total + (f * s.mean(1)).sum(-1).mean()
@@ -419,7 +385,7 @@ def train(a: TrainArgs) -> Path:
         betas=(0.9, 0.95),
         eps=1e-8,
     )
-    rec = RoutingRecorder(model, keep_logits=is_ds)
+    rec = record_routing(model, keep_logits=is_ds, logits_grad=is_ds)
     rng = np.random.default_rng(a.seed)
     n_tok = len(stream)
     log({"event": "start", "model": a.model, "params": counts, "train_tokens_available": int(n_tok), "valid_tokens": int(len(valid.ids)), "args": asdict(a)})
@@ -463,14 +429,15 @@ def train(a: TrainArgs) -> Path:
         if is_ds:
             # Auxiliary-loss-free balancing: push each expert's bias toward the mean load.
             with torch.no_grad():
-                for layer, gate in rec.routers:
-                    load = rec.counts[layer].float()
-                    gate.e_score_correction_bias += a.bias_update_rate * torch.sign(load.mean() - load)
+                for layer in rec.layers():
+                    load = rec.routing(layer).counts(rec.adapter.n_experts(layer)).float()
+                    bias = rec.adapter.e_score_correction_bias(layer)
+                    bias += a.bias_update_rate * torch.sign(load.mean() - load)
         step += 1
         tokens_seen += a.batch * a.seq_len
         losses.append(ce.item())
         if step % 10 == 0:
-            sh = rec.shares()
+            sh = expert_shares(rec)
             rec_ = {
                 "event": "train",
                 "step": step,
@@ -489,7 +456,7 @@ def train(a: TrainArgs) -> Path:
         if time.time() - last_eval >= a.eval_every_s:
             rec.close()
             ev = evaluate(model, valid, a.seq_len, max_windows=a.eval_windows)
-            rec = RoutingRecorder(model, keep_logits=is_ds)
+            rec = record_routing(model, keep_logits=is_ds, logits_grad=is_ds)
             model.train()
             last_eval = time.time()
             v = {"event": "valid", "step": step, "t": round(last_eval - t0, 1), "tokens": tokens_seen, "ppl": round(ev["ppl"], 3), "per_domain": {k: round(d["ppl"], 3) for k, d in ev["per_domain"].items()}}
@@ -513,7 +480,7 @@ def train(a: TrainArgs) -> Path:
     log(final)
     training_log = {
         "model": a.model,
-        "command": f"python -m moeplan.sensitivity.train --model {a.model} " + (f"--steps {a.steps}" if a.steps else f"--minutes {a.minutes:g}"),
+        "command": f"python -m moeplan.sensitivity.factory.train --model {a.model} " + (f"--steps {a.steps}" if a.steps else f"--minutes {a.minutes:g}"),
         "args": asdict(a),
         "hardware": cpu_description(),
         "torch": torch.__version__,
@@ -579,8 +546,8 @@ def _data_card(name: str, manifest: dict) -> str:
     lines = [
         f"# {name}: data and licences",
         "",
-        "Weights were trained from scratch by `python -m moeplan.sensitivity.train` on the train split of the corpus",
-        "built by `python -m moeplan.sensitivity.data prepare`. The files valid.txt and calib.txt in this folder are",
+        "Weights were trained from scratch by `python -m moeplan.sensitivity.factory.train` on the train split of the corpus",
+        "built by `python -m moeplan.sensitivity.factory.data prepare`. The files valid.txt and calib.txt in this folder are",
         "the validation and calibration splits; they contain only PSF-licensed and public-domain text.",
         "The train split is not shipped; documents.json lists its document ids and SHA-256 hashes.",
         "",
@@ -608,7 +575,7 @@ def _data_card(name: str, manifest: dict) -> str:
 
 
 def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
-    from . import reference
+    from .. import reference
 
     spec = _spec(name)
     path = reference.reference_model_path(name)
@@ -624,7 +591,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     # the text tests/test_reference_models.py measures: the first TEST_WINDOWS windows of valid
     ev_test = evaluate(model, streams["valid"], seq_len, max_windows=TEST_WINDOWS)
     sizes = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    cmd = f"python -m moeplan.sensitivity.train card --model {name}"
+    cmd = f"python -m moeplan.sensitivity.factory.train card --model {name}"
     manifest = json.loads((path / "documents.json").read_text(encoding="utf-8"))
     lines = [
         f"# Model card: {name}",
@@ -669,7 +636,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
     lines += [
         "## Data",
         "",
-        "Built by `python -m moeplan.sensitivity.data prepare --out DIR`; documents are split by a keyed SHA-256 of their id.",
+        "Built by `python -m moeplan.sensitivity.factory.data prepare --out DIR`; documents are split by a keyed SHA-256 of their id.",
         "",
         "| source | domain | licence | shipped text |",
         "| --- | --- | --- | --- |",
@@ -773,7 +740,7 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "card":
-        p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.train card", description="measure a shipped reference model and write results/model-card-<name>.md")
+        p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.factory.train card", description="measure a shipped reference model and write results/model-card-<name>.md")
         p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
         p.add_argument("--out", type=Path, default=None)
         p.add_argument("--threads", type=int, default=2)
@@ -781,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
         print(write_card(a.model, a.out))
         return 0
-    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.train", description="train a reference MoE model and ship it to sensitivity/models/<name>/")
+    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.factory.train", description="train a reference MoE model and ship it to sensitivity/models/<name>/")
     p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--minutes", type=float, default=None, help="wall-clock budget; the cosine schedule runs over it (default 20)")

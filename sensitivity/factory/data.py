@@ -18,7 +18,7 @@ first, so they are disjoint by content too). The valid and calib splits ship wit
 so they are small and drawn only from permissively licensed or public-domain sources; the
 handbook is used for training only.
 
-    python -m moeplan.sensitivity.data prepare --out DIR     # installs missing Debian packages, writes DIR
+    python -m moeplan.sensitivity.factory.data prepare --out DIR     # installs missing Debian packages, writes DIR
 """
 
 from __future__ import annotations
@@ -416,7 +416,7 @@ def corpus_stats(splits: dict[str, list[Document]]) -> dict:
 def load_corpus(root: Path) -> tuple[dict, dict[str, list[Document]]]:
     manifest = json.loads((root / "documents.json").read_text(encoding="utf-8"))
     if manifest.get("corpus_version") != CORPUS_VERSION:
-        raise ValueError(f"{root}: corpus version {manifest.get('corpus_version')} != {CORPUS_VERSION}; rebuild it with `python -m moeplan.sensitivity.data prepare --out {root}`")
+        raise ValueError(f"{root}: corpus version {manifest.get('corpus_version')} != {CORPUS_VERSION}; rebuild it with `python -m moeplan.sensitivity.factory.data prepare --out {root}`")
     return manifest, {s: read_split(root / f"{s}.txt", manifest["splits"][s]) for s in SPLITS}
 
 
@@ -474,7 +474,7 @@ def encode_documents(tokenizer, docs: list[Document]) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m moeplan.sensitivity.factory.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="install missing sources, build train/valid/calib and the tokenizer")
     pp.add_argument("--out", required=True, type=Path, help="directory for train/valid/calib .txt, documents.json, tokenizer/")
