@@ -150,7 +150,7 @@ def test_matrices_are_quantized_and_read_a_chunk_of_rows_at_a_time(tmp_path, mon
     from moeplan import kernels
     from moeplan.kernels.checkpoint import Checkpoint
     from moeplan.sensitivity import layerwise
-    from moeplan.sensitivity.generated import write_random_checkpoint
+    from moeplan.sensitivity.factory.generated import write_random_checkpoint
     from moeplan.sensitivity.streaming import StreamingModel
 
     rng = np.random.default_rng(0)
