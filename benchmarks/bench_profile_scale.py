@@ -289,6 +289,18 @@ def miniature(work: Path, tokens: int, experts: int = 16) -> dict:
     return out | {"check": {f"{e['experts']} experts": e["full_pass_equivalents"] for e in (few, many)}}
 
 
+def _line_fpe(bf: list[dict], tokens: int, n_fmt: int) -> tuple[float, float, float, float]:
+    """DeepSeek-V3's full-pass equivalents from a straight line a + b L through the BF16 rows, plus the
+    joint-correction streams of the 13-format default menu that the bench's menu lacks (each on the
+    streamed share of the windows): (value at 61 layers, a, b, the stream share)."""
+    import numpy as np
+
+    b_l, a_l = np.polyfit(np.array([r["layers"] for r in bf], dtype=float),
+                          np.array([r["full_pass_equivalents"] for r in bf]), 1)
+    share = bf[-1]["stream_windows"] / max(1, tokens // 128)  # windows of 128 tokens
+    return a_l + 61 * b_l + 2 * (13 - n_fmt) * share, a_l, b_l, share
+
+
 def projection(bf: list[dict], tokens: int, formats: str, speeds: dict[str, float], mini: dict | None,
                sweep: float) -> list[str]:
     """DeepSeek-V3's profile time from this run's measured costs, part by part: the error-kernel sweep
@@ -321,9 +333,7 @@ def projection(bf: list[dict], tokens: int, formats: str, speeds: dict[str, floa
     if mini:
         fpe, fpe_from = mini["full_pass_equivalents"], "measured on the miniature"
     else:
-        xl = np.array([r["layers"] for r in bf], dtype=float)
-        b_l, a_l = np.polyfit(xl, np.array([r["full_pass_equivalents"] for r in bf]), 1)
-        fpe, fpe_from = round(a_l + 61 * b_l + 2 * (13 - len(formats.split(","))) * 0.25, 1), "projected"
+        fpe, fpe_from = round(_line_fpe(bf, tokens, len(formats.split(",")))[0], 1), "projected"
     fwd_macs = fpe * (macs["layers"] + macs["head"]) * calib
     quant_core_s = n_weights * per_weight(DEFAULT_FORMATS)
     sweep_core_s = dsv3_gb * 1e3 / sweep
@@ -429,14 +439,10 @@ def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: d
                  "(the reference pass, the local runs of each tensor group, the Fisher sweep's 1 + 2 x 4 samples), "
                  "so at one to five layers they exceed 2L + F; at DeepSeek-V3's 61 layers see below.")
     if len(bf) >= 2 and not mini:
-        xl = np.array([r["layers"] for r in bf], dtype=float)
-        yf = np.array([r["full_pass_equivalents"] for r in bf])
-        b_l, a_l = np.polyfit(xl, yf, 1)
-        share = bf[-1]["stream_windows"] / max(1, tokens // 128)  # windows of 128 tokens
-        extra = 2 * (13 - n_fmt) * share  # the joint-correction streams of the 13-format default menu
+        at_61, a_l, b_l, share = _line_fpe(bf, tokens, n_fmt)
         lines.append(f"- Projected, not measured: a straight line through the BF16 rows, {a_l:.1f} + {b_l:.2f} L "
                      f"full-pass equivalents, plus 2 x (13 - {n_fmt}) x {share:.2f} for the joint-correction streams "
-                     f"of the default menu, gives {a_l + b_l * 61 + extra:.0f} at DeepSeek-V3's 61 layers against "
+                     f"of the default menu, gives {at_61:.0f} at DeepSeek-V3's 61 layers against "
                      "2L + F = 135 (DeepSeek-V3's layers differ in their parts' shares of the work; "
                      "`--miniature-tokens` measures its own structure's accounting).")
     if mini:
