@@ -24,6 +24,7 @@ optimum is unchanged (`dominator` maps them, to translate hints).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -33,7 +34,6 @@ from moeplan.kernels.inventory import Target
 
 from .problem import Assignment, Problem, pareto
 
-INF = float("inf")
 
 FAMILIES = ("one_format", "expert_format", "stacked_format", "gguf_uniform", "count_link", "topk_choice",
             "keep_ge_topk",
@@ -67,7 +67,7 @@ class MipModel:
         self.keys.append((name, key))
         return len(self.lb) - 1
 
-    def add(self, family: str, terms: dict[int, float], lo: float = -INF, hi: float = INF) -> None:
+    def add(self, family: str, terms: dict[int, float], lo: float = -math.inf, hi: float = math.inf) -> None:
         self.row_cols.append(np.fromiter(terms.keys(), dtype=np.int64, count=len(terms)))
         self.row_vals.append(np.fromiter(terms.values(), dtype=np.float64, count=len(terms)))
         self.row_lo.append(lo)

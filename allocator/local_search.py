@@ -11,9 +11,6 @@ from moeplan.kernels.inventory import Target
 
 from .problem import Assignment, Problem
 
-INF = math.inf
-
-
 
 def _moves(p: Problem, a: Assignment):
     """All single changes of a plan: (kind, index, new format, d damage, d bytes, d read)."""
@@ -57,7 +54,7 @@ def _moves(p: Problem, a: Assignment):
     newB = B[..., None, None] + db
     newmax = np.maximum(others_max[..., None, None], newB)
     dr = a.topk[:, None, None, None] * (newmax - max1[:, None, None, None])
-    dd = np.where(a.keep[..., None, None], dd, INF)
+    dd = np.where(a.keep[..., None, None], dd, math.inf)
     out.append(("expert", dd, db, dr))
     return out
 
@@ -80,14 +77,14 @@ def fill(p: Problem, a: Assignment, max_moves: int = 10_000) -> Assignment:
     a = a.copy()
     tot = p.evaluate(a)
     slack_b = p.budget.weights - tot.weight_bytes
-    slack_r = (p.speed.max_read - tot.read_per_token) if p.speed is not None else INF
+    slack_r = (p.speed.max_read - tot.read_per_token) if p.speed is not None else math.inf
     for _ in range(max_moves):
         best = None
         for kind, dd, db, dr in _moves(p, a):
             ok = (dd < 0) & (db <= slack_b) & (dr <= slack_r)
             if not ok.any():
                 continue
-            score = np.where(ok, dd, INF)
+            score = np.where(ok, dd, math.inf)
             flat = int(score.argmin())
             if best is None or score.flat[flat] < best[0]:
                 best = (score.flat[flat], kind, np.unravel_index(flat, score.shape), db.flat[flat], dr.flat[flat])
@@ -110,7 +107,7 @@ def swap(p: Problem, a: Assignment, max_rounds: int = 200, max_moves: int = 20_0
     for _ in range(max_rounds):
         tot = p.evaluate(a)
         slack_b = p.budget.weights - tot.weight_bytes
-        slack_r = (p.speed.max_read - tot.read_per_token) if p.speed is not None else INF
+        slack_r = (p.speed.max_read - tot.read_per_token) if p.speed is not None else math.inf
         kinds, dd, db, dr, idx = [], [], [], [], []
         for kind, d_, b_, r_ in _moves(p, a):
             flat = np.isfinite(d_).ravel()
@@ -129,7 +126,7 @@ def swap(p: Problem, a: Assignment, max_rounds: int = 200, max_moves: int = 20_0
         # pair (u, v): u's extra bytes/reads beyond the slack must be freed by v
         need_b = db[up][:, None] + db[None, :] <= slack_b
         need_r = dr[up][:, None] + dr[None, :] <= slack_r
-        gain = np.where(need_b & need_r & (unit[up][:, None] != unit[None, :]), dd[up][:, None] + dd[None, :], INF)
+        gain = np.where(need_b & need_r & (unit[up][:, None] != unit[None, :]), dd[up][:, None] + dd[None, :], math.inf)
         flat = int(gain.argmin())
         if not gain.flat[flat] < -1e-15:
             return a
@@ -159,7 +156,7 @@ def repair(p: Problem, a: Assignment, max_moves: int = 100_000) -> Assignment:
                 ok &= dr <= max(-over_r, 0) if over_r <= 0 else (dr <= 0)
             if not ok.any():
                 continue
-            score = np.where(ok, np.maximum(dd, 0) / np.maximum(saved, 1), INF)
+            score = np.where(ok, np.maximum(dd, 0) / np.maximum(saved, 1), math.inf)
             flat = int(score.argmin())
             if best is None or score.flat[flat] < best[0]:
                 best = (score.flat[flat], kind, np.unravel_index(flat, score.shape))

@@ -91,7 +91,7 @@ class LayerPlan(_Strict):
         return self
 
 
-class Totals(_Strict):
+class PlanTotals(_Strict):
     weight_bytes: int = Field(ge=0)
     bytes_by_role: dict[str, int]
     params: int = Field(ge=0)
@@ -151,7 +151,7 @@ class Plan(_Strict):
     tensors: dict[str, str] = Field(description="checkpoint tensor name -> format asked for (pruned experts absent)")
     stacked: dict[str, str] = Field(default_factory=dict,
                                     description="gguf: stacked expert tensor (blk.N.ffn_*_exps.weight) -> format")
-    totals: Totals
+    totals: PlanTotals
     damage: Damage
     solver: SolverReport
 
@@ -422,7 +422,7 @@ def make_plan(problem, assignment, report: dict, synthetic: bool | None = None) 
         speed=SpeedTarget(**p.speed.to_json()) if p.speed is not None else None,
         profile=ProfileRef(fingerprint=p.profile.fingerprint, synthetic=bool(p.profile.synthetic),
                            label=str(p.profile.meta.get("label", "")) if p.profile.synthetic else ""),
-        layers=layers, tensors=tensors, stacked=stacked, totals=Totals(**tot.to_json()),
+        layers=layers, tensors=tensors, stacked=stacked, totals=PlanTotals(**tot.to_json()),
         damage=Damage(total=tot.damage, quantization=tot.damage_quant, pruning=tot.damage_prune, top_k=tot.damage_topk,
                       synthetic=bool(synthetic)),
         solver=SolverReport(**rep),

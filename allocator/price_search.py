@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 import time
 
-INF = math.inf
-
 
 # ---------------------------------------------------------------------------------------------
 # the price search
 
 def search(evaluate, cap: float, start: float, tol: float, max_iter: int = 80, step: float = 8.0,
-            rtol_dual: float = 0.0, deadline: float = INF):
+            rtol_dual: float = 0.0, deadline: float = math.inf):
     """Maximize a concave piecewise-linear dual over one price >= 0 through the root of its
     supergradient use(price) - cap, a decreasing step function.
 
@@ -98,7 +96,6 @@ def _ceiling(x0: float, v0: float, g0: float, x1: float, v1: float, g1: float) -
     return v0 + g0 * (y - x0)
 
 
-
 # Relative width at which a price search stops. The bound lost by stopping is second order in the
 # width (the supergradient vanishes at the optimum), and the fill spends the slack it leaves.
 TOL_PRICE = 1e-7
@@ -108,7 +105,7 @@ DUAL_TOL = 1e-7
 
 
 def two_prices(relaxed, dual_read, W: float, R: float, start: tuple[float, float], rtol_dual: float = 0.0,
-                deadline: float = INF):
+                deadline: float = math.inf):
     """max over (lambda, mu) of the dual, mu searched for every lambda (warm-started from the last).
 
     relaxed(lam, mu) -> Relaxed (the full relaxed solution); dual_read(lam, mu) -> (L(lam, mu), the

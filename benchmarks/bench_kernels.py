@@ -30,7 +30,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +41,7 @@ import gguf
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
+from moeplan.kernels.outputs import write_text
 
 # ggml's figures, measured with llama.cpp / ggml (commit
 # 0c1e57098bba, one thread, generic x86-64 build, 4096 x 4096 float32 data as generated here).
@@ -262,19 +262,6 @@ def fmt_num(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def to_csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -390,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
     facts = machine_facts(all_threads)
-    write_atomic(args.out / "kernels.csv", to_csv(rows))
-    write_atomic(args.out / "kernels.md", to_markdown(rows, facts, command, size, elapsed, (load_start, os.getloadavg())))
+    write_text(args.out / "kernels.csv", to_csv(rows))
+    write_text(args.out / "kernels.md", to_markdown(rows, facts, command, size, elapsed, (load_start, os.getloadavg())))
     print(f"wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.md'} ({elapsed:.0f} s)")
     return 1 if any(r.status == "WRONG" for r in rows) else 0
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from moeplan.allocator.cli.pareto import (GOAL_RATIO, MOEPLAN_FREE, MOEPLAN_GGUF, QUANT_ONLY, goal_markdown,
                               goal_table, pareto_curves, write)
 from moeplan.allocator.sweep import PAPER_RATIO
+from moeplan.kernels.outputs import write_text
 from machine_info import logical_cpus
 
 MODELS = ("tiny-deepseek-v3", "tiny-qwen3-moe")
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         "",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pareto.md").write_text("\n".join(head) + "\n" + "\n".join(sections))
+    write_text(args.out / "pareto.md", "\n".join(head) + "\n" + "\n".join(sections))
     _say(f"wrote {args.out / 'pareto.md'} in {elapsed:.0f} s")
     return 0
 

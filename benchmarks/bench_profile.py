@@ -35,8 +35,10 @@ from moeplan.sensitivity.adapters import adapter_for
 from moeplan.sensitivity.compress import Decision, apply_decision, predicted_damage
 from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, encode_text, evaluate
 from moeplan.kernels.inventory import MODELS_DIR, build_inventory
+from moeplan.kernels.outputs import output_file, write_text
 from moeplan.sensitivity.layerwise import LayerwiseProfiler
-from moeplan.sensitivity.profiler import Profiler, importance_path, save_importance
+from moeplan.sensitivity.importance import importance_path, save_importance
+from moeplan.sensitivity.profiler import Profiler
 
 RESULTS = ROOT / "results"
 
@@ -138,10 +140,8 @@ def run_model(name: str, n_plans: int, max_tokens: int, val_tokens: int, ship: b
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with output_file(path, "results") as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def _scatter(df: pd.DataFrame, name: str, rho: float, path: Path) -> None:
@@ -159,16 +159,9 @@ def _scatter(df: pd.DataFrame, name: str, rho: float, path: Path) -> None:
     ax.set_title(f"{name}: Spearman {rho:.3f} over {len(df)} random plans", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with output_file(path, "results") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown(summaries: list[dict]) -> list[str]:
@@ -248,7 +241,7 @@ def main(argv=None):
     load = os.getloadavg()[0]
     for s in summaries:
         s.update(command=cmd.strip(), load_average_end=round(load, 2))
-        _atomic_text(RESULTS / f"{s['stem']}.json", json.dumps(s, indent=1) + "\n")
+        write_text(RESULTS / f"{s['stem']}.json", json.dumps(s, indent=1) + "\n")
     print("\n".join(_write_table()))
 
 
@@ -256,7 +249,7 @@ def _write_table() -> list[str]:
     summaries = sorted((json.loads(p.read_text()) for p in RESULTS.glob("profile-*.json")),
                        key=lambda s: (s["model"], s.get("profiler", "passes")))
     lines = _markdown(summaries)
-    _atomic_text(RESULTS / "profile.md", "\n".join(lines))
+    write_text(RESULTS / "profile.md", "\n".join(lines))
     return lines
 
 

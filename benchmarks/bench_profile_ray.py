@@ -26,8 +26,9 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from moeplan.kernels.outputs import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -156,7 +157,7 @@ def _batches(tokens: int, seq_len: int) -> str:
 
 def write_results(res: dict, cmd: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "profile-ray.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_text(RESULTS / "profile-ray.json", json.dumps(res, indent=1) + "\n")
     mb = 1e6
     lines = ["# The layer-streaming profile on Ray: 1 process vs 1 and 2 local workers", "",
              f"Command: `{cmd}`. Machine: {res['machine']['cores']} cores ({res['machine']['arch']}), shared with "
@@ -198,7 +199,7 @@ def write_results(res: dict, cmd: str) -> None:
                   f"{', '.join(res['qdq_formats'])}), 1 thread: {res['qdq_s_per_layer']:.1f} s; every worker "
                   "recomputes them.", ""]
     lines += _projection(res)
-    (RESULTS / "profile-ray.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "profile-ray.md", "\n".join(lines) + "\n")
 
 
 def _projection(res: dict) -> list[str]:

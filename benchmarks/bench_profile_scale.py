@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moeplan.kernels.outputs import output_file, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
@@ -143,7 +145,7 @@ def quantize_speeds(work: Path) -> dict[str, float]:
     if r.returncode != 0:
         sys.exit(f"quantize speeds: failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    cached.write_text(json.dumps(out))
+    write_text(cached, json.dumps(out))
     return out
 
 
@@ -231,7 +233,7 @@ def run(sizes: list[float], tokens: int, formats: str, fp8: bool, work: Path, re
         })
         print(json.dumps(rows[-1]), flush=True)
         out.unlink(missing_ok=True)
-        done.write_text(json.dumps(rows[-1]))
+        write_text(done, json.dumps(rows[-1]))
     return rows
 
 
@@ -277,7 +279,7 @@ def _miniature_run(work: Path, tokens: int, experts: int, layers: int) -> dict:
         sys.exit(f"{d.name}: profile failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1]) | {"tokens": tokens, "layers": layers, "experts": experts}
     print(json.dumps(out), flush=True)
-    cached.write_text(json.dumps(out))
+    write_text(cached, json.dumps(out))
     return out
 
 
@@ -307,8 +309,6 @@ def projection(bf: list[dict], tokens: int, formats: str, speeds: dict[str, floa
     (MB/s per core), the quantized copies of every layer (one per format, at the measured quantize
     speeds), and the forward work (full-pass equivalents x multiply-adds per pass, at the per-core rate
     the BF16 rows measured)."""
-    import numpy as np
-
     from moeplan.sensitivity.costs import CALIBRATION_FORMATS, DEFAULT_FORMATS
     from moeplan.sensitivity.layerwise import STREAM_FORMAT
 
@@ -381,7 +381,8 @@ def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: d
     RESULTS.mkdir(exist_ok=True)
     flat = [{k: v for k, v in r.items() if k not in ("seconds", "sweep_exact")}
             | {f"s_{k}": v for k, v in r["seconds"].items()} for r in rows]
-    pd.DataFrame(flat).to_csv(RESULTS / "profile-scale.csv", index=False)
+    with output_file(RESULTS / "profile-scale.csv", "results") as tmp:
+        pd.DataFrame(flat).to_csv(tmp, index=False)
     n_fmt = len(formats.split(","))
     lines = ["# The layer-streaming profiler at growing checkpoint sizes", "",
              f"Command: `{cmd}`. Machine: {os.cpu_count()} cores ({platform.machine()}), load average at the end "
@@ -458,7 +459,7 @@ def write_results(rows: list[dict], cmd: str, tokens: int, formats: str, mini: d
                      "layer-streaming profiler).")
     if len(bf) >= 2 and speeds:
         lines += projection(bf, tokens, formats, speeds, mini, float(np.median(sw)))
-    (RESULTS / "profile-scale.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "profile-scale.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:

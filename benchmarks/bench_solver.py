@@ -30,6 +30,7 @@ from moeplan.allocator.problem import Budget, Problem, Speed, fmt_bytes
 from moeplan.allocator.solvers import solve
 from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
 from moeplan.kernels.inventory import build_inventory
+from moeplan.kernels.outputs import output_file, write_text
 from moeplan.sensitivity.synthetic import synthetic_profile, toy_inventory
 from machine_info import logical_cpus
 
@@ -159,11 +160,11 @@ def run(args) -> None:
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    with open(out / "solver.csv", "w") as f:
+    with output_file(out / "solver.csv", "results") as tmp, open(tmp, "x") as f:
         f.write("# SYNTHETIC profile: objectives are predicted damage (KL nats/token) from generated costs, not measured\n")
         table.to_csv(f, index=False)
     md = report(args, started, mach, t_inv, table, sections, sweeps)
-    (out / "solver.md").write_text(md)
+    write_text(out / "solver.md", md)
     print(f"wrote {out / 'solver.md'}, {out / 'solver.csv'}")
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import re
 import shlex
 import subprocess
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_tools import NO_REPACK, LlamaTools, build_llama_tools, convert_hf_to_gguf  # noqa: E402
 from machine_info import logical_cpus  # noqa: E402
+from moeplan.kernels.outputs import output_file, write_text  # noqa: E402
 
 MODELS = ("tiny-deepseek-v3", "tiny-qwen3-moe")
 SHARES = (0.15, 0.25, 0.40)
@@ -146,7 +146,7 @@ def moeplan_importance(model_dir: Path, imatrix: Path, work: Path) -> tuple[Path
     lacks, the shipped profile's (ones for the embedding). Returns the file and the names filled in."""
     from moeplan.sensitivity.importance import load_importance_file
     from moeplan.kernels.inventory import build_inventory
-    from moeplan.sensitivity.profiler import load_importance, save_importance
+    from moeplan.sensitivity.importance import load_importance, save_importance
 
     imp = load_importance_file(imatrix, model_dir)
     shipped = load_importance(model_dir / "profile.importance.safetensors")
@@ -303,12 +303,10 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
 
     md.parent.mkdir(parents=True, exist_ok=True)
     for path, data in ((csv_path, rows), (experts_csv, expert_rows)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with output_file(path, "results") as tmp, open(tmp, "x", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(data[0]))
             w.writeheader()
             w.writerows(data)
-        os.replace(tmp, path)
     try:
         llv = importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
@@ -365,9 +363,7 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
     lines += ["", f"Made by `{command}` in {wall_s / 60:.1f} min (llama.cpp tools built from the llama-cpp-python "
               f"{llv} sdist by benchmarks/llama_tools.py; the build not counted).", "",
               f"Machine: {logical_cpus()}.", ""]
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, md)
+    write_text(md, "\n".join(lines))
 
 
 def main(argv=None) -> int:

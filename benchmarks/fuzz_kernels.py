@@ -432,11 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out != "-":
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        from moeplan.kernels.outputs import write_text
+
+        write_text(args.out, text)
     return 1 if sum(total[k] for k in FAILURES) else 0
 
 

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeplan.kernels.outputs import output_dir, write_text
+
 PINNED_VERSION = "0.3.36"
 TARGETS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-bench")
 # flags that turn weight repacking off (AMX/CPU "extra" buffer types); see the module docstring
@@ -122,11 +124,10 @@ def _fetch_source(version: str, root: Path) -> Path:
                     m.name = m.name[len(prefix):]
                     if m.name and m.name.split("/")[0] != ".git":  # a submodule's gitfile
                         members.append(m)
-            staged = Path(tmp) / "src"
-            tar.extractall(staged, members=members, filter="data")
-        if src.exists():
-            shutil.rmtree(src)
-        staged.rename(src)
+            if src.exists():  # an unfinished source tree (the check above failed)
+                shutil.rmtree(src)
+            with output_dir(src, "llama.cpp source") as staged:
+                tar.extractall(staged, members=members, filter="data")
     return src
 
 
@@ -152,7 +153,7 @@ def build_llama_tools(version: str | None = None, jobs: int = 2, force: bool = F
                     "--target", *TARGETS], check=True, stdout=subprocess.DEVNULL)
     if not _built(t):
         raise RuntimeError(f"the llama.cpp build in {build} did not produce {TARGETS}")
-    (root / "build-seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
+    write_text(root / "build-seconds.txt", f"{time.time() - t0:.0f}\n")
     _log(f"built in {time.time() - t0:.0f} s")
     return t
 

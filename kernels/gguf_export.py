@@ -26,7 +26,6 @@ same inputs give the same bytes.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,8 +38,8 @@ from . import api as _api  # looked up at each call (tests patch kernels.api.qua
 from . import formats as _formats
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
-from .gguf_families import Family, family_of, routed_expert_count
-from .gguf_layout import KvBSplit, gguf_name, tensor_order_key
+from .gguf_families import Architecture, family_of, routed_expert_count
+from .gguf_layout import EXPERT_MATRIX, KvBSplit, gguf_name, tensor_order_key
 from .gguf_vocab import Vocab, add_vocab, read_tokenizer
 from .inventory import build_inventory
 from .outputs import check_output, fsync, output_file
@@ -48,7 +47,6 @@ from .outputs import check_output, fsync, output_file
 CHUNK_BYTES = 64 << 20  # float32 bytes of source rows read and quantized at once for 2-D tensors
 KEY_KEPT_EXPERTS = "moeplan.kept_experts.{layer}"  # original indices of the experts stacked in layer L
 
-_EXPERT_RE = re.compile(r"^(?P<prefix>.*layers\.(?P<layer>\d+)\.mlp\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_KINDS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -153,7 +151,7 @@ def _rope_deinterleave_perm(n_heads: int, head_dim: int, rope_dim: int) -> np.nd
     return np.asarray(perm, dtype=np.int64)
 
 
-def rope_row_perms(fam: Family, config: Mapping) -> dict[str, np.ndarray]:
+def rope_row_perms(fam: Architecture, config: Mapping) -> dict[str, np.ndarray]:
     """Tensor kind -> the row order llama.cpp's rope layout needs (DeepSeek with rope_interleave=false)."""
     if fam.model_type != "deepseek_v3" or config.get("rope_interleave", True):
         return {}
@@ -208,7 +206,7 @@ def _check_tables(inv, by_name: Mapping, formats: Mapping[str, str], importance:
         raise ValueError(f"importance names tensor(s) the checkpoint does not have, e.g. {', '.join(map(repr, unknown[:5]))}")
 
 
-def _kept_and_top_k(fam: Family, config: Mapping, kept_experts: Mapping | None,
+def _kept_and_top_k(fam: Architecture, config: Mapping, kept_experts: Mapping | None,
                     top_k: int | None) -> tuple[dict[int, list[int]], int, int]:
     """(kept experts per MoE layer in index order, kept count, experts used per token), checked
     against llama.cpp's limits: one expert count, equal counts per routing group, top-k reachable."""
@@ -262,7 +260,7 @@ def _kept_and_top_k(fam: Family, config: Mapping, kept_experts: Mapping | None,
 class _Planner:
     """Turns checkpoint tensors into the stored tensors of the file, checking each as it goes."""
 
-    def __init__(self, fam: Family, config: Mapping, inv, formats: Mapping[str, str],
+    def __init__(self, fam: Architecture, config: Mapping, inv, formats: Mapping[str, str],
                  importance: Mapping[str, Any], default_format: str, kept: dict[int, list[int]]):
         self.config, self.inv, self.formats, self.importance = config, inv, formats, importance
         self.default_format, self.kept = default_format, kept
@@ -312,7 +310,7 @@ class _Planner:
                 lacking = [n for n, v in zip(srcs, imps) if v is None]
                 raise ValueError(f"importance is given for some experts of layer {layer} {kind} but not for "
                                  f"{lacking[:3]}; give it for every kept expert or none")
-            prefix = _EXPERT_RE.match(srcs[0]).group("prefix")
+            prefix = EXPERT_MATRIX.match(srcs[0]).group("prefix")
             req_fmt = req.pop()
             out.append(self.check(_Stored(
                 _gguf_name(self.arch, f"{prefix}.{kind}.weight"), (len(srcs), rows, cols), _formats.resolve(req_fmt, cols),
@@ -358,7 +356,7 @@ class _Planner:
         return self.check(s)
 
 
-def _plan(model_dir: Path, config: Mapping, fam: Family, formats: Mapping[str, str],
+def _plan(model_dir: Path, config: Mapping, fam: Architecture, formats: Mapping[str, str],
           kept_experts: Mapping[int, Sequence[int]] | None, top_k: int | None,
           importance: Mapping[str, Any] | None, default_format: str) -> _Plan:
     inv = build_inventory(model_dir)
@@ -468,7 +466,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
                       plan.n_expert, plan.top_k, tuple(plan.skipped))
 
 
-def _write(w, plan: _Plan, config: Mapping, fam: Family, vocab: Vocab, model_dir: Path, ckpt: Checkpoint,
+def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, model_dir: Path, ckpt: Checkpoint,
            quantize, progress: bool, threads: int | None) -> None:
     import gguf
 

@@ -26,7 +26,7 @@ def _rope(config: Mapping) -> dict:
 
 
 @dataclass(frozen=True)
-class Family:
+class Architecture:
     model_type: str
     arch_name: str  # GGUF general.architecture
     moe_layers: Callable[[Mapping], list[int]]
@@ -166,15 +166,15 @@ def _qwen_metadata(w, c: Mapping, n_expert: int, top_k: int) -> None:
     _add_rope_scaling(w, rope)
 
 
-GGUF_FAMILIES: dict[str, Family] = {
-    "deepseek_v3": Family("deepseek_v3", "deepseek2", _ds_moe_layers, _ds_validate, _ds_metadata,
+GGUF_FAMILIES: dict[str, Architecture] = {
+    "deepseek_v3": Architecture("deepseek_v3", "deepseek2", _ds_moe_layers, _ds_validate, _ds_metadata,
                            lambda c: int(c.get("n_group") or 1), lambda c: int(c.get("topk_group") or 1)),
-    "qwen3_moe": Family("qwen3_moe", "qwen3moe", _qwen_moe_layers, _qwen_validate, _qwen_metadata,
+    "qwen3_moe": Architecture("qwen3_moe", "qwen3moe", _qwen_moe_layers, _qwen_validate, _qwen_metadata,
                          lambda c: 1, lambda c: 1),
 }
 
 
-def family_of(config: Mapping) -> Family:
+def family_of(config: Mapping) -> Architecture:
     mt = config.get("model_type")
     if mt not in GGUF_FAMILIES:
         raise ValueError(f"model_type {mt!r} has no GGUF writer; supported: {', '.join(GGUF_FAMILIES)}")

@@ -24,7 +24,9 @@ GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_moe"
              "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 
 _LAYER = re.compile(r"^(?P<pre>.*?layers\.)(?P<layer>\d+)(?P<rest>\..+)$")
-_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.\d+\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
+# one routed expert's matrix as the GGUF families store them (prefix: the layer's experts module)
+EXPERT_MATRIX = re.compile(r"^(?P<prefix>.*layers\.(?P<layer>\d+)\.mlp\.experts)\.(?P<expert>\d+)\."
+                           r"(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +61,7 @@ def gguf_names(name: str, model_type: str | None = None) -> list[str]:
     layer's stacked tensor. Named as in the architecture of `model_type` or, where that one has no such
     tensor (a dense layer of a Qwen MoE: llama.cpp's qwen3moe has none), in the first of GGUF_ARCH's
     that has it (every architecture names a tensor type the same way). Unknown names raise."""
-    e = _EXPERT.match(name)
+    e = EXPERT_MATRIX.match(name)
     key = f"{e['prefix']}.{e['kind']}.weight" if e else name
     keys = list(KvBSplit.part_names(key)) if KvBSplit.is_kv_b(key) else [key]
     arches = dict.fromkeys([GGUF_ARCH[model_type]] if model_type in GGUF_ARCH else [])

@@ -2,7 +2,7 @@
 
 moeplan's importance is a dict: checkpoint tensor name -> (cols,) float32, one weight per input
 column, per expert for routed experts (model.layers.L.mlp.experts.E.down_proj.weight), as
-sensitivity.profiler.load_importance returns it. llama-imatrix writes the same statistic, the mean of
+sensitivity.importance.load_importance returns it. llama-imatrix writes the same statistic, the mean of
 the squared activations entering each column, keyed by GGUF tensor name, in one of two layouts:
 
 - GGUF (recent llama-imatrix, the default; general.type = "imatrix"): per tensor NAME two F32
@@ -34,7 +34,6 @@ token_embd is not a matrix product, so llama-imatrix never records it (nor outpu
 from __future__ import annotations
 
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .gguf_layout import KvBSplit, gguf_names
+from .gguf_layout import EXPERT_MATRIX, KvBSplit, gguf_names
 from .outputs import output_file
 
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class ImportanceFileError(ValueError):
@@ -222,7 +220,7 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
             gnames = gguf_names(t.name, model_type)
         except ValueError:
             continue
-        m = _EXPERT_RE.match(t.name)
+        m = EXPERT_MATRIX.match(t.name)
         if KvBSplit.is_kv_b(t.name):
             gnames = [g for g in gnames if g.endswith("attn_v_b.weight")]  # input kv_lora, like kv_b_proj's
         entry = imatrix.entries.get(gnames[0]) if gnames else None
@@ -230,7 +228,7 @@ def imatrix_importance(imatrix: Imatrix, tensors: Iterable, *, strict: bool = Tr
             continue
         if m:  # matrix E of the stacked tensor
             v = entry.values(cols)
-            e = int(m.group(2))
+            e = int(m["expert"])
             if v.shape[1] != cols or e >= v.shape[0]:
                 if strict:
                     raise ValueError(f"imatrix {gnames[0]} has {v.shape[0]} x {v.shape[1]} values; {t.name} needs "
@@ -318,9 +316,9 @@ def profile_imatrix_entries(importance: Mapping[str, np.ndarray], counts: Mappin
             continue
         vec = np.asarray(importance[t.name], dtype=np.float64)
         n = float(counts.get(t.name, 0.0))
-        m = _EXPERT_RE.match(t.name)
+        m = EXPERT_MATRIX.match(t.name)
         if m:
-            stacked.setdefault(gnames[0], {})[int(m.group(2))] = (vec, n)
+            stacked.setdefault(gnames[0], {})[int(m["expert"])] = (vec, n)
         elif KvBSplit.is_kv_b(t.name):
             heads = KvBSplit.of(config).heads
             v_b = [g for g in gnames if g.endswith("attn_v_b.weight")][0]

@@ -1,6 +1,6 @@
 """Hidden states a profile holds, in RAM up to a budget and in files beyond it.
 
-    budget = Budget(ram_bytes=8 << 30, directory="/scratch")
+    budget = SpillBudget(ram_bytes=8 << 30, directory="/scratch")
     streams = SpillDict(budget)
     streams["gain/3/experts"] = [h0, h1, ...]    # a list of per-batch tensors: kept, or written out
     for h in streams["gain/3/experts"]: ...     # read back one batch at a time when it was written
@@ -47,7 +47,7 @@ def default_ram_budget() -> int:
     return avail // 2 if avail else 8 << 30
 
 
-class Budget:
+class SpillBudget:
     """RAM allowed for the entries of the SpillDicts that share it, and where the rest goes."""
 
     def __init__(self, ram_bytes: int | None = None, directory: str | os.PathLike | None = None):
@@ -86,7 +86,7 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 class OnDisk(Sequence):
     """A list of per-batch tensors written to one unlinked file; item b is read back on access."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], budget: Budget):
+    def __init__(self, tensors: Sequence[torch.Tensor], budget: SpillBudget):
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         while True:  # a name taken (by anything, a symlink too) is never opened: the next one is tried
             budget.files += 1
@@ -142,7 +142,7 @@ class OnDisk(Sequence):
 class SpillDict(MutableMapping):
     """name -> per-batch tensors; an entry that does not fit the shared budget's RAM goes to a file."""
 
-    def __init__(self, budget: Budget, items=()):
+    def __init__(self, budget: SpillBudget, items=()):
         self.budget = budget
         self._d: dict[str, Sequence[torch.Tensor]] = {}
         for k, v in dict(items).items():

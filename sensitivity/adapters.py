@@ -679,8 +679,14 @@ class RoutingRecord:
     ``stats(layer)``. A context manager (the hooks come off at its end), or ``close()`` them."""
 
     def __init__(self, adapter: MoEAdapter, keep_logits: bool, importance: str | None, device: torch.device | str,
-                 logits_grad: bool = False, reap: bool = False):
+                 logits_grad: bool = False, reap: bool = False, layers: Sequence[int] | None = None,
+                 inputs: bool = False):
         self.adapter = adapter
+        moe = adapter.moe_layers()
+        self._layers = list(moe) if layers is None else [int(l) for l in layers]
+        if not_moe := [l for l in self._layers if l not in moe]:
+            raise ValueError(f"layer {not_moe[0]} has no routed experts; MoE layers are {moe}")
+        self.inputs = inputs
         self.keep_logits = keep_logits
         self.logits_grad = logits_grad
         self.importance = importance
@@ -690,13 +696,14 @@ class RoutingRecord:
         self.reset()
 
     def layers(self) -> list[int]:
-        return self.adapter.moe_layers()
+        return list(self._layers)
 
     def reset(self) -> None:
         """Forget everything recorded so far (the hooks stay on)."""
-        self._indices: dict[int, list[torch.Tensor]] = {i: [] for i in self.adapter.moe_layers()}
-        self._weights: dict[int, list[torch.Tensor]] = {i: [] for i in self.adapter.moe_layers()}
-        self._logits: dict[int, list[torch.Tensor]] = {i: [] for i in self.adapter.moe_layers()}
+        self._indices: dict[int, list[torch.Tensor]] = {i: [] for i in self._layers}
+        self._weights: dict[int, list[torch.Tensor]] = {i: [] for i in self._layers}
+        self._logits: dict[int, list[torch.Tensor]] = {i: [] for i in self._layers}
+        self._inputs: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in self._layers}
         self._stats: dict[int, ExpertInputStats] = {}
 
     def routing(self, layer: int) -> LayerRouting:
@@ -711,6 +718,16 @@ class RoutingRecord:
             logits=torch.cat(self._logits[layer]) if self.keep_logits else None,
         )
 
+    def expert_inputs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden (T, H), top_k_index (T, k), top_k_weights (T, k)): the experts module's inputs as
+        it received them (dtype and device kept, not detached), the passes concatenated; with
+        ``inputs=True``."""
+        if not self.inputs:
+            raise ValueError("the experts' inputs were not kept: record with inputs=True")
+        self.routing(layer)  # names a layer without experts, or one no pass was recorded for
+        return tuple(torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
+                     for parts in zip(*self._inputs[layer]))
+
     def stats(self, layer: int) -> ExpertInputStats:
         if self.importance is None:
             raise ValueError("expert inputs were not recorded: record with importance='gate_up' or 'gate_up_down'")
@@ -721,7 +738,7 @@ class RoutingRecord:
     # hooks
 
     def _attach(self) -> None:
-        for layer in self.adapter.moe_layers():
+        for layer in self._layers:
             self._handles.append(self.adapter.router(layer).register_forward_hook(
                 lambda mod, args, out, layer=layer: self._on_router(layer, out)))
 
@@ -744,11 +761,16 @@ class RoutingRecord:
         self.close()
 
     def _on_router(self, layer: int, output) -> None:
+        if not (isinstance(output, tuple) and len(output) == 3):
+            raise ValueError(f"layer {layer}: the router returns {type(output).__name__}, not (logits, weights, "
+                             "indices); moeplan cannot record or re-route this family's routing")
         if self.keep_logits:
             logits = output[0] if self.logits_grad else output[0].detach()
             self._logits[layer].append(logits.float().to(self.device))
 
     def _on_experts(self, layer: int, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
+        if self.inputs:
+            self._inputs[layer].append((hidden, index, weights))
         self._indices[layer].append(index.detach().to(self.device, torch.long))
         self._weights[layer].append(weights.detach().float().to(self.device))
         if self.importance is None:
@@ -798,6 +820,8 @@ def record_routing(
     device: torch.device | str = "cpu",
     logits_grad: bool = False,
     reap: bool = False,
+    layers: Sequence[int] | None = None,
+    inputs: bool = False,
 ) -> RoutingRecord:
     """Record, for every MoE layer and every token of the forward passes run while the hooks are on
     (``with record_routing(model) as rec:``, or until ``rec.close()``), the selected experts and their
@@ -810,7 +834,9 @@ def record_routing(
     for the down_proj input, recomputing act(gate(x)) * up(x) for the expert's tokens (about the cost
     of the experts' own gate/up projection); ``reap`` (with 'gate_up_down') adds the sum of
     weight * ||expert output|| (REAP). Routing tensors are stored on ``device``; the input
-    statistics stay on the activations' device.
+    statistics stay on the activations' device. ``layers``: only these MoE layers (default: every
+    one). ``inputs``: also keep the experts' inputs as they were passed (``expert_inputs``; the
+    layer-streaming profiler re-runs a layer's experts on them).
     """
     if importance not in _IMPORTANCE_MODES:
         raise ValueError(f"importance must be one of {_IMPORTANCE_MODES}, got {importance!r}")
@@ -819,7 +845,7 @@ def record_routing(
     if reap and importance != "gate_up_down":
         raise ValueError("reap=True needs the down_proj inputs: record with importance='gate_up_down'")
     adapter = model if isinstance(model, MoEAdapter) else adapter_for(model)
-    record = RoutingRecord(adapter, keep_logits, importance, device, logits_grad, reap)
+    record = RoutingRecord(adapter, keep_logits, importance, device, logits_grad, reap, layers, inputs)
     try:
         record._attach()
     except BaseException:

@@ -88,8 +88,8 @@ from moeplan.kernels import formats as fmts
 from moeplan.kernels.checkpoint import read_safetensors_header, write_safetensors
 from moeplan.kernels.outputs import json_text, output_file
 
-from .activations import Budget, SpillDict
-from .adapters import ExpertKind, MoEAdapter, TensorRole
+from .activations import SpillBudget, SpillDict
+from .adapters import ExpertKind, MoEAdapter, TensorRole, record_routing
 from .evaluate import chunk_tokens
 from .profile import ExpertStats, Profile
 from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, QUANTIZABLE, interpolate_gain, menu
@@ -264,7 +264,7 @@ class LayerwiseProfiler:
         self.stream_batches = max(0, math.ceil((min(stop, self.stream_windows) - start) / batch_size))
         # hidden states beyond the RAM budget go to files (sensitivity/activations.py): the streams and
         # the backward sweep's layer inputs; the reference (one copy) stays in RAM
-        self.activations = Budget(activations_ram, activations_dir if activations_dir is not None else
+        self.activations = SpillBudget(activations_ram, activations_dir if activations_dir is not None else
                                   (Path(state_path).parent if state_path is not None else None))
         self.share.streams = SpillDict(self.activations)
         self.formats = menu(formats)
@@ -364,31 +364,16 @@ class LayerwiseProfiler:
         the reference advances to layer l's output."""
         ad, sm = self.ad, self.sm
         moe = l in ad.moe_layers()
-        rec: dict = {"mlp_in": [], "mlp_out": [], "ex_in": [], "idx": [], "w": [], "ex_out": [], "logits": [],
-                     "sq": {}, "n": {}}
+        rec: dict = {"mlp_in": [], "mlp_out": [], "ex_out": [], "sq": {}, "n": {}}
         handles = []
         mlp = layer.mlp
         handles.append(mlp.register_forward_pre_hook(lambda m, a: rec["mlp_in"].append(a[0])))
         handles.append(mlp.register_forward_hook(lambda m, a, o: rec["mlp_out"].append(o)))
+        # the routing and the experts' inputs, kept as the experts got them (they are re-run on them)
+        routing = record_routing(ad, layers=[l], inputs=True, device=self.device) if moe else None
         if moe:
-            def ex_pre(mod, args, kwargs):
-                names = ("hidden_states", "top_k_index", "top_k_weights")
-                vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
-                rec["ex_in"].append(vals[0])
-                rec["idx"].append(vals[1])
-                rec["w"].append(vals[2])
-
-            handles.append(ad.experts_module(l).register_forward_pre_hook(ex_pre, with_kwargs=True))
             handles.append(ad.experts_module(l).register_forward_hook(lambda m, a, k, o: rec["ex_out"].append(o),
                                                                       with_kwargs=True))
-
-            def router_out(mod, args, out):
-                if not (isinstance(out, tuple) and len(out) == 3):
-                    raise ValueError(f"layer {l}: the router returns {type(out).__name__}, not (logits, weights, "
-                                     "indices); the layer-streaming profiler cannot re-route this family")
-                rec["logits"].append(out[0].float())
-
-            handles.append(ad.router(l).register_forward_hook(router_out))
         prefix = f"{ad.layers_prefix}.{l}"
         experts = ad.experts_module(l) if moe else None
         for name, mod in layer.named_modules(prefix=prefix):
@@ -408,9 +393,13 @@ class LayerwiseProfiler:
         finally:
             for h in handles:
                 h.remove()
+            if routing is not None:
+                routing.close()
         self._count_passes(1)
-        for k in ("mlp_in", "mlp_out", "ex_in", "ex_out", "idx", "w", "logits"):
+        for k in ("mlp_in", "mlp_out", "ex_out"):
             rec[k] = torch.cat([t.reshape(-1, t.shape[-1]) for t in rec[k]]) if rec[k] else None
+        rec["ex_in"], rec["idx"], rec["w"] = routing.expert_inputs(l) if moe else (None, None, None)
+        rec["logits"] = routing.routing(l).logits if moe else None
         return rec
 
     def _expert_sums(self, l: int, rec: dict) -> dict:
@@ -849,7 +838,7 @@ class LayerwiseProfiler:
         self._tick("reference", t0)
 
     def _head(self) -> None:
-        sm, m = self.sm, self.m
+        sm = self.sm
         t0 = time.perf_counter()
         norm, head = sm._base.norm, sm.model.get_output_embeddings()
         name = sm._prefix[id(head)] + ".weight"

@@ -41,14 +41,13 @@ import torch
 
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
-from moeplan.kernels.checkpoint import read_safetensors_header
-from moeplan.kernels.imatrix import check_importance, write_profile_imatrix
+from moeplan.kernels.imatrix import write_profile_imatrix
 from moeplan.kernels.inventory import build_inventory
-from moeplan.kernels.outputs import output_file
 
 from .adapters import ExpertInputStats, MoEAdapter, TensorRole, adapter_for, record_routing
-from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, DEFAULT_FORMATS, QUANTIZABLE, interpolate_gain, menu
+from .costs import CALIBRATION_FORMATS, CORRECTION_CLASSES, QUANTIZABLE, interpolate_gain, menu
 from .distributed import profile_on_ray
+from .importance import importance_path, save_importance
 from .evaluate import LayerInputs, ReferenceLogits, chunk_tokens, evaluate, load_model_and_text, load_text_ids
 from .layerwise import ERROR_ROWS, STREAM_SHARE, LayerwiseProfiler
 from .profile import ExpertStats, Profile
@@ -322,29 +321,6 @@ def _quantize_in_place(ref, original: torch.Tensor, fmt: str, importance: np.nda
 
 def _class_of(ref) -> str:
     return "routed_experts" if ref.role is TensorRole.ROUTED_EXPERT else "other"
-
-
-def save_importance(importance: dict[str, np.ndarray], path: str | Path) -> None:
-    from safetensors.numpy import save_file
-
-    with output_file(path, "importance") as tmp:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in importance.items()}, str(tmp))
-
-
-def load_importance(path: str | Path) -> dict[str, np.ndarray]:
-    """Importance vectors (tensor name -> per-input-column mean of x^2), each finite and non-negative."""
-    from safetensors.numpy import load_file
-
-    header, _ = read_safetensors_header(path)  # a broken file is named here, not deep in the library
-    bad = [n for n, t in header.items() if t.dtype not in ("F32", "F16", "BF16", "F64")]
-    if bad:
-        raise ValueError(f"importance file {path}: tensor {bad[0]} has dtype {header[bad[0]].dtype}, not float")
-    return dict(check_importance(load_file(str(path)), path))
-
-
-def importance_path(profile_path: str | Path) -> Path:
-    p = Path(profile_path)
-    return p.with_name(p.name.removesuffix(".json") + ".importance.safetensors")
 
 
 PROFILERS = ("layerwise", "passes")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from moeplan.kernels.inventory import MODELS_DIR
+
 from .factory.data import Document, read_split
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 TEXT_SPLITS = ("valid", "calib")
 
 

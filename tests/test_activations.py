@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeplan.kernels.inventory import MODELS_DIR, build_inventory
-from moeplan.sensitivity.activations import Budget, OnDisk, SpillDict
+from moeplan.sensitivity.activations import OnDisk, SpillBudget, SpillDict
 from test_layerwise import _close  # nested profile values compared at a relative tolerance
 
 QWEN = MODELS_DIR / "tiny-qwen3-moe"
@@ -23,7 +23,7 @@ def _batches(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_spilled_entries_come_back_bit_for_bit_and_leave_no_file(tmp_path, dtype):
-    budget = Budget(ram_bytes=0, directory=tmp_path)
+    budget = SpillBudget(ram_bytes=0, directory=tmp_path)
     d = SpillDict(budget)
     want = _batches(0, dtype)
     d["a"] = want
@@ -45,7 +45,7 @@ def test_spilled_entries_come_back_bit_for_bit_and_leave_no_file(tmp_path, dtype
 
 def test_entries_stay_in_ram_within_the_budget(tmp_path):
     one = sum(t.numel() * t.element_size() for t in _batches(0))
-    budget = Budget(ram_bytes=one, directory=tmp_path)
+    budget = SpillBudget(ram_bytes=one, directory=tmp_path)
     d = SpillDict(budget, {"a": _batches(0)})
     d["b"] = _batches(1)
     assert isinstance(d["a"], list) and isinstance(d["b"], OnDisk)
@@ -55,7 +55,7 @@ def test_entries_stay_in_ram_within_the_budget(tmp_path):
 
 
 def test_a_missing_directory_is_a_clear_error(tmp_path):
-    d = SpillDict(Budget(ram_bytes=0, directory=tmp_path / "nope"))
+    d = SpillDict(SpillBudget(ram_bytes=0, directory=tmp_path / "nope"))
     with pytest.raises(ValueError, match="does not exist.*--activations-dir"):
         d["a"] = _batches(0)
 
@@ -63,7 +63,7 @@ def test_a_missing_directory_is_a_clear_error(tmp_path):
 def test_a_planted_symlink_is_not_followed(tmp_path):
     target = tmp_path / "target"
     target.write_bytes(b"keep")
-    budget = Budget(ram_bytes=0, directory=tmp_path)
+    budget = SpillBudget(ram_bytes=0, directory=tmp_path)
     private = budget.where()
     d = SpillDict(budget)
     # whatever name the next file would get, a symlink there must not be written through

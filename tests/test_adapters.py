@@ -421,6 +421,56 @@ def test_record_routing_expert_input_statistics(family):
             pass
 
 
+@FAMILIES
+def test_record_routing_of_some_layers_keeps_the_experts_inputs(family):
+    """layers=[l] hooks layer l only; inputs=True keeps the experts' inputs exactly as they were
+    passed (dtype kept), which the layer-streaming profiler re-runs the experts on."""
+    model = build_tiny_moe(family)
+    a = adapter_for(model)
+    ids = tiny_input_ids(n_tokens=10, batch=2, seed=4)
+    layer = a.moe_layers()[-1]
+    got: list = []
+    hook = a.experts_module(layer).register_forward_pre_hook(
+        lambda mod, args, kwargs: got.append(tuple(list(args) + [kwargs[k] for k in
+                                                ("hidden_states", "top_k_index", "top_k_weights")[len(args):]])),
+        with_kwargs=True)
+    try:
+        with record_routing(model, layers=[layer], inputs=True) as rec:
+            _logits(model, ids)
+            _logits(model, ids[:, :3])
+    finally:
+        hook.remove()
+    assert rec.layers() == [layer]
+    x, idx, w = rec.expert_inputs(layer)
+    for got_t, rec_t in zip(zip(*got), (x, idx, w)):
+        want = torch.cat([g.reshape(-1, g.shape[-1]) for g in got_t])
+        assert want.dtype == rec_t.dtype and torch.equal(want, rec_t)
+    assert torch.equal(rec.routing(layer).indices, idx.long())
+    if len(a.moe_layers()) > 1:
+        with pytest.raises(ValueError, match="no routed experts"):
+            rec.routing(a.moe_layers()[0])  # not hooked
+    with pytest.raises(ValueError, match="no routed experts"):
+        record_routing(model, layers=[99])
+    with record_routing(model) as plain:
+        _logits(model, ids)
+    with pytest.raises(ValueError, match="inputs=True"):
+        plain.expert_inputs(layer)
+
+
+def test_record_routing_refuses_a_router_it_cannot_read():
+    """A router that does not return (logits, weights, indices) is named, not misread."""
+    model = build_tiny_moe("qwen3_moe")
+    a = adapter_for(model)
+    layer = a.moe_layers()[0]
+    hook = a.router(layer).register_forward_hook(lambda mod, args, out: out[0])  # logits only
+    try:
+        with record_routing(model, layers=[layer]):
+            with pytest.raises(ValueError, match=f"layer {layer}: the router returns Tensor"):
+                _logits(model, tiny_input_ids(n_tokens=4, batch=1))
+    finally:
+        hook.remove()
+
+
 # ---- per-layer top-k -------------------------------------------------------------------------------
 
 

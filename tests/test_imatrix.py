@@ -14,7 +14,7 @@ from moeplan.kernels.gguf_layout import gguf_names
 from moeplan.sensitivity.importance import load_importance_file
 from moeplan.kernels import imatrix as im
 from moeplan.kernels.inventory import build_inventory
-from moeplan.sensitivity.profiler import load_importance, save_importance
+from moeplan.sensitivity.importance import load_importance, save_importance
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN = ROOT / "sensitivity" / "models" / "tiny-qwen3-moe"
@@ -181,6 +181,36 @@ def test_materialize_accepts_an_imatrix(tmp_path):
     junk.write_bytes(b"\x00" * 64)
     rc = cli.main(["materialize", str(QWEN), str(plan), "--gguf", str(tmp_path / "c.gguf"), "--importance", str(junk)])
     assert rc == 2 and not (tmp_path / "c.gguf").exists()
+
+
+def test_every_command_resolves_importance_the_same_way(tmp_path):
+    """materialize, evaluate (and the curves and the demo, through the evaluator) resolve --importance
+    in one place: an imatrix is read as materialize reads it, no file means the shipped one, a
+    missing file is named with its option."""
+    from moeplan.allocator import cli
+    from moeplan.allocator.cli.model_commands import evaluate_plan
+    from moeplan.sensitivity.importance import importance_vectors
+
+    entries, want = _layout(QWEN, seed=6)
+    imat = tmp_path / "imatrix.gguf"
+    im.write_imatrix_gguf(imat, entries)
+    st = tmp_path / "imp.safetensors"
+    save_importance(want, st)
+    p, got = importance_vectors(QWEN, imat, "--importance")
+    assert p == imat
+    _check(got, want)
+    p, shipped = importance_vectors(QWEN, None)
+    assert p == QWEN / "profile.importance.safetensors" and shipped
+    with pytest.raises(FileNotFoundError, match="--importance .*nope does not exist"):
+        importance_vectors(QWEN, tmp_path / "nope", "--importance")
+
+    bf16 = build_inventory(QWEN).bytes_uniform("BF16")
+    plan = tmp_path / "plan.json"
+    assert cli.main(["solve", str(QWEN), "--profile", str(QWEN / "profile.json"), "--memory", str(int(0.2 * bf16)),
+                     "--reserve", "0", "--context", "0", "--target", "gguf", "--out", str(plan)]) == 0
+    a = evaluate_plan(str(QWEN), str(plan), tokens=256, seq_len=64, importance_file=str(imat))
+    b = evaluate_plan(str(QWEN), str(plan), tokens=256, seq_len=64, importance_file=str(st))
+    assert a.as_dict() == b.as_dict() and a.kld_mean > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_hf_checkpoint_loads_and_evaluates_like_the_in_memory_model(setup, tmp_p
 
     from moeplan.allocator.cli.materialize import load_compressed, materialize
     from moeplan.sensitivity.compress import Decision, apply_decision
-    from moeplan.sensitivity.profiler import load_importance
+    from moeplan.sensitivity.importance import load_importance
 
     path, inv, plan = setup
     materialize(str(path), plan, hf_out=tmp_path / "hf", progress=False)
@@ -104,7 +104,7 @@ def test_hf_writer_streams_and_prunes_group_limited_experts(setup, tmp_path, mon
     from moeplan.allocator.cli.materialize import load_compressed, materialize
     from moeplan.sensitivity.compress import Decision, apply_decision
     from moeplan.sensitivity.profile import Profile
-    from moeplan.sensitivity.profiler import load_importance
+    from moeplan.sensitivity.importance import load_importance
 
     path, inv, _ = setup
     profile = Profile.load(path / "profile.json")

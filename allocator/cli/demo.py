@@ -22,6 +22,7 @@ from moeplan.allocator.plan import PlanError, make_plan
 from moeplan.allocator.sweep import ProblemFactory, sweep, write
 from moeplan.kernels.inventory import build_inventory, resolve_model
 from moeplan.kernels.outputs import json_text, write_text
+from moeplan.sensitivity.importance import importance_path
 from moeplan.sensitivity.profile import Profile
 
 from .args import Command
@@ -36,7 +37,7 @@ def _say(msg: str) -> None:
 def run_demo(model: str = DEFAULT_MODEL, out: str | Path = "moeplan-demo", fraction: float = 0.20,
              context: int = 256, reprofile: bool = False, eval_tokens: int = 4096, sweep_points: int = 12,
              write_gguf: bool = True) -> dict:
-    from moeplan.sensitivity.profiler import importance_path, profile_model
+    from moeplan.sensitivity.profiler import profile_model
 
     t_start = time.perf_counter()
     out = Path(out)

@@ -11,7 +11,8 @@ top-k set) and `sensitivity.evaluate.evaluate` gives its perplexity, KL divergen
 - `Evaluator(model, ...)`: loads checkpoint `model`, its held-out text and importance vectors;
   `Evaluator.of_model(...)`: the same for a model and windows already loaded.
 - `held_out_windows(ids, seq_len, eval_tokens, sample)`: the windows it evaluates on.
-- `importance_vectors(model_dir, importance, option)`: the importance vectors the quantizers use.
+- importance vectors: resolved by `sensitivity.importance.importance_vectors` (a given file, a
+  llama-imatrix file, or the checkpoint's shipped one).
 - `decision_key(plan)`: what a plan does to the model, as a digest (identical plans are evaluated once).
 """
 
@@ -24,8 +25,7 @@ import time
 from pathlib import Path
 
 from moeplan.kernels.inventory import Inventory, build_inventory, resolve_model
-
-SHIPPED_IMPORTANCE = "profile.importance.safetensors"  # next to a checkpoint's shipped profile.json
+from moeplan.sensitivity.importance import importance_vectors
 
 
 class Evaluator:
@@ -127,23 +127,6 @@ def held_out_windows(ids, seq_len: int, eval_tokens: int, sample: str = "spread"
     if sample == "head":
         return chunk_tokens(list(ids)[:eval_tokens], seq_len)
     return chunk_tokens(ids, seq_len, eval_tokens)
-
-
-def importance_vectors(model_dir: Path, importance, option: str = "importance file") -> tuple:
-    """(file or None, tensor name -> importance vector, or None): `importance` a loaded dict, a path
-    (which must exist; `option` names it in the error), or None for the checkpoint's shipped
-    profile.importance.safetensors when there is one."""
-    from moeplan.sensitivity.profiler import load_importance
-
-    if isinstance(importance, dict):
-        return None, importance
-    if importance is None:
-        p = Path(model_dir) / SHIPPED_IMPORTANCE
-        return (p, load_importance(p)) if p.exists() else (None, None)
-    p = Path(importance)
-    if not p.is_file():
-        raise FileNotFoundError(f"{option} {p} does not exist")
-    return p, load_importance(p)
 
 
 def decision_key(plan) -> str:

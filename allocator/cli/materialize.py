@@ -38,6 +38,7 @@ from moeplan.kernels.inventory import (
     resolve_model,
 )
 from moeplan.kernels.outputs import check_output, output_dir
+from moeplan.sensitivity.importance import importance_vectors
 
 from .args import Command
 
@@ -48,19 +49,6 @@ class MaterializeReport:
     hf_dir: Path | None = None
     predicted_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def _importance(model_dir: Path, importance_file: str | os.PathLike | None):
-    from moeplan.sensitivity.profiler import load_importance
-
-    p = Path(importance_file) if importance_file else model_dir / "profile.importance.safetensors"
-    if importance_file and not p.exists():
-        raise FileNotFoundError(f"--importance {p} does not exist")
-    if importance_file:  # a moeplan .safetensors or a llama-imatrix file (GGUF / .dat), by content
-        from moeplan.sensitivity.importance import load_importance_file
-
-        return load_importance_file(p, model_dir)
-    return load_importance(p) if p.exists() else None
 
 
 def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike | None = None,
@@ -86,7 +74,7 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
             "expert count, which only a plan solved with --target gguf guarantees; re-solve with --target gguf "
             "or write --hf only"
         )
-    importance = _importance(model_dir, importance_file)
+    _, importance = importance_vectors(model_dir, importance_file or None, "--importance")
     report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
     if gguf_out is not None:
         top_k = {l.top_k for l in plan.layers}

@@ -13,9 +13,10 @@ from moeplan.kernels.checkpoint import regular_file
 from moeplan.kernels.inventory import build_inventory, resolve_model
 from moeplan.kernels.outputs import check_output
 from moeplan.sensitivity.costs import DEFAULT_FORMATS
+from moeplan.sensitivity.importance import importance_path, importance_vectors
 
 from .args import Command, positive_int
-from .evaluation import Evaluator, held_out_windows, importance_vectors
+from .evaluation import Evaluator, held_out_windows
 
 
 def _say(msg: str) -> None:
@@ -124,7 +125,7 @@ def _device(s: str) -> str:
 def _profile_run(args) -> int:
     import torch
 
-    from moeplan.sensitivity.profiler import importance_path, profile_model, state_path
+    from moeplan.sensitivity.profiler import profile_model, state_path
 
     check_output(args.out, "--out")
     check_output(importance_path(args.out), "--out (its importance file)")

@@ -21,6 +21,7 @@ from moeplan.allocator.solvers import solve
 from moeplan.allocator.sweep import ProblemFactory, budgets_between, sweep, write
 from moeplan.kernels.inventory import resolve_model
 from moeplan.kernels.outputs import check_output, write_text
+from moeplan.sensitivity.importance import importance_path
 from moeplan.sensitivity.synthetic import SYNTHETIC_FORMATS
 
 from .args import (
@@ -197,8 +198,6 @@ def _sweep_run(args) -> int:
     title = f"{inv.model_type}, target {args.target}, formats {','.join(menu)}"
     cols = ["memory_bytes", "method", "status", "weight_gb", "damage", "gap"]
     if args.measure:
-        from moeplan.sensitivity.profiler import importance_path
-
         imp = importance_path(args.profile) if args.profile else None
         t1 = time.perf_counter()
         df = measure(df, plans, model_dir, eval_tokens=args.eval_tokens, eval_text=eval_text,

@@ -37,6 +37,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeplan.kernels.outputs import write_text
+
 CORPUS_VERSION = 1
 SPLITS = ("train", "valid", "calib")
 EOS_TOKEN = "<|endoftext|>"
@@ -358,8 +360,7 @@ def write_split(path: Path, docs: list[Document]) -> list[dict]:
         chunks.append(d.text)
         entries.append({"id": d.doc_id, "source": d.source, "domain": d.domain, "sha256": d.sha256, "start": pos, "end": pos + len(d.text)})
         pos += len(d.text)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write("".join(chunks))
+    write_text(path, "".join(chunks), "split")
     return entries
 
 
@@ -393,7 +394,7 @@ def prepare(out: Path, install: bool = True, tokenizer: bool = True) -> dict:
     for split in SPLITS:
         manifest["splits"][split] = write_split(out / f"{split}.txt", splits[split])
     manifest["stats"] = corpus_stats(splits)
-    (out / "documents.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_text(out / "documents.json", json.dumps(manifest, indent=1) + "\n", "manifest")
     if tokenizer:
         tok = train_tokenizer(d.text for d in splits["train"])
         save_tokenizer(tok, out / "tokenizer")

@@ -40,12 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moeplan.kernels.inventory import MODELS_DIR
+from moeplan.kernels.outputs import output_file, write_text
+
 from . import data as corpus
 from ..adapters import RoutingRecord, record_routing
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # moeplan.sensitivity, which ships the models
-MODELS_DIR = PACKAGE_DIR / "models"
-RESULTS_DIR = PACKAGE_DIR.parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"
 TEST_WINDOWS = 8  # windows of valid.txt that tests/test_reference_models.py evaluates
 DEFAULT_DATA = Path(os.environ.get("MOEPLAN_CORPUS", Path.home() / ".cache" / "moeplan" / "corpus"))
 
@@ -184,7 +185,8 @@ def train_tokens(data_dir: Path, tokenizer, docs: list[corpus.Document]) -> np.n
     for ids in corpus.encode_documents(tokenizer, docs):
         parts.append(np.asarray([eos, *ids], dtype=np.uint16))
     arr = np.concatenate(parts)
-    np.save(cache, arr)
+    with output_file(cache, "token cache") as tmp:
+        np.save(tmp, arr)
     return arr
 
 
@@ -537,9 +539,9 @@ def ship(model, tokenizer, data_dir: Path, manifest: dict, out: Path, training_l
             "train": [[e["id"], e["sha256"]] for e in manifest["splits"]["train"]],
         },
     }
-    (out / "documents.json").write_text(json.dumps(shipped_manifest, separators=(",", ":")) + "\n", encoding="utf-8")
-    (out / "training_log.json").write_text(json.dumps(training_log, indent=1) + "\n", encoding="utf-8")
-    (out / "DATA.md").write_text(_data_card(training_log["model"], manifest), encoding="utf-8")
+    write_text(out / "documents.json", json.dumps(shipped_manifest, separators=(",", ":")) + "\n")
+    write_text(out / "training_log.json", json.dumps(training_log, indent=1) + "\n")
+    write_text(out / "DATA.md", _data_card(training_log["model"], manifest))
 
 
 def _data_card(name: str, manifest: dict) -> str:
@@ -727,10 +729,9 @@ def write_card(name: str, out: Path | None = None, seq_len: int = 256) -> Path:
         "",
     ]
     out = out or RESULTS_DIR / f"model-card-{name}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines), encoding="utf-8")
+    write_text(out, "\n".join(lines))
     metrics = {"valid": {k: v for k, v in ev["valid"].items()}, "calib": {k: v for k, v in ev["calib"].items() if k != "expert_mean_weight"}, "parameters": counts, "sizes": sizes}
-    (out.with_suffix(".json")).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    write_text(out.with_suffix(".json"), json.dumps(metrics, indent=1) + "\n")
     return out
 
 
