@@ -192,8 +192,9 @@ def _evaluate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--text", metavar="FILE", help="held-out text (default: the model's shipped valid.txt)")
     ap.add_argument("--tokens", type=positive_int, default=8192, help="evaluation tokens (default: %(default)s)")
     ap.add_argument("--seq-len", type=positive_int, default=128, help="window length (default: %(default)s)")
-    ap.add_argument("--importance", metavar="FILE", help="importance vectors for quantizing (default: the "
-                    "model's shipped profile.importance.safetensors, if any)")
+    ap.add_argument("--importance", metavar="FILE", help="importance vectors for quantizing: a .safetensors from "
+                    "`moeplan profile` or a llama-imatrix file (GGUF or legacy .dat) (default: the model's shipped "
+                    "profile.importance.safetensors, if any)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
