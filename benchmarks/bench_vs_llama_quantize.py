@@ -168,12 +168,17 @@ def _num(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
+def _chunks(chunks: int) -> list:
+    """llama-perplexity's chunk option: every chunk of the text for 0."""
+    return ["--chunks", chunks] if chunks > 0 else []
+
+
 def kld(tools: LlamaTools, model: Path, base: Path, text: Path, ctx: int, chunks: int, log: Path) -> dict:
     # On a busy machine llama-perplexity now and then stops before its statistics (seen a few times in
     # twenty runs): up to three tries; the result is deterministic, so a retry changes no figure.
     for attempt in range(3):
         try:
-            out = _run([tools.perplexity, "-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", "2",
+            out = _run([tools.perplexity, "-m", model, "-f", text, "-c", ctx, *_chunks(chunks), "-t", "2",
                         *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base, "--kl-divergence"], log)
             _num(r"Mean\s+KLD:\s+([-0-9.eE+]+)", out)
             break
@@ -182,6 +187,7 @@ def kld(tools: LlamaTools, model: Path, base: Path, text: Path, ctx: int, chunks
                 raise
             _say(f"llama-perplexity on {Path(model).name} stopped early; again")
     return {"kld": _num(r"Mean\s+KLD:\s+([-0-9.eE+]+)", out),
+            "kld_se": _num(r"Mean\s+KLD:\s+[-0-9.eE+]+\s+±\s+([-0-9.eE+]+)", out),
             "kld_p99": _num(r"99\.0%\s+KLD:\s+([-0-9.eE+]+)", out),
             "ppl": _num(r"Mean\s+PPL\(Q\)\s*:\s+([-0-9.eE+]+)", out),
             "same_top_p": _num(r"Same top p:\s+([-0-9.eE+]+)", out)}
@@ -229,12 +235,14 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
             _run([tools.imatrix, "-m", f32, "-f", model_dir / "calib.txt", "-o", imatrix, "-c", imat_ctx,
                   "--chunks", imat_chunks, "-t", "2", "--process-output", *NO_REPACK["llama-imatrix"]],
                  work / "imatrix.log")
-        base = work / "f32.kld"
+        scoring = f"c{ctx}-{chunks or 'all'}"  # the base holds the F32 logits of these windows only
+        base, base_log = work / f"f32-{scoring}.kld", work / f"base-{scoring}.log"
         if not base.exists():
-            _run([tools.perplexity, "-m", f32, "-f", model_dir / "valid.txt", "-c", ctx, "--chunks", chunks, "-t", "2",
-                  *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base], work / "base.log")
+            _run([tools.perplexity, "-m", f32, "-f", model_dir / "valid.txt", "-c", ctx, *_chunks(chunks), "-t", "2",
+                  *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base], base_log)
         importance, filled = moeplan_importance(model_dir, imatrix, work)
-        base_ppl = _num(r"Final estimate: PPL = ([0-9.]+)", (work / "base.log").read_text())
+        base_ppl = _num(r"Final estimate: PPL = ([0-9.]+)", base_log.read_text())
+        scored = _num(r"calculating perplexity over (\d+) chunks", base_log.read_text())
         _say(f"{name}: F32 GGUF, imatrix, KLD base ({time.perf_counter() - t0:.0f} s); F32 PPL {base_ppl:.3f}")
         for share in shares:
             t1 = time.perf_counter()
@@ -266,6 +274,8 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
                    "moeplan_bytes": ours.stat().st_size, "llama_quantize_bytes": theirs.stat().st_size,
                    "moeplan_kld": res["moeplan"]["kld"], "llama_quantize_kld": res["llama-quantize"]["kld"],
                    "kld_ratio": res["moeplan"]["kld"] / res["llama-quantize"]["kld"],
+                   "moeplan_kld_se": res["moeplan"]["kld_se"], "llama_quantize_kld_se": res["llama-quantize"]["kld_se"],
+                   "scored_chunks": int(scored), "ctx": ctx,
                    "moeplan_kld_p99": res["moeplan"]["kld_p99"], "llama_quantize_kld_p99": res["llama-quantize"]["kld_p99"],
                    "moeplan_ppl": res["moeplan"]["ppl"], "llama_quantize_ppl": res["llama-quantize"]["ppl"],
                    "f32_ppl": base_ppl,
@@ -334,9 +344,13 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
         "need importance, with its profile's vector for it (ones), merged with the imatrix's into one .safetensors. "
         "DeepSeek's kv_b_proj: moeplan gives attn_v_b the imatrix's per-head vectors pooled over heads, attn_k_b "
         "ones (its export's rule); llama-quantize uses the per-head vectors of both. KLD: llama-perplexity against the F32 GGUF on valid.txt "
-        f"(`-c {ctx} --chunks {chunks}`, the second half of each window scored), "
+        f"(`-c {ctx}`, {'every one of its' if not chunks else 'the first'} "
+        f"{'/'.join(sorted({str(r['scored_chunks']) for r in rows}))} windows, the second half of each scored), "
         "`--kl-divergence-base` once, then `--kl-divergence` per file; repacking off (`-nr`). Ratio = moeplan / "
         "llama-quantize (below 1: moeplan's file is closer to F32).",
+        "",
+        "KLD: mean over the scored tokens +- its standard error as llama-perplexity gives it (both files are "
+        "scored on the same tokens, so their ratio is steadier than the two errors suggest).",
         "",
         "| model | share of BF16 | plan types | moeplan bytes | llama-quantize bytes | moeplan KLD | llama-quantize KLD "
         "| ratio | moeplan same top-1 | llama-quantize same top-1 | moeplan median expert gain | llama-quantize median expert gain |",
@@ -344,7 +358,8 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {100 * r['share_of_bf16']:.0f}% | {r['plan_types']} | {r['moeplan_bytes']:,} | "
-                     f"{r['llama_quantize_bytes']:,} | {r['moeplan_kld']:.5f} | {r['llama_quantize_kld']:.5f} | "
+                     f"{r['llama_quantize_bytes']:,} | {r['moeplan_kld']:.6f} +- {r['moeplan_kld_se']:.6f} | "
+                     f"{r['llama_quantize_kld']:.6f} +- {r['llama_quantize_kld_se']:.6f} | "
                      f"{r['kld_ratio']:.2f} | {r['moeplan_same_top_p']:.2f}% | {r['llama_quantize_same_top_p']:.2f}% | "
                      f"{r['moeplan_median_expert_gain']:.4f} | {r['llama_quantize_median_expert_gain']:.4f} |")
     lines += ["", "PPL (F32 / moeplan / llama-quantize): " + "; ".join(
@@ -362,7 +377,9 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
                      f"{t['moeplan rel_rmse']:.4f} | {t['llama-quantize rel_rmse']:.4f} |")
     lines += ["", f"Made by `{command}` in {wall_s / 60:.1f} min (llama.cpp tools built from the llama-cpp-python "
               f"{llv} sdist by benchmarks/llama_tools.py; the build not counted).", "",
-              f"Machine: {logical_cpus()}.", ""]
+              f"Machine: {logical_cpus()}.", "",
+              "The kernel variants tried against this benchmark, with their KLDs, are in "
+              "[vs-llama-quantize-variants.md](vs-llama-quantize-variants.md).", ""]
     write_text(md, "\n".join(lines))
 
 
@@ -373,7 +390,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "build" / "vs-llama-quantize"), help="work files (GGUFs, logs)")
     ap.add_argument("--results", default=str(ROOT / "results"), help="where the md and csv go")
     ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity context (default 256)")
-    ap.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of valid.txt (default 32)")
+    ap.add_argument("--chunks", type=int, default=0,
+                    help="llama-perplexity chunks of valid.txt (default 0: all of it, the most precise KLD)")
     ap.add_argument("--imatrix-ctx", type=int, default=128)
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     a = ap.parse_args(argv)

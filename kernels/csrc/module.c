@@ -347,6 +347,11 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
         }
         wq[i] = wn[k];
     }
+    /* each row's sums (norm, then one per format), added up in row order after the parallel loop:
+     * the result does not depend on the thread count or on which thread took which row */
+    const int64_t stride = (int64_t)ntypes + 1;
+    double *rowsum = (double *)calloc((size_t)nrows * (size_t)stride, sizeof(double));
+    if (!rowsum) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
 #ifdef MOEPLAN_OPENMP
 #pragma omp parallel num_threads(nt)
@@ -355,8 +360,7 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
         float *tmp = (float *)malloc(sizeof(float) * (size_t)ncols);
         float *deq = (float *)malloc(sizeof(float) * (size_t)ncols);
         void *q = malloc((size_t)max_row_bytes);
-        double *acc = (double *)calloc((size_t)(ntypes + 1) * (size_t)ngroups, sizeof(double)); /* [ngroups] norm, then err */
-        int ok = tmp && deq && q && acc;
+        int ok = tmp && deq && q;
         if (!ok) {
 #ifdef MOEPLAN_OPENMP
 #pragma omp atomic write
@@ -380,7 +384,8 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
             const float *w = w_all ? w_all + g * ncols : NULL;
             double nsum = 0.0;
             for (int64_t j = 0; j < ncols; j++) nsum += (double)(w ? w[j] : 1.0f) * (double)row[j] * (double)row[j];
-            acc[g] += nsum;
+            double *sums = rowsum + r * stride;
+            sums[0] = nsum;
             for (Py_ssize_t i = 0; i < ntypes; i++) {
                 fmts[i]->quantize_row(row, q, ncols, wq[i] ? wq[i] + g * ncols : NULL);
                 fmts[i]->dequantize_row(q, deq, ncols);
@@ -398,23 +403,20 @@ static PyObject *py_quant_error(PyObject *self, PyObject *args) {
                         esum += dlt * dlt;
                     }
                 }
-                acc[(1 + i) * ngroups + g] += esum;
+                sums[1 + i] = esum;
             }
         }
-        if (ok) {
-#ifdef MOEPLAN_OPENMP
-#pragma omp critical(mp_reduce)
-#endif
-            {
-                for (int64_t g = 0; g < ngroups; g++) norm_d[g] += acc[g];
-                for (Py_ssize_t i = 0; i < ntypes; i++)
-                    for (int64_t g = 0; g < ngroups; g++) err_d[i * ngroups + g] += acc[(1 + i) * ngroups + g];
-            }
-        }
-        free(tmp); free(deq); free(q); free(acc);
+        free(tmp); free(deq); free(q);
     }
     (void)nt;
+    for (int64_t r = 0; r < nrows; r++) { /* in row order (a bad row's sums are zeros; it is reported) */
+        const int64_t g = r / rows_per_group;
+        const double *sums = rowsum + r * stride;
+        norm_d[g] += sums[0];
+        for (Py_ssize_t i = 0; i < ntypes; i++) err_d[i * ngroups + g] += sums[1 + i];
+    }
     Py_END_ALLOW_THREADS
+    free(rowsum);
     if (oom) { PyErr_NoMemory(); goto done; }
     result = PyLong_FromLongLong(bad_row);
 done:
