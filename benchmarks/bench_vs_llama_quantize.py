@@ -13,6 +13,9 @@ the BF16 weight size):
    gguf-py's GGUFReader; a mismatch stops the run);
 3. each file scored by llama-perplexity against the F32 model on valid.txt: --kl-divergence-base
    once, then --kl-divergence per file (mean KLD, PPL of the quantized model, "Same top p");
+   The uncertainty of the ratio: valid.txt is also cut into --pieces consecutive parts (at line
+   ends), each scored alone (its own F32 base); the spread of the pieces' ratios over sqrt(pieces)
+   is the ratio's standard error (both files are scored on the same tokens, so it is a paired one);
 4. the diagnostic: per routed-expert matrix (one expert of a stacked blk.L.ffn_*_exps tensor), the
    gain <w, w_hat> / <w, w> and the RMSE of each file's dequantized weights (gguf-py's dequantize)
    against the F32 file's weights.
@@ -173,19 +176,42 @@ def _chunks(chunks: int) -> list:
     return ["--chunks", chunks] if chunks > 0 else []
 
 
+def text_pieces(text: Path, pieces: int, work: Path) -> list[Path]:
+    """`text` cut into `pieces` consecutive parts of about equal length, at line ends."""
+    lines = text.read_text(encoding="utf-8").splitlines(keepends=True)
+    total, out, start, acc = sum(len(x) for x in lines), [], 0, 0
+    for i, line in enumerate(lines):
+        acc += len(line)
+        if acc >= total * (len(out) + 1) / pieces or i == len(lines) - 1:
+            path = work / f"{text.stem}-piece{len(out) + 1}of{pieces}.txt"
+            write_text(path, "".join(lines[start:i + 1]))
+            out.append(path)
+            start = i + 1
+    return out
+
+
+def ratio_se(ours: list[float], theirs: list[float]) -> float:
+    """The standard error of the ratio from the pieces' ratios (their spread over sqrt(pieces))."""
+    r = np.asarray(ours) / np.asarray(theirs)
+    return float(np.std(r, ddof=1) / np.sqrt(len(r))) if len(r) > 1 else float("nan")
+
+
+def _perplexity(tools: LlamaTools, args: list, log: Path, last: str) -> str:
+    """llama-perplexity's output, run again until it holds `last` (a regex of its final statistics).
+    This llama.cpp's logger writes from a thread of its own and does not flush it at exit (llama.cpp
+    issue 22142), so a run that succeeded now and then loses its last lines (here up to half the runs
+    of some texts, on an idle machine too). Every run computes the same figures; a retry changes none."""
+    for attempt in range(10):
+        out = _run([tools.perplexity, *args, "-t", "2", *NO_REPACK["llama-perplexity"]], log)
+        if re.search(last, out):
+            return out
+        _say(f"llama-perplexity lost its last lines ({Path(str(args[1])).name}, {Path(str(args[3])).name}); again")
+    raise RuntimeError(f"llama-perplexity: no {last!r} in its output after 10 runs; see {log}")
+
+
 def kld(tools: LlamaTools, model: Path, base: Path, text: Path, ctx: int, chunks: int, log: Path) -> dict:
-    # On a busy machine llama-perplexity now and then stops before its statistics (seen a few times in
-    # twenty runs): up to three tries; the result is deterministic, so a retry changes no figure.
-    for attempt in range(3):
-        try:
-            out = _run([tools.perplexity, "-m", model, "-f", text, "-c", ctx, *_chunks(chunks), "-t", "2",
-                        *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base, "--kl-divergence"], log)
-            _num(r"Mean\s+KLD:\s+([-0-9.eE+]+)", out)
-            break
-        except RuntimeError:
-            if attempt == 2:
-                raise
-            _say(f"llama-perplexity on {Path(model).name} stopped early; again")
+    out = _perplexity(tools, ["-m", model, "-f", text, "-c", ctx, *_chunks(chunks), "--kl-divergence-base", base,
+                              "--kl-divergence"], log, r"Same top p:\s+[-0-9.eE+]+")
     return {"kld": _num(r"Mean\s+KLD:\s+([-0-9.eE+]+)", out),
             "kld_se": _num(r"Mean\s+KLD:\s+[-0-9.eE+]+\s+±\s+([-0-9.eE+]+)", out),
             "kld_p99": _num(r"99\.0%\s+KLD:\s+([-0-9.eE+]+)", out),
@@ -219,7 +245,8 @@ def expert_gains(f32: Path, files: dict[str, Path]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 
-def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, imat_chunks: int) -> tuple[list, list]:
+def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, imat_chunks: int,
+        pieces: int = 8) -> tuple[list, list]:
     tools = build_llama_tools()
     rows, expert_rows = [], []
     for name in models:
@@ -237,9 +264,16 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
                  work / "imatrix.log")
         scoring = f"c{ctx}-{chunks or 'all'}"  # the base holds the F32 logits of these windows only
         base, base_log = work / f"f32-{scoring}.kld", work / f"base-{scoring}.log"
-        if not base.exists():
-            _run([tools.perplexity, "-m", f32, "-f", model_dir / "valid.txt", "-c", ctx, *_chunks(chunks), "-t", "2",
-                  *NO_REPACK["llama-perplexity"], "--kl-divergence-base", base], base_log)
+        if not base.exists() or not base_log.exists() or "Final estimate" not in base_log.read_text():
+            _perplexity(tools, ["-m", f32, "-f", model_dir / "valid.txt", "-c", ctx, *_chunks(chunks),
+                                "--kl-divergence-base", base], base_log, r"Final estimate: PPL")
+        piece_bases = []
+        for text in (text_pieces(model_dir / "valid.txt", pieces, work) if pieces > 1 else []):
+            b = work / f"f32-c{ctx}-{text.stem}.kld"
+            if not b.exists():
+                _perplexity(tools, ["-m", f32, "-f", text, "-c", ctx, "--kl-divergence-base", b],
+                            work / f"base-{text.stem}.log", r"Final estimate: PPL")
+            piece_bases.append((text, b))
         importance, filled = moeplan_importance(model_dir, imatrix, work)
         base_ppl = _num(r"Final estimate: PPL = ([0-9.]+)", base_log.read_text())
         scored = _num(r"calculating perplexity over (\d+) chunks", base_log.read_text())
@@ -257,9 +291,11 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
             llama_quantize(tools, plan, f32, imatrix, theirs, ft if ft in _QUANTIZED_FTYPES else 7,
                            work / f"quantize-{tag}.log")
             check_identical_types(ours, theirs)
-            res = {}
+            res, by_piece = {}, {}
             for label, path in (("moeplan", ours), ("llama-quantize", theirs)):
                 res[label] = kld(tools, path, base, model_dir / "valid.txt", ctx, chunks, work / f"kld-{label}-{tag}.log")
+                by_piece[label] = [kld(tools, path, b, text, ctx, 0, work / f"kld-{label}-{tag}-{text.stem}.log")["kld"]
+                                   for text, b in piece_bases]
             er = expert_gains(f32, {"moeplan": ours, "llama-quantize": theirs})
             for r in er:
                 r.update(model=name, share=share)
@@ -274,6 +310,10 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
                    "moeplan_bytes": ours.stat().st_size, "llama_quantize_bytes": theirs.stat().st_size,
                    "moeplan_kld": res["moeplan"]["kld"], "llama_quantize_kld": res["llama-quantize"]["kld"],
                    "kld_ratio": res["moeplan"]["kld"] / res["llama-quantize"]["kld"],
+                   "kld_ratio_se": ratio_se(by_piece["moeplan"], by_piece["llama-quantize"]),
+                   "pieces": len(piece_bases),
+                   "moeplan_kld_pieces": " ".join(f"{v:.6f}" for v in by_piece["moeplan"]),
+                   "llama_quantize_kld_pieces": " ".join(f"{v:.6f}" for v in by_piece["llama-quantize"]),
                    "moeplan_kld_se": res["moeplan"]["kld_se"], "llama_quantize_kld_se": res["llama-quantize"]["kld_se"],
                    "scored_chunks": int(scored), "ctx": ctx,
                    "moeplan_kld_p99": res["moeplan"]["kld_p99"], "llama_quantize_kld_p99": res["llama-quantize"]["kld_p99"],
@@ -286,7 +326,7 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
                    "llama_quantize_median_expert_rel_rmse": med("llama-quantize", "rel_rmse")}
             rows.append(row)
             _say(f"{name} {share:.0%}: KLD moeplan {row['moeplan_kld']:.5f} vs llama-quantize "
-                 f"{row['llama_quantize_kld']:.5f} (x{row['kld_ratio']:.2f}); median expert gain "
+                 f"{row['llama_quantize_kld']:.5f} (x{row['kld_ratio']:.3f} +- {row['kld_ratio_se']:.3f}); median expert gain "
                  f"{row['moeplan_median_expert_gain']:.4f} vs {row['llama_quantize_median_expert_gain']:.4f} "
                  f"({time.perf_counter() - t1:.0f} s)")
     return rows, expert_rows
@@ -349,8 +389,10 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
         "`--kl-divergence-base` once, then `--kl-divergence` per file; repacking off (`-nr`). Ratio = moeplan / "
         "llama-quantize (below 1: moeplan's file is closer to F32).",
         "",
-        "KLD: mean over the scored tokens +- its standard error as llama-perplexity gives it (both files are "
-        "scored on the same tokens, so their ratio is steadier than the two errors suggest).",
+        "KLD: mean over the scored tokens +- its standard error as llama-perplexity gives it. Ratio +- its "
+        f"standard error from {', '.join(sorted({str(r['pieces']) for r in rows}))} consecutive pieces of valid.txt "
+        "scored alone (each with its own F32 base): the spread of the pieces' ratios over sqrt(pieces), a paired "
+        "error, since both files are scored on the same tokens (per-piece KLDs in the csv).",
         "",
         "| model | share of BF16 | plan types | moeplan bytes | llama-quantize bytes | moeplan KLD | llama-quantize KLD "
         "| ratio | moeplan same top-1 | llama-quantize same top-1 | moeplan median expert gain | llama-quantize median expert gain |",
@@ -360,7 +402,7 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
         lines.append(f"| {r['model']} | {100 * r['share_of_bf16']:.0f}% | {r['plan_types']} | {r['moeplan_bytes']:,} | "
                      f"{r['llama_quantize_bytes']:,} | {r['moeplan_kld']:.6f} +- {r['moeplan_kld_se']:.6f} | "
                      f"{r['llama_quantize_kld']:.6f} +- {r['llama_quantize_kld_se']:.6f} | "
-                     f"{r['kld_ratio']:.2f} | {r['moeplan_same_top_p']:.2f}% | {r['llama_quantize_same_top_p']:.2f}% | "
+                     f"{r['kld_ratio']:.3f} +- {r['kld_ratio_se']:.3f} | {r['moeplan_same_top_p']:.2f}% | {r['llama_quantize_same_top_p']:.2f}% | "
                      f"{r['moeplan_median_expert_gain']:.4f} | {r['llama_quantize_median_expert_gain']:.4f} |")
     lines += ["", "PPL (F32 / moeplan / llama-quantize): " + "; ".join(
         f"{r['model']} {100 * r['share_of_bf16']:.0f}% {r['f32_ppl']:.3f} / {r['moeplan_ppl']:.3f} / {r['llama_quantize_ppl']:.3f}"
@@ -392,13 +434,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity context (default 256)")
     ap.add_argument("--chunks", type=int, default=0,
                     help="llama-perplexity chunks of valid.txt (default 0: all of it, the most precise KLD)")
+    ap.add_argument("--pieces", type=int, default=8,
+                    help="pieces of valid.txt scored alone for the ratio's standard error (default 8; 1: none)")
     ap.add_argument("--imatrix-ctx", type=int, default=128)
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     shares = [float(s) for s in a.shares.split(",") if s.strip()]
-    rows, expert_rows = run(models, shares, Path(a.out_dir), a.ctx, a.chunks, a.imatrix_ctx, a.imatrix_chunks)
+    rows, expert_rows = run(models, shares, Path(a.out_dir), a.ctx, a.chunks, a.imatrix_ctx, a.imatrix_chunks,
+                            a.pieces)
     res = Path(a.results)
     command = "python benchmarks/bench_vs_llama_quantize.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                                 " " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])))

@@ -265,7 +265,7 @@ class LayerwiseProfiler:
         # hidden states beyond the RAM budget go to files (sensitivity/activations.py): the streams and
         # the backward sweep's layer inputs; the reference (one copy) stays in RAM
         self.activations = SpillBudget(activations_ram, activations_dir if activations_dir is not None else
-                                  (Path(state_path).parent if state_path is not None else None))
+                                       (Path(state_path).parent if state_path is not None else None))
         self.share.streams = SpillDict(self.activations)
         self.formats = menu(formats)
         self.calibration_formats = menu(list(calibration_formats))
