@@ -57,7 +57,8 @@ def regular_file(path: Path, what: str = "file") -> os.stat_result:
     except FileNotFoundError:
         raise CheckpointError(f"{what} {path} does not exist") from None
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{what} {path} is not a regular file; give the checkpoint's files themselves")
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe or a device)"
+        raise CheckpointError(f"{what} {path} is {kind}; give the path of the file itself")
     return st
 
 

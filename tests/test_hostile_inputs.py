@@ -253,6 +253,21 @@ def test_a_fifo_shard_is_refused_without_hanging(ckpt, tmp_path):
     assert r.returncode == 2 and "not a regular file" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_an_importance_path_that_is_not_a_file_is_named(capsys, plan_file, tmp_path):
+    """--importance: a directory or a FIFO is refused before any work, naming what it is, by every
+    command that takes it (a FIFO would block the reader; run in a subprocess with a timeout)."""
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for argv in (["evaluate", MODEL, "--plan", plan_file, "--tokens", "256"],
+                 ["materialize", MODEL, plan_file, "--gguf", tmp_path / "m.gguf"]):
+        code, err = run(capsys, *argv, "--importance", tmp_path / "dir")
+        assert_user_error(code, err, argv[0], "is a directory", "the file itself")
+        r = subprocess.run([sys.executable, "-m", "moeplan.allocator.cli", *map(str, argv), "--importance",
+                            str(tmp_path / "fifo")], capture_output=True, text=True, timeout=120)
+        assert_user_error(r.returncode, r.stderr, argv[0], "not a regular file", "the file itself")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 # ---- flags ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,words", [
