@@ -147,12 +147,11 @@ def moeplan_importance(model_dir: Path, imatrix: Path, work: Path) -> tuple[Path
     else (token_embd is a row lookup that llama-imatrix never records, and moeplan's IQ kernels need
     importance) a .safetensors of the imatrix's vectors (kernels.imatrix) plus, for the tensors it
     lacks, the shipped profile's (ones for the embedding). Returns the file and the names filled in."""
-    from moeplan.sensitivity.importance import load_importance_file
     from moeplan.kernels.inventory import build_inventory
-    from moeplan.sensitivity.importance import load_importance, save_importance
+    from moeplan.sensitivity.importance import SHIPPED_IMPORTANCE, load_importance, load_importance_file, save_importance
 
     imp = load_importance_file(imatrix, model_dir)
-    shipped = load_importance(model_dir / "profile.importance.safetensors")
+    shipped = load_importance(model_dir / SHIPPED_IMPORTANCE)
     missing = [t.name for t in build_inventory(model_dir) if t.quantizable and t.name not in imp and t.name in shipped]
     if not missing:
         return imatrix, []
@@ -270,9 +269,9 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
         piece_bases = []
         for text in (text_pieces(model_dir / "valid.txt", pieces, work) if pieces > 1 else []):
             b = work / f"f32-c{ctx}-{text.stem}.kld"
-            if not b.exists():
-                _perplexity(tools, ["-m", f32, "-f", text, "-c", ctx, "--kl-divergence-base", b],
-                            work / f"base-{text.stem}.log", r"Final estimate: PPL")
+            if not b.exists():  # only the file is read (complete even when the log loses its last lines)
+                _run([tools.perplexity, "-m", f32, "-f", text, "-c", ctx, "-t", "2", *NO_REPACK["llama-perplexity"],
+                      "--kl-divergence-base", b], work / f"base-{text.stem}.log")
             piece_bases.append((text, b))
         importance, filled = moeplan_importance(model_dir, imatrix, work)
         base_ppl = _num(r"Final estimate: PPL = ([0-9.]+)", base_log.read_text())

@@ -706,11 +706,14 @@ class RoutingRecord:
         self._inputs: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in self._layers}
         self._stats: dict[int, ExpertInputStats] = {}
 
-    def routing(self, layer: int) -> LayerRouting:
+    def _check_recorded(self, layer: int) -> None:
         if layer not in self._indices:
             raise ValueError(f"layer {layer} has no routed experts; MoE layers are {self.layers()}")
         if not self._indices[layer]:
             raise ValueError(f"layer {layer}: no forward pass was recorded")
+
+    def routing(self, layer: int) -> LayerRouting:
+        self._check_recorded(layer)
         return LayerRouting(
             score_function=self.adapter.score_function,
             indices=torch.cat(self._indices[layer]),
@@ -724,7 +727,7 @@ class RoutingRecord:
         ``inputs=True``."""
         if not self.inputs:
             raise ValueError("the experts' inputs were not kept: record with inputs=True")
-        self.routing(layer)  # names a layer without experts, or one no pass was recorded for
+        self._check_recorded(layer)
         return tuple(torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
                      for parts in zip(*self._inputs[layer]))
 
