@@ -36,6 +36,7 @@ import numpy as np
 
 from . import api as _api  # looked up at each call (tests patch kernels.api.quantize)
 from . import formats as _formats
+from . import refine as _refine
 from .checkpoint import Checkpoint, read_json
 from .formats import Format
 from .gguf_families import Architecture, family_of, routed_expert_count
@@ -421,7 +422,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
                kept_experts: Mapping[int, Sequence[int]] | None = None, top_k: int | None = None,
                importance: Mapping[str, Any] | None = None, progress: bool = True,
                default_format: str = "BF16", tokenizer_pre: str | None = None,
-               threads: int | None = None) -> GGUFReport:
+               threads: int | None = None, grams: Mapping[str, Any] | None = None) -> GGUFReport:
     """Write the checkpoint in `model_dir` as a GGUF file for llama.cpp.
 
     formats: checkpoint tensor name -> format (kernels.formats names); tensors not named get
@@ -431,6 +432,8 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
     top_k: experts used per token (default: the config's num_experts_per_tok).
     importance: checkpoint tensor name -> per-input-column importance (cols,), per expert for routed experts.
     tokenizer_pre: llama.cpp pre-tokenizer name, when tokenizer.json's is not recognized.
+    grams: routed expert tensor name (per expert, as `importance`) -> the gram (cols, cols) of its
+      inputs: a matrix named here, in a format kernels.refine improves, is refined for it.
 
     Every check runs before the first byte is written; the output appears only when complete.
     """
@@ -454,7 +457,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
         with output_file(out_path, "--gguf") as tmp:
             writer = gguf.GGUFWriter(tmp, fam.arch_name)  # tmp lies in a fresh private directory
             try:
-                _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads)
+                _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads, grams)
             finally:
                 writer.close()
             fsync(tmp)  # on disk before it is renamed into place
@@ -467,7 +470,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
 
 
 def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, model_dir: Path, ckpt: Checkpoint,
-           quantize, progress: bool, threads: int | None) -> None:
+           quantize, progress: bool, threads: int | None, grams: Mapping[str, Any] | None = None) -> None:
     import gguf
 
     w.add_name(model_dir.resolve().name)
@@ -499,7 +502,7 @@ def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, mod
             data = np.empty(s.nbytes, dtype=np.uint8)  # the stored bytes of this one tensor
             written = 0
             try:
-                for chunk in _tensor_bytes(s, ckpt, quantize, threads):
+                for chunk in _tensor_bytes(s, ckpt, quantize, threads, grams):
                     raw = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
                     if written + raw.nbytes > s.nbytes:
                         raise AssertionError(f"{s.name}: wrote more than the {s.nbytes} bytes planned")
@@ -529,7 +532,8 @@ def _add_size_label(w) -> None:
         w.add_size_label(gguf.size_label(total, shared, expert, count))
 
 
-def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -> Iterator[np.ndarray]:
+def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None,
+                  grams: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:
     """The stored bytes of one tensor, in file order, a piece at a time."""
     if s.op == "f32":
         x = ckpt.read(s.sources[0]).float()
@@ -554,10 +558,13 @@ def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None) -
             if tuple(x.shape) != s.shape[1:]:
                 raise ValueError(f"expert {e} of {s.prefix} {s.kind} has shape {tuple(x.shape)}, expected {s.shape[1:]}")
             imp = s.importance[i] if s.importance is not None else None
+            name = f"{s.prefix}.{e}.{s.kind}.weight"
             try:
                 q = quantize(x, s.fmt, imp, threads=threads)
             except ValueError as exc:
-                raise ValueError(f"{s.prefix}.{e}.{s.kind}.weight: {exc}") from None
+                raise ValueError(f"{name}: {exc}") from None
+            if grams is not None and name in grams and _refine.refinable(s.fmt):
+                q = _refine.refine(q, s.fmt, x.float().numpy(), grams[name])
             yield q
             del x
     elif s.op in ("k_b", "v_b"):

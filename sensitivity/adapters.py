@@ -661,6 +661,8 @@ class ExpertInputStats:
     sum_sq_mid: torch.Tensor | None  # (E, I) float64: same for the down input act(gate(x)) * up(x)
     weight_sum: torch.Tensor | None = None  # (E,) float64: sum of the routing weights of those tokens
     reap_sum: torch.Tensor | None = None  # (E,) float64: sum of weight * ||expert output|| (REAP), with reap=True
+    gram_in: torch.Tensor | None = None  # (E, H, H) float64: sum of x x^T of the gate/up input, with importance='gram'
+    gram_mid: torch.Tensor | None = None  # (E, I, I) float64: same for the down input, with importance='gram'
     seen: int = 0  # tokens the layer saw, routed to any expert
 
     def mean_sq_in(self) -> torch.Tensor:
@@ -786,13 +788,16 @@ class RoutingRecord:
             if st is None:
                 n_exp, inter = module.gate_up_proj.shape[0], module.down_proj.shape[-1]
                 z = dict(dtype=torch.float64, device=x.device)
-                mid = self.importance == "gate_up_down"
+                mid = self.importance in ("gate_up_down", "gram")
+                gram = self.importance == "gram"
                 st = self._stats[layer] = ExpertInputStats(
                     tokens=torch.zeros(n_exp, **z),
                     sum_sq_in=torch.zeros(n_exp, x.shape[1], **z),
                     sum_sq_mid=torch.zeros(n_exp, inter, **z) if mid else None,
                     weight_sum=torch.zeros(n_exp, **z),
                     reap_sum=torch.zeros(n_exp, **z) if self.reap else None,
+                    gram_in=torch.zeros(n_exp, x.shape[1], x.shape[1], **z) if gram else None,
+                    gram_mid=torch.zeros(n_exp, inter, inter, **z) if gram else None,
                 )
             st.seen += x.shape[0]
             for e in torch.unique(index).tolist():
@@ -802,6 +807,8 @@ class RoutingRecord:
                 st.tokens[e] += tok.numel()
                 st.weight_sum[e] += we.sum().item()
                 st.sum_sq_in[e] += (xe * xe).sum(0).double()
+                if st.gram_in is not None:
+                    st.gram_in[e] += (xe.T @ xe).double()
                 if st.sum_sq_mid is None:
                     continue
                 w = self.adapter.expert_weights(layer, e)
@@ -810,9 +817,11 @@ class RoutingRecord:
                     out = mid @ w[ExpertKind.DOWN].float().T  # (T_e, H): the expert's output
                     st.reap_sum[e] += (we * out.norm(dim=-1)).sum().item()
                 st.sum_sq_mid[e] += (mid * mid).sum(0).double()
+                if st.gram_mid is not None:
+                    st.gram_mid[e] += (mid.T @ mid).double()
 
 
-_IMPORTANCE_MODES = (None, "gate_up", "gate_up_down")
+_IMPORTANCE_MODES = (None, "gate_up", "gate_up_down", "gram")
 
 
 def record_routing(
@@ -835,7 +844,9 @@ def record_routing(
     ``importance='gate_up'`` also accumulates, per expert, the number of tokens routed to it, the sum
     of their routing weights and the sum of x**2 per input column; ``'gate_up_down'`` adds the same
     for the down_proj input, recomputing act(gate(x)) * up(x) for the expert's tokens (about the cost
-    of the experts' own gate/up projection); ``reap`` (with 'gate_up_down') adds the sum of
+    of the experts' own gate/up projection); ``'gram'`` adds to those the whole second moments,
+    sum x x^T of both inputs per expert (E (H^2 + I^2) float64s per layer; kernels.refine's input);
+    ``reap`` (with 'gate_up_down') adds the sum of
     weight * ||expert output|| (REAP). Routing tensors are stored on ``device``; the input
     statistics stay on the activations' device. ``layers``: only these MoE layers (default: every
     one). ``inputs``: also keep the experts' inputs as they were passed (``expert_inputs``; the
@@ -845,7 +856,7 @@ def record_routing(
         raise ValueError(f"importance must be one of {_IMPORTANCE_MODES}, got {importance!r}")
     if logits_grad and not keep_logits:
         raise ValueError("logits_grad=True keeps the router logits: it needs keep_logits=True")
-    if reap and importance != "gate_up_down":
+    if reap and importance not in ("gate_up_down", "gram"):
         raise ValueError("reap=True needs the down_proj inputs: record with importance='gate_up_down'")
     adapter = model if isinstance(model, MoEAdapter) else adapter_for(model)
     record = RoutingRecord(adapter, keep_logits, importance, device, logits_grad, reap, layers, inputs)

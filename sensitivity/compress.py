@@ -17,6 +17,7 @@ import torch
 from moeplan import kernels
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.gguf_layout import KvBSplit
+from moeplan.kernels.refine import refinable, refine
 from moeplan.kernels.inventory import EXPERT_RE, Target
 
 from .adapters import adapter_for
@@ -41,8 +42,10 @@ class Decision:
 
 
 def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None = None,
-                        name: str | None = None) -> torch.Tensor:
-    """w after a round trip through `fmt` (llama.cpp's fallback applied for its row length)."""
+                        name: str | None = None, gram: np.ndarray | None = None) -> torch.Tensor:
+    """w after a round trip through `fmt` (llama.cpp's fallback applied for its row length); with
+    `gram` (the (cols, cols) gram of its inputs), refined for it by kernels.refine where the format
+    allows, as `moeplan materialize --refine` writes it."""
     f = fmts.resolve(fmt, w.shape[-1])
     if f.name in _NO_OP and w.dtype in (torch.bfloat16, torch.float32):
         return w.float() if f.name == "F32" else w.to(torch.bfloat16).float()
@@ -58,6 +61,8 @@ def quantize_dequantize(w: torch.Tensor, fmt: str, importance: np.ndarray | None
         q = kernels.quantize(x, f.name, imp)
     except ValueError as exc:
         raise ValueError(f"{name or 'tensor'} as {f.name}: {exc}") from None
+    if gram is not None and refinable(f):
+        q = refine(q, f, x.numpy(), gram)
     return torch.from_numpy(kernels.dequantize(q, f.name, x.shape))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeplan.allocator.problem import Speed
+from moeplan.kernels.checkpoint import regular_file
 from moeplan.kernels import formats as fmts
 from moeplan.kernels.inventory import Inventory, Target, build_inventory
 from moeplan.sensitivity.profile import Profile
@@ -126,3 +127,12 @@ def format_menu(args) -> list[str]:
         return [fmts.get(f.strip()).name for f in formats.split(",") if f.strip()]
     except ValueError as exc:
         raise ValueError(f"--formats: {exc}") from None
+
+
+def read_text_arg(path: str, flag: str) -> str:
+    """A text file given on the command line (a regular file, UTF-8)."""
+    regular_file(Path(path), flag)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None

@@ -40,7 +40,7 @@ from moeplan.kernels.inventory import (
 from moeplan.kernels.outputs import check_output, output_dir
 from moeplan.sensitivity.importance import importance_vectors
 
-from .args import Command
+from .args import Command, read_text_arg
 
 
 @dataclass
@@ -48,13 +48,19 @@ class MaterializeReport:
     gguf: Any = None  # kernels.gguf_export.GGUFReport
     hf_dir: Path | None = None
     predicted_bytes: int | None = None
+    refined: int = 0  # routed expert matrices refined for their inputs' grams (--refine)
     notes: list[str] = field(default_factory=list)
 
 
 def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike | None = None,
                 hf_out: str | os.PathLike | None = None, importance_file: str | os.PathLike | None = None,
-                progress: bool = True) -> MaterializeReport:
-    """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`."""
+                progress: bool = True, refine: bool = False, refine_text: str | os.PathLike | None = None,
+                refine_tokens: int | None = None) -> MaterializeReport:
+    """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`.
+
+    `refine`: the routed experts' matrices in a format kernels.refine improves (IQ1_S) are refined for
+    the gram of their inputs, measured on `refine_text` (a text file; default the checkpoint's
+    calib.txt), its first `refine_tokens` tokens (default GRAM_TOKENS), with the float model in memory."""
     if gguf_out is None and hf_out is None:
         raise ValueError("nothing to write: give gguf_out and/or hf_out")
     if gguf_out is not None:  # every output path is checked before any work
@@ -76,18 +82,41 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
         )
     _, importance = importance_vectors(model_dir, importance_file or None, "--importance")
     report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
+    grams = None
+    if refine:
+        grams = _refinement_grams(model_dir, plan, refine_text, refine_tokens, progress)
+        report.refined = len(grams)
+    elif refine_text is not None or refine_tokens is not None:
+        raise ValueError("--refine-text / --refine-tokens set how --refine measures its grams: add --refine")
     if gguf_out is not None:
         top_k = {l.top_k for l in plan.layers}
         report.gguf = write_gguf(
             model_dir, gguf_out, dict(plan.tensors),
             kept_experts={l.layer: list(l.kept) for l in plan.layers},
-            top_k=top_k.pop() if top_k else None, importance=importance, progress=progress)
+            top_k=top_k.pop() if top_k else None, importance=importance, progress=progress, grams=grams)
     if hf_out is not None:
-        report.hf_dir = write_hf(model_dir, plan, hf_out, importance)
+        report.hf_dir = write_hf(model_dir, plan, hf_out, importance, grams)
     return report
 
 
-def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None) -> Path:
+def _refinement_grams(model_dir: Path, plan, text, tokens: int | None, progress: bool) -> dict:
+    """Routed expert tensor name -> its inputs' gram, for the plan's expert matrices in a refinable
+    format whose gram was measured on at least as many tokens as the matrix has columns (a gram of
+    fewer is singular: those matrices stay as the quantizer writes them)."""
+    from moeplan.kernels.formats import resolve
+    from moeplan.kernels.refine import refinable
+    from moeplan.sensitivity.grams import GRAM_TOKENS, expert_input_grams
+
+    text_value = None if text is None else read_text_arg(str(text), "--refine-text")
+    wanted = {name: fmt for name, fmt in plan.tensors.items() if EXPERT_RE.search(name)}
+    if not any(refinable(fmt) for fmt in wanted.values()):
+        return {}
+    grams = expert_input_grams(model_dir, text_value, tokens=tokens or GRAM_TOKENS, progress=progress)
+    return {name: g.gram for name, g in grams.items()
+            if name in wanted and refinable(resolve(wanted[name], g.gram.shape[0])) and g.tokens >= g.gram.shape[0]}
+
+
+def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None, grams=None) -> Path:
     """The compressed model as a transformers checkpoint (float32 dequantized weights), streamed: one
     checkpoint tensor is read, pruned, quantized and dequantized, and written at a time, so the
     process holds about one tensor, never the model. The values are those of `apply_decision` on the
@@ -127,7 +156,7 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None)
         imp = None if importance is None else importance.get(name)
         if gguf_target and KvBSplit.applies(name, config):
             return quantize_dequantize_kv_b(w, fmt, config, imp, name)
-        return quantize_dequantize(w, fmt, imp, name)
+        return quantize_dequantize(w, fmt, imp, name, None if grams is None else grams.get(name))
 
     ckpt = Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)
@@ -237,10 +266,20 @@ def _args(ap) -> None:
     ap.add_argument("--importance", metavar="FILE", help="importance vectors: a .safetensors from `moeplan profile` "
                     "or a llama-imatrix file (GGUF or legacy .dat) (default: the model's shipped "
                     "profile.importance.safetensors, if any)")
+    ap.add_argument("--refine", action="store_true",
+                    help="refine the routed experts' IQ1_S matrices for their inputs' whole second moment on "
+                    "calibration text, not only its diagonal (the importance): lower KL divergence, same types "
+                    "and sizes; runs the float model over the text (needs it in memory)")
+    ap.add_argument("--refine-text", metavar="FILE", help="calibration text for --refine (default: the model's calib.txt)")
+    ap.add_argument("--refine-tokens", metavar="N", type=int,
+                    help="calibration tokens for --refine (default 8192, in windows of 128)")
 
 
 def _run(args) -> int:
-    rep = materialize(args.model, args.plan, gguf_out=args.gguf, hf_out=args.hf, importance_file=args.importance)
+    rep = materialize(args.model, args.plan, gguf_out=args.gguf, hf_out=args.hf, importance_file=args.importance,
+                      refine=args.refine, refine_text=args.refine_text, refine_tokens=args.refine_tokens)
+    if args.refine:
+        print(f"refined   {rep.refined} routed expert matrices for their inputs' grams")
     if rep.gguf is not None:
         print(f"GGUF      {rep.gguf.path}: {rep.gguf.file_size:,} bytes "
               f"(tensor data {rep.gguf.total_tensor_bytes:,}; the plan predicted {rep.predicted_bytes:,})")

@@ -6,30 +6,19 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from moeplan.allocator.plan import Plan
-from moeplan.kernels.checkpoint import regular_file
 from moeplan.kernels.inventory import build_inventory, resolve_model
 from moeplan.kernels.outputs import check_output
 from moeplan.sensitivity.costs import DEFAULT_FORMATS
 from moeplan.sensitivity.importance import importance_path, importance_vectors
 
-from .args import Command, positive_int
+from .args import Command, positive_int, read_text_arg
 from .evaluation import Evaluator, held_out_windows
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _read_text(path: str, flag: str) -> str:
-    """A text file given on the command line (a regular file, UTF-8)."""
-    regular_file(Path(path), flag)
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 # ---- profile ----------------------------------------------------------------------------------
@@ -154,7 +143,7 @@ def _profile_run(args) -> int:
         import_ray()
     elif args.method == "layerwise" and state_path(args.out).exists():
         _say(f"resuming from {state_path(args.out)} (remove it to start again)")
-    text = _read_text(args.calib, "--calib") if args.calib else None
+    text = read_text_arg(args.calib, "--calib") if args.calib else None
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     prof = profile_model(args.model, text, out=args.out, formats=args.formats.split(","), max_tokens=args.tokens,
                          seq_len=args.seq_len, progress=True, method=args.method, device=args.device, dtype=dtype,
@@ -216,7 +205,7 @@ def evaluate_plan(model: str, plan_path: str | None = None, text: str | None = N
 
 
 def _evaluate_run(args) -> int:
-    r = evaluate_plan(args.model, args.plan, _read_text(args.text, "--text") if args.text else None, args.tokens,
+    r = evaluate_plan(args.model, args.plan, read_text_arg(args.text, "--text") if args.text else None, args.tokens,
                       args.seq_len, args.importance)
     if args.json:
         print(json.dumps(r.as_dict(), indent=1))

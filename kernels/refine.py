@@ -1,0 +1,228 @@
+"""Output-aware refinement of quantized blocks: the choices a quantizer made for one matrix, improved
+for the error the matrix's *output* sees on calibration inputs, not the per-weight error.
+
+A quantizer with importance vectors minimizes sum_j c_j (w_j - q_j)^2 per row, with c the mean of
+x_j^2 over the calibration inputs (llama.cpp's imatrix): the diagonal of the inputs' second moment.
+What a row contributes to the layer's output error is (w - q) . x, whose mean square over the inputs
+is (w - q)^T H (w - q) with H = mean(x x^T), the whole matrix. Its off-diagonal part (the inputs'
+correlations, their common mean direction) is what the diagonal cannot see, and at one or two bits
+per weight it is most of the error: on the bundled DeepSeek-V3 miniature's IQ1_S expert matrices the
+refinement below lowers (w - q)^T H (w - q) by about 65%, and llama.cpp's KL divergence of the whole
+file by about 5% (results/vs-llama-quantize.md).
+
+`refine(blocks, fmt, weight, gram)` starts from the quantizer's blocks and descends, one coordinate at a
+time, on exactly that quadratic: each group of 8 weights tries every codebook point at its scales,
+each sub-block every scale and delta sign, each super-block the least-squares value of its scale
+(rounded to float16); a change is kept only when the loss goes down, so the result is never worse
+than the blocks it started from, for the gram it was given. The output is ordinary GGUF blocks of
+the same type and size; any decoder reads them.
+
+Formats: IQ1_S (`REFINABLE`); the others are left as the quantizer wrote them. The gram of a row of
+n columns is n x n, so this is for the routed experts' matrices (one gram per expert, from the
+tokens routed to it); sensitivity.importance.expert_input_grams measures them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .formats import Format
+from . import formats as _formats
+
+#: formats `refine` improves; the rest are returned unchanged
+REFINABLE = ("IQ1_S",)
+
+#: added to the gram's diagonal, as a share of its mean diagonal (GPTQ's dampening): a gram measured on
+#: few tokens is singular, and the diagonal keeps every direction weighted a little
+DAMPING = 0.01
+
+_QK = 256  # weights per IQ1_S super-block
+_BLOCK_BYTES = 50  # float16 d, 32 low index bytes, 8 uint16 (3 high index bits x 4, scale, delta sign)
+_DELTA = 0.125  # IQ1S_DELTA: the shift of a sub-block's grid values, + or - by its sign bit
+
+
+def refinable(fmt: str | Format) -> bool:
+    return _formats.get(fmt).name in REFINABLE
+
+
+def refine(blocks: np.ndarray, fmt: str | Format, weight, gram, *, passes: int = 2) -> np.ndarray:
+    """Blocks of `weight` (rows, cols) as `fmt`, refined for `gram` (cols, cols), the sum (or mean)
+    of x x^T over the inputs the matrix multiplies. Returns new uint8 blocks shaped like `blocks`
+    (rows, row_bytes); a format not in REFINABLE, or a gram with nothing on its diagonal, returns
+    `blocks` as they are."""
+    f = _formats.get(fmt)
+    blocks = np.asarray(blocks)
+    if f.name not in REFINABLE:
+        return blocks
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"refine takes one matrix (rows, cols); weight has shape {w.shape}")
+    rows, cols = w.shape
+    if cols % _QK:
+        raise ValueError(f"{f.name} rows are whole super-blocks of {_QK}; weight has {cols} columns")
+    nb = cols // _QK
+    if blocks.dtype != np.uint8 or blocks.shape != (rows, nb * _BLOCK_BYTES):
+        raise ValueError(f"blocks have shape {blocks.shape} ({blocks.dtype}); {f.name} blocks of a "
+                         f"({rows}, {cols}) matrix are uint8 ({rows}, {nb * _BLOCK_BYTES})")
+    h = np.asarray(gram, dtype=np.float64)
+    if h.shape != (cols, cols):
+        raise ValueError(f"the gram has shape {h.shape}; a matrix of {cols} columns needs ({cols}, {cols})")
+    if not np.all(np.isfinite(h)) or not np.all(np.isfinite(w)):
+        raise ValueError("refine needs finite weights and a finite gram")
+    scale = float(np.mean(np.diag(h)))
+    if not scale > 0 or rows == 0:
+        return blocks
+    h = (h + h.T) / (2 * scale)  # symmetric, mean diagonal 1 (the loss's units do not matter)
+    h[np.diag_indices(cols)] += DAMPING
+    return _Iq1s(blocks, w, h).descend(passes).encode()
+
+
+class _Iq1s:
+    """One IQ1_S matrix as its decoded choices: super-block scales d (rows, nb), grid indices (rows,
+    groups), sub-block scale codes and delta signs (rows, sub-blocks); the reconstruction q and
+    h (q - w), kept current through every change."""
+
+    def __init__(self, blocks: np.ndarray, w: np.ndarray, h: np.ndarray):
+        rows, cols = w.shape
+        nb = cols // _QK
+        b = np.ascontiguousarray(blocks).reshape(rows, nb, _BLOCK_BYTES)
+        self.w, self.h = w, h
+        self.d = b[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)  # (rows, nb)
+        qh = b[:, :, 34:50].copy().view(np.uint16).astype(np.int64).reshape(rows, nb * 8)
+        lo = b[:, :, 2:34].astype(np.int64).reshape(rows, nb * 32)
+        hi = (qh[:, :, None] >> (3 * np.arange(4))) & 7  # (rows, sub-blocks, 4)
+        self.idx = lo | (hi.reshape(rows, nb * 32) << 8)  # (rows, groups of 8)
+        self.sc = (qh >> 12) & 7  # (rows, sub-blocks)
+        self.neg = (qh >> 15) & 1
+        self.grid = _grid()
+        self.q = self._reconstruct()
+        self.hr = (self.q - w) @ h
+
+    # -- the reconstruction --------------------------------------------------------------------
+    def _sub_scale(self) -> np.ndarray:  # (rows, sub-blocks): d * (2 s + 1)
+        return np.repeat(self.d, 8, axis=1) * (2 * self.sc + 1)
+
+    def _shift(self) -> np.ndarray:  # (rows, sub-blocks): +-delta
+        return np.where(self.neg == 1, -_DELTA, _DELTA)
+
+    def _reconstruct(self) -> np.ndarray:
+        rows = self.w.shape[0]
+        pts = self.grid[self.idx] + np.repeat(self._shift(), 4, axis=1)[:, :, None]  # (rows, groups, 8)
+        return (np.repeat(self._sub_scale(), 4, axis=1)[:, :, None] * pts).reshape(rows, -1)
+
+    def loss(self) -> float:
+        r = self.q - self.w
+        return float(np.einsum("ij,ij->", r, self.hr))
+
+    def _apply(self, rows: np.ndarray, cols: slice, new: np.ndarray) -> None:
+        """Set q[rows, cols] = new and keep h (q - w) current."""
+        dq = new - self.q[rows, cols]
+        self.q[rows, cols] = new
+        self.hr[rows] += dq @ self.h[cols]
+
+    # -- the descent ---------------------------------------------------------------------------
+    def descend(self, passes: int) -> "_Iq1s":
+        for _ in range(max(0, int(passes))):
+            self._points()
+            self._sub_blocks()
+            self._super_blocks()
+        return self
+
+    def _points(self) -> None:
+        """Each group of 8 weights: the codebook point, at the group's scale and shift, that lowers
+        the loss most (or the one it has)."""
+        g8 = self.grid  # (2048, 8)
+        rows = np.arange(self.w.shape[0])
+        for g in range(self.idx.shape[1]):
+            cols = slice(8 * g, 8 * g + 8)
+            hgg = self.h[cols, cols]
+            a = self._sub_scale()[:, g // 4]  # (rows,)
+            t = self._shift()[:, g // 4]
+            quad = np.einsum("ci,ij,cj->c", g8, hgg, g8)  # G_c^T Hgg G_c
+            lin = g8 @ hgg.sum(axis=1)  # 1^T Hgg G_c
+            u = self.hr[:, cols] - self.q[:, cols] @ hgg  # the loss's gradient at the group, its own term out
+            # loss change of point c, up to a constant per row: c^T Hgg c + 2 c^T u with c = a (G_c + t)
+            score = (a * a)[:, None] * (quad[None] + 2 * t[:, None] * lin[None]) + 2 * a[:, None] * (u @ g8.T)
+            best = np.argmin(score, axis=1)
+            now = self.idx[:, g]
+            gain = score[rows, now] - score[rows, best]
+            change = np.nonzero(gain > 1e-12 * (1 + np.abs(score[rows, now])))[0]
+            if change.size:
+                self.idx[change, g] = best[change]
+                new = a[change, None] * (g8[best[change]] + t[change, None])
+                self._apply(change, cols, new)
+
+    def _sub_blocks(self) -> None:
+        """Each sub-block of 32: the scale code (0..7) and delta sign that lower the loss most, its
+        points kept."""
+        rows = self.w.shape[0]
+        codes = np.arange(8)
+        for j in range(self.sc.shape[1]):
+            cols = slice(32 * j, 32 * j + 32)
+            base = self.grid[self.idx[:, 4 * j:4 * j + 4]].reshape(rows, 32)
+            d = self.d[:, j // 8]
+            best_gain = np.zeros(rows)
+            best = np.stack([self.sc[:, j], self.neg[:, j]], axis=1)
+            hcc = self.h[cols, cols]
+            for neg in (0, 1):
+                shift = -_DELTA if neg else _DELTA
+                # (rows, 8 codes, 32)
+                v = (d[:, None, None] * (2 * codes + 1)[None, :, None]) * (base[:, None, :] + shift)
+                dv = v - self.q[:, None, cols]
+                change = -(2 * np.einsum("rci,ri->rc", dv, self.hr[:, cols])
+                           + np.einsum("rci,ij,rcj->rc", dv, hcc, dv))
+                c = np.argmax(change, axis=1)
+                g = change[np.arange(rows), c]
+                take = g > np.maximum(best_gain, 0) + 1e-12 * (1 + np.abs(g))
+                best_gain = np.where(take, g, best_gain)
+                best[take] = np.stack([c[take], np.full(int(take.sum()), neg)], axis=1)
+            moved = np.nonzero((best[:, 0] != self.sc[:, j]) | (best[:, 1] != self.neg[:, j]))[0]
+            if moved.size:
+                self.sc[moved, j], self.neg[moved, j] = best[moved, 0], best[moved, 1]
+                shift = np.where(self.neg[moved, j] == 1, -_DELTA, _DELTA)
+                new = (d[moved] * (2 * self.sc[moved, j] + 1))[:, None] * (base[moved] + shift[:, None])
+                self._apply(moved, cols, new)
+
+    def _super_blocks(self) -> None:
+        """Each super-block's scale d: the least-squares value for the loss with everything else
+        fixed, rounded to float16, kept where it lowers the loss."""
+        for b in range(self.d.shape[1]):
+            cols = slice(_QK * b, _QK * b + _QK)
+            d = self.d[:, b]
+            ok = d != 0
+            unit = np.zeros_like(self.q[:, cols])
+            unit[ok] = self.q[ok, cols] / d[ok, None]  # the super-block at d = 1
+            curv = np.einsum("ri,ij,rj->r", unit, self.h[cols, cols], unit)
+            slope = np.einsum("ri,ri->r", unit, self.hr[:, cols])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                target = np.where(curv > 0, d - slope / curv, d)
+            new_d = np.clip(target, 0, 65504.0).astype(np.float16).astype(np.float64)
+            step = new_d - d
+            change = 2 * step * slope + step * step * curv  # the loss's change
+            move = np.nonzero(ok & (new_d > 0) & (change < -1e-12 * (1 + np.abs(curv * d * d))))[0]
+            if move.size:
+                self.d[move, b] = new_d[move]
+                self._apply(move, cols, unit[move] * new_d[move, None])
+
+    # -- the blocks ----------------------------------------------------------------------------
+    def encode(self) -> np.ndarray:
+        rows, nb = self.d.shape
+        out = np.zeros((rows, nb, _BLOCK_BYTES), dtype=np.uint8)
+        out[:, :, :2] = self.d.astype(np.float16)[:, :, None].view(np.uint8)
+        out[:, :, 2:34] = (self.idx & 255).astype(np.uint8).reshape(rows, nb, 32)
+        hi = (self.idx >> 8).reshape(rows, nb * 8, 4)
+        qh = hi[:, :, 0] | (hi[:, :, 1] << 3) | (hi[:, :, 2] << 6) | (hi[:, :, 3] << 9) | (self.sc << 12) | (self.neg << 15)
+        out[:, :, 34:50] = qh.astype(np.uint16).reshape(rows, nb, 8).view(np.uint8)
+        return out.reshape(rows, nb * _BLOCK_BYTES)
+
+
+_GRID: np.ndarray | None = None
+
+
+def _grid() -> np.ndarray:
+    global _GRID
+    if _GRID is None:
+        from .iq_grids import grid
+
+        _GRID = grid("IQ1_S").astype(np.float64)
+    return _GRID
