@@ -138,11 +138,13 @@ class _Iq1s:
             hgg = self.h[cols, cols]
             a = self._sub_scale()[:, g // 4]  # (rows,)
             t = self._shift()[:, g // 4]
-            quad = np.einsum("ci,ij,cj->c", g8, hgg, g8)  # G_c^T Hgg G_c
+            quad = ((g8 @ hgg) * g8).sum(axis=1)  # G_c^T Hgg G_c
             lin = g8 @ hgg.sum(axis=1)  # 1^T Hgg G_c
             u = self.hr[:, cols] - self.q[:, cols] @ hgg  # the loss's gradient at the group, its own term out
-            # loss change of point c, up to a constant per row: c^T Hgg c + 2 c^T u with c = a (G_c + t)
-            score = (a * a)[:, None] * (quad[None] + 2 * t[:, None] * lin[None]) + 2 * a[:, None] * (u @ g8.T)
+            # loss change of point c, up to a constant per row: c^T Hgg c + 2 c^T u with c = a (G_c + t),
+            # = a^2 quad_c + 2 a^2 t lin_c + 2 a u.G_c: one product (rows, 10) x (10, points)
+            feats = np.concatenate([(a * a)[:, None], (2 * a * a * t)[:, None], 2 * a[:, None] * u], axis=1)
+            score = feats @ np.vstack([quad[None], lin[None], g8.T])
             best = np.argmin(score, axis=1)
             now = self.idx[:, g]
             gain = score[rows, now] - score[rows, best]
@@ -169,8 +171,7 @@ class _Iq1s:
                 # (rows, 8 codes, 32)
                 v = (d[:, None, None] * (2 * codes + 1)[None, :, None]) * (base[:, None, :] + shift)
                 dv = v - self.q[:, None, cols]
-                change = -(2 * np.einsum("rci,ri->rc", dv, self.hr[:, cols])
-                           + np.einsum("rci,ij,rcj->rc", dv, hcc, dv))
+                change = -(2 * (dv @ self.hr[:, cols, None])[:, :, 0] + ((dv @ hcc) * dv).sum(axis=2))
                 c = np.argmax(change, axis=1)
                 g = change[np.arange(rows), c]
                 take = g > np.maximum(best_gain, 0) + 1e-12 * (1 + np.abs(g))
@@ -192,8 +193,8 @@ class _Iq1s:
             ok = d != 0
             unit = np.zeros_like(self.q[:, cols])
             unit[ok] = self.q[ok, cols] / d[ok, None]  # the super-block at d = 1
-            curv = np.einsum("ri,ij,rj->r", unit, self.h[cols, cols], unit)
-            slope = np.einsum("ri,ri->r", unit, self.hr[:, cols])
+            curv = ((unit @ self.h[cols, cols]) * unit).sum(axis=1)
+            slope = (unit * self.hr[:, cols]).sum(axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 target = np.where(curv > 0, d - slope / curv, d)
             new_d = np.clip(target, 0, 65504.0).astype(np.float16).astype(np.float64)
