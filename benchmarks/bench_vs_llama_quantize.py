@@ -10,7 +10,9 @@ the BF16 weight size):
    `llama_quantize_args()` (one --tensor-type per tensor; --pure); both with the same importance,
    llama-imatrix's on the model's calib.txt (moeplan reads it with --importance IMATRIX); the two
    files must hold the same tensors with identical types, shapes and byte sizes (checked with
-   gguf-py's GGUFReader; a mismatch stops the run);
+   gguf-py's GGUFReader; a mismatch stops the run); and a third time, unless --no-refine, by
+   `moeplan materialize --refine` (the same, with the routed experts' IQ1_S matrices refined for the
+   grams of their inputs on calib.txt, kernels/refine.py): the same types and bytes again (checked);
 3. each file scored by llama-perplexity against the F32 model on valid.txt: --kl-divergence-base
    once, then --kl-divergence per file (mean KLD, PPL of the quantized model, "Same top p");
    The uncertainty of the ratio: valid.txt is also cut into --pieces consecutive parts (at line
@@ -245,7 +247,7 @@ def expert_gains(f32: Path, files: dict[str, Path]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, imat_chunks: int,
-        pieces: int = 8) -> tuple[list, list]:
+        pieces: int = 8, refine: bool = True) -> tuple[list, list]:
     tools = build_llama_tools()
     rows, expert_rows = [], []
     for name in models:
@@ -284,14 +286,22 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
             plan_path = work / f"plan-{tag}.json"
             plan.save(plan_path)
             ours, theirs = work / f"moeplan-{tag}.gguf", work / f"llama-quantize-{tag}.gguf"
+            refined = work / f"moeplan-refine-{tag}.gguf"
             _run([*MOEPLAN, "materialize", model_dir, plan_path, "--gguf", ours, "--importance", importance],
                  work / f"materialize-{tag}.log")
+            if refine:
+                _run([*MOEPLAN, "materialize", model_dir, plan_path, "--gguf", refined, "--importance", importance,
+                      "--refine"], work / f"materialize-refine-{tag}.log")
             ft = file_type_of(ours)
             llama_quantize(tools, plan, f32, imatrix, theirs, ft if ft in _QUANTIZED_FTYPES else 7,
                            work / f"quantize-{tag}.log")
             check_identical_types(ours, theirs)
+            files = [("moeplan", ours), ("llama-quantize", theirs)]
+            if refine:
+                check_identical_types(refined, theirs)
+                files.append(("moeplan-refine", refined))
             res, by_piece = {}, {}
-            for label, path in (("moeplan", ours), ("llama-quantize", theirs)):
+            for label, path in files:
                 res[label] = kld(tools, path, base, model_dir / "valid.txt", ctx, chunks, work / f"kld-{label}-{tag}.log")
                 by_piece[label] = [kld(tools, path, b, text, ctx, 0, work / f"kld-{label}-{tag}-{text.stem}.log")["kld"]
                                    for text, b in piece_bases]
@@ -323,9 +333,20 @@ def run(models, shares, out_dir: Path, ctx: int, chunks: int, imat_ctx: int, ima
                    "moeplan_median_expert_gain": med("moeplan"), "llama_quantize_median_expert_gain": med("llama-quantize"),
                    "moeplan_median_expert_rel_rmse": med("moeplan", "rel_rmse"),
                    "llama_quantize_median_expert_rel_rmse": med("llama-quantize", "rel_rmse")}
+            if refine:
+                row.update({"refine_kld": res["moeplan-refine"]["kld"], "refine_kld_se": res["moeplan-refine"]["kld_se"],
+                            "refine_kld_ratio": res["moeplan-refine"]["kld"] / res["llama-quantize"]["kld"],
+                            "refine_kld_ratio_se": ratio_se(by_piece["moeplan-refine"], by_piece["llama-quantize"]),
+                            "refine_kld_pieces": " ".join(f"{v:.6f}" for v in by_piece["moeplan-refine"]),
+                            "refine_ppl": res["moeplan-refine"]["ppl"],
+                            "refine_same_top_p": res["moeplan-refine"]["same_top_p"],
+                            "refined_matrices": _num(r"refined\s+(\d+) routed",
+                                                     (work / f"materialize-refine-{tag}.log").read_text())})
             rows.append(row)
             _say(f"{name} {share:.0%}: KLD moeplan {row['moeplan_kld']:.5f} vs llama-quantize "
-                 f"{row['llama_quantize_kld']:.5f} (x{row['kld_ratio']:.3f} +- {row['kld_ratio_se']:.3f}); median expert gain "
+                 f"{row['llama_quantize_kld']:.5f} (x{row['kld_ratio']:.3f} +- {row['kld_ratio_se']:.3f}"
+                 + (f"; --refine {row['refine_kld']:.5f}, x{row['refine_kld_ratio']:.3f}" if refine else "")
+                 + "); median expert gain "
                  f"{row['moeplan_median_expert_gain']:.4f} vs {row['llama_quantize_median_expert_gain']:.4f} "
                  f"({time.perf_counter() - t1:.0f} s)")
     return rows, expert_rows
@@ -393,19 +414,36 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
         "scored alone (each with its own F32 base): the spread of the pieces' ratios over sqrt(pieces), a paired "
         "error, since both files are scored on the same tokens (per-piece KLDs in the csv).",
         "",
+    ]
+    refined = all("refine_kld" in r for r in rows)
+    if refined:
+        lines += [
+            "`moeplan --refine`: the same plan written by `moeplan materialize --gguf --refine` with the same "
+            "importance: the routed experts' IQ1_S matrices are refined for the whole gram of their inputs "
+            "(kernels/refine.py; grams of the float model's expert inputs on calib.txt, its first 65,536 tokens, "
+            "sensitivity/grams.py), not only its diagonal. Same types, shapes and bytes as the other two (checked). "
+            "It uses more of the calibration text than an importance vector holds: the identical-importance "
+            "comparison is the `moeplan` column; `--refine` is what a user of moeplan gets from the same calib.txt.",
+            "",
+        ]
+    lines += [
         "| model | share of BF16 | plan types | moeplan bytes | llama-quantize bytes | moeplan KLD | llama-quantize KLD "
-        "| ratio | moeplan same top-1 | llama-quantize same top-1 | moeplan median expert gain | llama-quantize median expert gain |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ratio | " + ("moeplan --refine KLD (matrices refined) | ratio --refine | " if refined else "")
+        + "moeplan same top-1 | llama-quantize same top-1 | moeplan median expert gain | llama-quantize median expert gain |",
+        "|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if refined else "") + "---:|---:|---:|---:|",
     ]
     for r in rows:
+        extra = (f"{r['refine_kld']:.6f} +- {r['refine_kld_se']:.6f} ({int(r['refined_matrices'])}) | "
+                 f"{r['refine_kld_ratio']:.3f} +- {r['refine_kld_ratio_se']:.3f} | ") if refined else ""
         lines.append(f"| {r['model']} | {100 * r['share_of_bf16']:.0f}% | {r['plan_types']} | {r['moeplan_bytes']:,} | "
                      f"{r['llama_quantize_bytes']:,} | {r['moeplan_kld']:.6f} +- {r['moeplan_kld_se']:.6f} | "
                      f"{r['llama_quantize_kld']:.6f} +- {r['llama_quantize_kld_se']:.6f} | "
-                     f"{r['kld_ratio']:.3f} +- {r['kld_ratio_se']:.3f} | {r['moeplan_same_top_p']:.2f}% | {r['llama_quantize_same_top_p']:.2f}% | "
+                     f"{r['kld_ratio']:.3f} +- {r['kld_ratio_se']:.3f} | {extra}{r['moeplan_same_top_p']:.2f}% | "
+                     f"{r['llama_quantize_same_top_p']:.2f}% | "
                      f"{r['moeplan_median_expert_gain']:.4f} | {r['llama_quantize_median_expert_gain']:.4f} |")
-    lines += ["", "PPL (F32 / moeplan / llama-quantize): " + "; ".join(
+    lines += ["", "PPL (F32 / moeplan / llama-quantize" + (" / moeplan --refine" if refined else "") + "): " + "; ".join(
         f"{r['model']} {100 * r['share_of_bf16']:.0f}% {r['f32_ppl']:.3f} / {r['moeplan_ppl']:.3f} / {r['llama_quantize_ppl']:.3f}"
-        for r in rows), ""]
+        + (f" / {r['refine_ppl']:.3f}" if refined else "") for r in rows), ""]
     lines += ["## Diagnostic: gain and RMSE of the routed-expert matrices", "",
               "Per expert matrix (one expert of a stacked `blk.L.ffn_*_exps` tensor), dequantized with gguf-py: "
               "gain = <w, w_hat> / <w, w> against the F32 weights (1 is unbiased; below 1, the quantized weights are "
@@ -435,6 +473,8 @@ def main(argv=None) -> int:
                     help="llama-perplexity chunks of valid.txt (default 0: all of it, the most precise KLD)")
     ap.add_argument("--pieces", type=int, default=8,
                     help="pieces of valid.txt scored alone for the ratio's standard error (default 8; 1: none)")
+    ap.add_argument("--no-refine", action="store_true",
+                    help="skip the third file, `moeplan materialize --refine` (grams of the experts' inputs on calib.txt)")
     ap.add_argument("--imatrix-ctx", type=int, default=128)
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     a = ap.parse_args(argv)
@@ -442,7 +482,7 @@ def main(argv=None) -> int:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     shares = [float(s) for s in a.shares.split(",") if s.strip()]
     rows, expert_rows = run(models, shares, Path(a.out_dir), a.ctx, a.chunks, a.imatrix_ctx, a.imatrix_chunks,
-                            a.pieces)
+                            a.pieces, not a.no_refine)
     res = Path(a.results)
     command = "python benchmarks/bench_vs_llama_quantize.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                                 " " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])))

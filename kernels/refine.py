@@ -30,7 +30,7 @@ from .formats import Format
 from . import formats as _formats
 
 #: formats `refine` improves; the rest are returned unchanged
-REFINABLE = ("IQ1_S",)
+REFINABLE = ("IQ1_S", "IQ2_XXS")
 
 #: added to the gram's diagonal, as a share of its mean diagonal (GPTQ's dampening): a gram measured on
 #: few tokens is singular, and the diagonal keeps every direction weighted a little
@@ -61,9 +61,9 @@ def refine(blocks: np.ndarray, fmt: str | Format, weight, gram, *, passes: int =
     if cols % _QK:
         raise ValueError(f"{f.name} rows are whole super-blocks of {_QK}; weight has {cols} columns")
     nb = cols // _QK
-    if blocks.dtype != np.uint8 or blocks.shape != (rows, nb * _BLOCK_BYTES):
+    if blocks.dtype != np.uint8 or blocks.shape != (rows, nb * f.type_size):
         raise ValueError(f"blocks have shape {blocks.shape} ({blocks.dtype}); {f.name} blocks of a "
-                         f"({rows}, {cols}) matrix are uint8 ({rows}, {nb * _BLOCK_BYTES})")
+                         f"({rows}, {cols}) matrix are uint8 ({rows}, {nb * f.type_size})")
     h = np.asarray(gram, dtype=np.float64)
     if h.shape != (cols, cols):
         raise ValueError(f"the gram has shape {h.shape}; a matrix of {cols} columns needs ({cols}, {cols})")
@@ -74,19 +74,97 @@ def refine(blocks: np.ndarray, fmt: str | Format, weight, gram, *, passes: int =
         return blocks
     h = (h + h.T) / (2 * scale)  # symmetric, mean diagonal 1 (the loss's units do not matter)
     h[np.diag_indices(cols)] += DAMPING
-    return _Iq1s(blocks, w, h).descend(passes).encode()
+    return _REFINERS[f.name](blocks, w, h).descend(passes).encode()
 
 
-class _Iq1s:
-    """One IQ1_S matrix as its decoded choices: super-block scales d (rows, nb), grid indices (rows,
-    groups), sub-block scale codes and delta signs (rows, sub-blocks); the reconstruction q and
-    h (q - w), kept current through every change."""
+class _Refiner:
+    """One matrix's blocks as their decoded choices (a subclass per format parses and encodes them,
+    and searches its points and sub-block scales); the reconstruction q and h (q - w) kept current
+    through every change; the super-block scales d (rows, super-blocks), refitted here."""
+
+    def _start(self, w: np.ndarray, h: np.ndarray) -> None:
+        self.w, self.h = w, h
+        self.q = self._reconstruct()
+        self.hr = (self.q - w) @ h
+
+    def _reconstruct(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def loss(self) -> float:
+        r = self.q - self.w
+        return float(np.einsum("ij,ij->", r, self.hr))
+
+    def _apply(self, rows: np.ndarray, cols: slice, new: np.ndarray) -> None:
+        """Set q[rows, cols] = new and keep h (q - w) current."""
+        dq = new - self.q[rows, cols]
+        self.q[rows, cols] = new
+        self.hr[rows] += dq @ self.h[cols]
+
+    def descend(self, passes: int) -> "_Refiner":
+        for _ in range(max(0, int(passes))):
+            self._points()
+            self._sub_blocks()
+            self._super_blocks()
+        return self
+
+    def _points(self) -> None:
+        raise NotImplementedError
+
+    def _sub_blocks(self) -> None:
+        raise NotImplementedError
+
+    def _super_blocks(self) -> None:
+        """Each super-block's scale d: the least-squares value for the loss with everything else
+        fixed, rounded to float16, kept where it lowers the loss."""
+        for b in range(self.d.shape[1]):
+            cols = slice(_QK * b, _QK * b + _QK)
+            d = self.d[:, b]
+            ok = d != 0
+            unit = np.zeros_like(self.q[:, cols])
+            unit[ok] = self.q[ok, cols] / d[ok, None]  # the super-block at d = 1
+            curv = ((unit @ self.h[cols, cols]) * unit).sum(axis=1)
+            slope = (unit * self.hr[:, cols]).sum(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                target = np.where(curv > 0, d - slope / curv, d)
+            new_d = np.clip(target, 0, 65504.0).astype(np.float16).astype(np.float64)
+            step = new_d - d
+            change = 2 * step * slope + step * step * curv  # the loss's change
+            move = np.nonzero(ok & (new_d > 0) & (change < -1e-12 * (1 + np.abs(curv * d * d))))[0]
+            if move.size:
+                self.d[move, b] = new_d[move]
+                self._apply(move, cols, unit[move] * new_d[move, None])
+
+    def _best_points(self, g: int, cand: np.ndarray, quad: np.ndarray, a: np.ndarray,
+                     now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Group g (8 columns) at row scales `a`: the candidate (rows of `cand`, unit-scale points
+        with `quad` = their c^T Hgg c) that lowers the loss most for each row, and the rows where it
+        beats the current one (`now`)."""
+        cols = slice(8 * g, 8 * g + 8)
+        hgg = self.h[cols, cols]
+        u = self.hr[:, cols] - self.q[:, cols] @ hgg  # the loss's gradient at the group, its own term out
+        rows = np.arange(self.w.shape[0])
+        best = np.empty(len(rows), dtype=np.int64)
+        gain = np.empty(len(rows))
+        step = max(1, (1 << 22) // max(1, len(cand)))  # rows per product: a few MB of scores at a time
+        for r0 in range(0, len(rows), step):
+            r = slice(r0, r0 + step)
+            # the loss change of point c, up to a constant per row: a^2 c^T Hgg c + 2 a u.c
+            score = (a[r] * a[r])[:, None] * quad[None] + (2 * a[r, None] * u[r]) @ cand.T
+            b = np.argmin(score, axis=1)
+            cur = score[np.arange(score.shape[0]), now[r]]
+            best[r] = b
+            gain[r] = (cur - score[np.arange(score.shape[0]), b]) / (1 + np.abs(cur))
+        return best, np.nonzero(gain > 1e-12)[0]
+
+
+class _Iq1s(_Refiner):
+    """IQ1_S: super-block scales d (rows, nb), grid indices (rows, groups of 8), sub-block scale
+    codes and delta signs (rows, sub-blocks of 32)."""
 
     def __init__(self, blocks: np.ndarray, w: np.ndarray, h: np.ndarray):
         rows, cols = w.shape
         nb = cols // _QK
         b = np.ascontiguousarray(blocks).reshape(rows, nb, _BLOCK_BYTES)
-        self.w, self.h = w, h
         self.d = b[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)  # (rows, nb)
         qh = b[:, :, 34:50].copy().view(np.uint16).astype(np.int64).reshape(rows, nb * 8)
         lo = b[:, :, 2:34].astype(np.int64).reshape(rows, nb * 32)
@@ -94,9 +172,8 @@ class _Iq1s:
         self.idx = lo | (hi.reshape(rows, nb * 32) << 8)  # (rows, groups of 8)
         self.sc = (qh >> 12) & 7  # (rows, sub-blocks)
         self.neg = (qh >> 15) & 1
-        self.grid = _grid()
-        self.q = self._reconstruct()
-        self.hr = (self.q - w) @ h
+        self.grid = _grid("IQ1_S").astype(np.float64)
+        self._start(w, h)
 
     # -- the reconstruction --------------------------------------------------------------------
     def _sub_scale(self) -> np.ndarray:  # (rows, sub-blocks): d * (2 s + 1)
@@ -109,24 +186,6 @@ class _Iq1s:
         rows = self.w.shape[0]
         pts = self.grid[self.idx] + np.repeat(self._shift(), 4, axis=1)[:, :, None]  # (rows, groups, 8)
         return (np.repeat(self._sub_scale(), 4, axis=1)[:, :, None] * pts).reshape(rows, -1)
-
-    def loss(self) -> float:
-        r = self.q - self.w
-        return float(np.einsum("ij,ij->", r, self.hr))
-
-    def _apply(self, rows: np.ndarray, cols: slice, new: np.ndarray) -> None:
-        """Set q[rows, cols] = new and keep h (q - w) current."""
-        dq = new - self.q[rows, cols]
-        self.q[rows, cols] = new
-        self.hr[rows] += dq @ self.h[cols]
-
-    # -- the descent ---------------------------------------------------------------------------
-    def descend(self, passes: int) -> "_Iq1s":
-        for _ in range(max(0, int(passes))):
-            self._points()
-            self._sub_blocks()
-            self._super_blocks()
-        return self
 
     def _points(self) -> None:
         """Each group of 8 weights: the codebook point, at the group's scale and shift, that lowers
@@ -184,27 +243,6 @@ class _Iq1s:
                 new = (d[moved] * (2 * self.sc[moved, j] + 1))[:, None] * (base[moved] + shift[:, None])
                 self._apply(moved, cols, new)
 
-    def _super_blocks(self) -> None:
-        """Each super-block's scale d: the least-squares value for the loss with everything else
-        fixed, rounded to float16, kept where it lowers the loss."""
-        for b in range(self.d.shape[1]):
-            cols = slice(_QK * b, _QK * b + _QK)
-            d = self.d[:, b]
-            ok = d != 0
-            unit = np.zeros_like(self.q[:, cols])
-            unit[ok] = self.q[ok, cols] / d[ok, None]  # the super-block at d = 1
-            curv = ((unit @ self.h[cols, cols]) * unit).sum(axis=1)
-            slope = (unit * self.hr[:, cols]).sum(axis=1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                target = np.where(curv > 0, d - slope / curv, d)
-            new_d = np.clip(target, 0, 65504.0).astype(np.float16).astype(np.float64)
-            step = new_d - d
-            change = 2 * step * slope + step * step * curv  # the loss's change
-            move = np.nonzero(ok & (new_d > 0) & (change < -1e-12 * (1 + np.abs(curv * d * d))))[0]
-            if move.size:
-                self.d[move, b] = new_d[move]
-                self._apply(move, cols, unit[move] * new_d[move, None])
-
     # -- the blocks ----------------------------------------------------------------------------
     def encode(self) -> np.ndarray:
         rows, nb = self.d.shape
@@ -217,13 +255,95 @@ class _Iq1s:
         return out.reshape(rows, nb * _BLOCK_BYTES)
 
 
-_GRID: np.ndarray | None = None
+class _Iq2xxs(_Refiner):
+    """IQ2_XXS: super-block scales d (rows, nb); per group of 8 a grid point (256, magnitudes 8 / 25 /
+    43) and a sign pattern (128, even parity: the 8th sign follows from the other 7); per sub-block of
+    32 a 4-bit scale code s, the sub-block's scale d (0.5 + s) / 4."""
+
+    def __init__(self, blocks: np.ndarray, w: np.ndarray, h: np.ndarray):
+        rows, cols = w.shape
+        nb = cols // _QK
+        b = np.ascontiguousarray(blocks).reshape(rows, nb, 66)
+        self.d = b[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+        aux = b[:, :, 2:].copy().view(np.uint32).astype(np.int64).reshape(rows, nb * 8, 2)  # per sub-block
+        self.gi = ((aux[:, :, 0, None] >> (8 * np.arange(4))) & 255).reshape(rows, nb * 32)  # grid index per group
+        self.si = ((aux[:, :, 1, None] >> (7 * np.arange(4))) & 127).reshape(rows, nb * 32)  # sign index per group
+        self.sc = aux[:, :, 1] >> 28  # (rows, sub-blocks)
+        self.grid, self.signs = _grid("IQ2_XXS").astype(np.float64), _signs()
+        self.cand = (self.grid[:, None, :] * self.signs[None]).reshape(-1, 8)  # point gi * 128 + si
+        self._start(w, h)
+
+    def _sub_scale(self) -> np.ndarray:  # (rows, sub-blocks)
+        return np.repeat(self.d, 8, axis=1) * (0.5 + self.sc) * 0.25
+
+    def _reconstruct(self) -> np.ndarray:
+        rows = self.w.shape[0]
+        pts = self.cand[self.gi * 128 + self.si]  # (rows, groups, 8)
+        return (np.repeat(self._sub_scale(), 4, axis=1)[:, :, None] * pts).reshape(rows, -1)
+
+    def _points(self) -> None:
+        """Each group of 8 weights: the signed grid point, at the group's scale, that lowers the loss
+        most (or the one it has)."""
+        cand = self.cand
+        for g in range(self.gi.shape[1]):
+            cols = slice(8 * g, 8 * g + 8)
+            quad = ((cand @ self.h[cols, cols]) * cand).sum(axis=1)
+            a = self._sub_scale()[:, g // 4]
+            best, change = self._best_points(g, cand, quad, a, self.gi[:, g] * 128 + self.si[:, g])
+            if change.size:
+                c = best[change]
+                self.gi[change, g], self.si[change, g] = c // 128, c % 128
+                self._apply(change, cols, a[change, None] * cand[c])
+
+    def _sub_blocks(self) -> None:
+        """Each sub-block of 32: the scale code (0..15) that lowers the loss most, its points kept."""
+        rows = self.w.shape[0]
+        codes = np.arange(16)
+        for j in range(self.sc.shape[1]):
+            cols = slice(32 * j, 32 * j + 32)
+            base = self.cand[self.gi[:, 4 * j:4 * j + 4] * 128 + self.si[:, 4 * j:4 * j + 4]].reshape(rows, 32)
+            d = self.d[:, j // 8]
+            v = (d[:, None, None] * ((0.5 + codes) * 0.25)[None, :, None]) * base[:, None, :]  # (rows, 16, 32)
+            dv = v - self.q[:, None, cols]
+            change = -(2 * (dv @ self.hr[:, cols, None])[:, :, 0] + ((dv @ self.h[cols, cols]) * dv).sum(axis=2))
+            c = np.argmax(change, axis=1)
+            gain = change[np.arange(rows), c]
+            moved = np.nonzero((c != self.sc[:, j]) & (gain > 1e-12 * (1 + np.abs(gain))))[0]
+            if moved.size:
+                self.sc[moved, j] = c[moved]
+                self._apply(moved, cols, v[moved, c[moved]])
+
+    def encode(self) -> np.ndarray:
+        rows, nb = self.d.shape
+        out = np.zeros((rows, nb, 66), dtype=np.uint8)
+        out[:, :, :2] = self.d.astype(np.float16)[:, :, None].view(np.uint8)
+        gi = self.gi.reshape(rows, nb * 8, 4)
+        si = self.si.reshape(rows, nb * 8, 4)
+        aux = np.zeros((rows, nb * 8, 2), dtype=np.uint32)
+        aux[:, :, 0] = (gi << (8 * np.arange(4))).sum(axis=2).astype(np.uint32)
+        aux[:, :, 1] = ((si << (7 * np.arange(4))).sum(axis=2) | (self.sc << 28)).astype(np.uint32)
+        out[:, :, 2:] = aux.reshape(rows, nb, 16).view(np.uint8)
+        return out.reshape(rows, nb * 66)
 
 
-def _grid() -> np.ndarray:
-    global _GRID
-    if _GRID is None:
+_REFINERS = {"IQ1_S": _Iq1s, "IQ2_XXS": _Iq2xxs}
+
+_GRIDS: dict[str, np.ndarray] = {}
+
+
+def _grid(name: str) -> np.ndarray:
+    if name not in _GRIDS:
         from .iq_grids import grid
 
-        _GRID = grid("IQ1_S").astype(np.float64)
-    return _GRID
+        _GRIDS[name] = grid(name)
+    return _GRIDS[name]
+
+
+def _signs() -> np.ndarray:
+    """(128, 8) +-1: IQ2_XXS's sign patterns by their 7-bit index (gguf-py's ksigns table)."""
+    if "signs" not in _GRIDS:
+        import gguf.quants
+
+        k = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8)
+        _GRIDS["signs"] = np.where((k[:, None] >> np.arange(8)) & 1, -1.0, 1.0)
+    return _GRIDS["signs"]

@@ -25,41 +25,55 @@ def _correlated(rows: int, cols: int, tokens: int, seed: int):
     return w, x.T @ x, x
 
 
-def _output_error(w, blocks, gram):
-    q = dequantize(blocks, "IQ1_S").astype(np.float64)
+def _output_error(w, blocks, gram, fmt="IQ1_S"):
+    q = dequantize(blocks, fmt).astype(np.float64)
     r = q - w
     h = gram / np.mean(np.diag(gram)) + DAMPING * np.eye(gram.shape[0])
     return float(np.einsum("ri,ij,rj->", r, h, r))
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_refinement_lowers_the_output_error_and_writes_plain_iq1s(seed):
+@pytest.mark.parametrize("fmt", ["IQ1_S", "IQ2_XXS"])
+@pytest.mark.parametrize("seed", range(3))
+def test_refinement_lowers_the_output_error_and_writes_plain_blocks(fmt, seed):
     import gguf.quants
 
-    w, gram, x = _correlated(48, 512, 3000, seed)  # two super-blocks a row
-    start = quantize(w, "IQ1_S", np.diag(gram) / x.shape[0])
-    out = refine(start, "IQ1_S", w, gram)
+    w, gram, x = _correlated(24, 512, 3000, seed)  # two super-blocks a row
+    start = quantize(w, fmt, np.diag(gram) / x.shape[0])
+    out = refine(start, fmt, w, gram)
     assert out.shape == start.shape and out.dtype == np.uint8
-    before, after = _output_error(w, start, gram), _output_error(w, out, gram)
+    before, after = _output_error(w, start, gram, fmt), _output_error(w, out, gram, fmt)
     assert after < 0.8 * before  # correlated inputs: the diagonal misses most of the output's error
-    # the blocks are ordinary IQ1_S: gguf-py's decoder reads the same values as moeplan's
-    ref = gguf.quants.dequantize(out, gguf.GGMLQuantizationType.IQ1_S)
-    np.testing.assert_array_equal(ref, dequantize(out, "IQ1_S"))
+    # the blocks are ordinary GGUF blocks: gguf-py's decoder reads the same values as moeplan's
+    ref = gguf.quants.dequantize(out, getattr(gguf.GGMLQuantizationType, fmt))
+    np.testing.assert_array_equal(ref, dequantize(out, fmt))
     # and the output error on the inputs themselves falls with it
-    err = lambda b: np.mean(((dequantize(b, "IQ1_S") - w) @ x.T) ** 2)  # noqa: E731
+    err = lambda b: np.mean(((dequantize(b, fmt) - w) @ x.T) ** 2)  # noqa: E731
     assert err(out) < err(start)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_refinement_never_raises_the_error_it_descends_on(seed):
+@pytest.mark.parametrize("fmt", ["IQ1_S", "IQ2_XXS"])
+def test_refinement_reads_and_writes_the_blocks_exactly(fmt):
+    # with nothing to gain (the blocks decoded, parsed and encoded again), the bytes come back unchanged
+    from moeplan.kernels.refine import _REFINERS
+
+    w, gram, _ = _correlated(16, 512, 800, 5)
+    start = quantize(w, fmt, np.diag(gram) / 800)
+    r = _REFINERS[fmt](start, w.astype(np.float64), np.eye(512))
+    np.testing.assert_array_equal(r.q, dequantize(start, fmt))
+    assert np.array_equal(r.encode(), start)
+
+
+@pytest.mark.parametrize("fmt", ["IQ1_S", "IQ2_XXS"])
+@pytest.mark.parametrize("seed", range(2))
+def test_refinement_never_raises_the_error_it_descends_on(fmt, seed):
     # independent inputs (a diagonal gram, the importance's own objective) and a gram of fewer
     # tokens than columns: every change is kept only when the loss goes down
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((16, 256)).astype(np.float32)
     for gram in (np.diag(rng.uniform(0.1, 3.0, 256)), _correlated(1, 256, 40, seed)[1]):
-        start = quantize(w, "IQ1_S", np.diag(gram).astype(np.float32))
-        out = refine(start, "IQ1_S", w, gram)
-        assert _output_error(w, out, gram) <= _output_error(w, start, gram) * (1 + 1e-12)
+        start = quantize(w, fmt, np.diag(gram).astype(np.float32))
+        out = refine(start, fmt, w, gram)
+        assert _output_error(w, out, gram, fmt) <= _output_error(w, start, gram, fmt) * (1 + 1e-12)
 
 
 def test_refinement_is_deterministic_and_leaves_other_formats_alone():
@@ -67,7 +81,7 @@ def test_refinement_is_deterministic_and_leaves_other_formats_alone():
     imp = np.diag(gram) / 500
     start = quantize(w, "IQ1_S", imp)
     assert np.array_equal(refine(start, "IQ1_S", w, gram), refine(start.copy(), "IQ1_S", w, gram))
-    for fmt in ("Q4_K", "IQ2_XXS", "Q8_0"):
+    for fmt in ("Q4_K", "IQ2_XS", "IQ3_XXS", "Q8_0"):
         assert not refinable(fmt)
         blocks = quantize(w, fmt, imp)
         assert refine(blocks, fmt, w, gram) is blocks
