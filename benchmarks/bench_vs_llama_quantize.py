@@ -11,7 +11,7 @@ the BF16 weight size):
    llama-imatrix's on the model's calib.txt (moeplan reads it with --importance IMATRIX); the two
    files must hold the same tensors with identical types, shapes and byte sizes (checked with
    gguf-py's GGUFReader; a mismatch stops the run); and a third time, unless --no-refine, by
-   `moeplan materialize --refine` (the same, with the routed experts' IQ1_S matrices refined for the
+   `moeplan materialize --refine` (the same, with the routed experts' IQ1_S / IQ2_XXS matrices refined for the
    grams of their inputs on calib.txt, kernels/refine.py): the same types and bytes again (checked);
 3. each file scored by llama-perplexity against the F32 model on valid.txt: --kl-divergence-base
    once, then --kl-divergence per file (mean KLD, PPL of the quantized model, "Same top p");
@@ -419,7 +419,7 @@ def write(rows, expert_rows, md: Path, csv_path: Path, experts_csv: Path, comman
     if refined:
         lines += [
             "`moeplan --refine`: the same plan written by `moeplan materialize --gguf --refine` with the same "
-            "importance: the routed experts' IQ1_S matrices are refined for the whole gram of their inputs "
+            "importance: the routed experts' IQ1_S and IQ2_XXS matrices are refined for the whole gram of their inputs "
             "(kernels/refine.py; grams of the float model's expert inputs on calib.txt, its first 65,536 tokens, "
             "sensitivity/grams.py), not only its diagonal. Same types, shapes and bytes as the other two (checked). "
             "It uses more of the calibration text than an importance vector holds: the identical-importance "

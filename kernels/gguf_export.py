@@ -77,6 +77,7 @@ class GGUFReport:
     expert_count: int
     expert_used_count: int
     skipped: tuple[str, ...] = ()  # checkpoint tensors not written (multi-token-prediction layers)
+    refined: int = 0  # routed expert matrices refined for their inputs' grams (kernels.refine)
 
     def by_name(self) -> dict[str, GGUFTensor]:
         return {t.name: t for t in self.tensors}
@@ -457,7 +458,8 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
         with output_file(out_path, "--gguf") as tmp:
             writer = gguf.GGUFWriter(tmp, fam.arch_name)  # tmp lies in a fresh private directory
             try:
-                _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads, grams)
+                refined = _write(writer, plan, config, fam, vocab, model_dir, ckpt, _api.quantize, progress, threads,
+                                 grams)
             finally:
                 writer.close()
             fsync(tmp)  # on disk before it is renamed into place
@@ -466,11 +468,12 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, format
 
     tensors = tuple(GGUFTensor(s.name, s.fmt.name, s.shape, s.nbytes, s.requested, s.sources) for s in plan.stored)
     return GGUFReport(out_path, fam.arch_name, tensors, sum(t.nbytes for t in tensors), out_path.stat().st_size,
-                      plan.n_expert, plan.top_k, tuple(plan.skipped))
+                      plan.n_expert, plan.top_k, tuple(plan.skipped), refined)
 
 
 def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, model_dir: Path, ckpt: Checkpoint,
-           quantize, progress: bool, threads: int | None, grams: Mapping[str, Any] | None = None) -> None:
+           quantize, progress: bool, threads: int | None, grams: Mapping[str, Any] | None = None) -> int:
+    """Writes the file; returns how many matrices were refined for `grams`."""
     import gguf
 
     w.add_name(model_dir.resolve().name)
@@ -492,6 +495,7 @@ def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, mod
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
 
+    refined: list[str] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -502,7 +506,7 @@ def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, mod
             data = np.empty(s.nbytes, dtype=np.uint8)  # the stored bytes of this one tensor
             written = 0
             try:
-                for chunk in _tensor_bytes(s, ckpt, quantize, threads, grams):
+                for chunk in _tensor_bytes(s, ckpt, quantize, threads, grams, refined):
                     raw = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
                     if written + raw.nbytes > s.nbytes:
                         raise AssertionError(f"{s.name}: wrote more than the {s.nbytes} bytes planned")
@@ -520,6 +524,7 @@ def _write(w, plan: _Plan, config: Mapping, fam: Architecture, vocab: Vocab, mod
     finally:
         if bar is not None:
             bar.close()
+    return len(refined)
 
 
 def _add_size_label(w) -> None:
@@ -533,7 +538,7 @@ def _add_size_label(w) -> None:
 
 
 def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None,
-                  grams: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:
+                  grams: Mapping[str, Any] | None = None, refined: list | None = None) -> Iterator[np.ndarray]:
     """The stored bytes of one tensor, in file order, a piece at a time."""
     if s.op == "f32":
         x = ckpt.read(s.sources[0]).float()
@@ -558,13 +563,15 @@ def _tensor_bytes(s: _Stored, ckpt: Checkpoint, quantize, threads: int | None,
             if tuple(x.shape) != s.shape[1:]:
                 raise ValueError(f"expert {e} of {s.prefix} {s.kind} has shape {tuple(x.shape)}, expected {s.shape[1:]}")
             imp = s.importance[i] if s.importance is not None else None
-            name = f"{s.prefix}.{e}.{s.kind}.weight"
+            name = s.sources[i]  # the expert's tensor name, as the plan, the importance and the grams name it
             try:
                 q = quantize(x, s.fmt, imp, threads=threads)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
             if grams is not None and name in grams and _refine.refinable(s.fmt):
                 q = _refine.refine(q, s.fmt, x.float().numpy(), grams[name])
+                if refined is not None:
+                    refined.append(name)
             yield q
             del x
     elif s.op in ("k_b", "v_b"):

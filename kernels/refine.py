@@ -6,28 +6,33 @@ x_j^2 over the calibration inputs (llama.cpp's imatrix): the diagonal of the inp
 What a row contributes to the layer's output error is (w - q) . x, whose mean square over the inputs
 is (w - q)^T H (w - q) with H = mean(x x^T), the whole matrix. Its off-diagonal part (the inputs'
 correlations, their common mean direction) is what the diagonal cannot see, and at one or two bits
-per weight it is most of the error: on the bundled DeepSeek-V3 miniature's IQ1_S expert matrices the
-refinement below lowers (w - q)^T H (w - q) by about 65%, and llama.cpp's KL divergence of the whole
-file by about 5% (results/vs-llama-quantize.md).
+per weight it is much of the error: on the bundled DeepSeek-V3 miniature's IQ1_S expert matrices the
+refinement below lowers (w - q)^T H (w - q) by about 65% (measured on the calibration tokens it was
+fitted on), and llama.cpp's KL divergence of the whole file on held-out text by about 10%
+(results/vs-llama-quantize.md).
 
 `refine(blocks, fmt, weight, gram)` starts from the quantizer's blocks and descends, one coordinate at a
-time, on exactly that quadratic: each group of 8 weights tries every codebook point at its scales,
-each sub-block every scale and delta sign, each super-block the least-squares value of its scale
-(rounded to float16); a change is kept only when the loss goes down, so the result is never worse
-than the blocks it started from, for the gram it was given. The output is ordinary GGUF blocks of
-the same type and size; any decoder reads them.
+time, on exactly that quadratic: each group of 8 weights tries every point of the codebook (IQ2_XXS:
+every grid point with every sign pattern) at its sub-block's scale, each sub-block of 32 every scale
+code (IQ1_S: and both delta signs), each super-block the least-squares value of its scale (rounded
+to float16); a change is kept only when the loss goes down, so the result is never worse than the
+blocks it started from, for the gram it was given. The output is ordinary GGUF blocks of the same
+type and size; any decoder reads them.
 
-Formats: IQ1_S (`REFINABLE`); the others are left as the quantizer wrote them. The gram of a row of
-n columns is n x n, so this is for the routed experts' matrices (one gram per expert, from the
-tokens routed to it); sensitivity.importance.expert_input_grams measures them.
+Formats: IQ1_S and IQ2_XXS (`REFINABLE`, the two that hold most of a 1.5-2 bit MoE); the others are
+returned as the quantizer wrote them. The gram of a row of n columns is n x n, so this is for the
+routed experts' matrices (one gram per expert, from the tokens routed to it; sensitivity/grams.py
+measures them). numpy, about 0.1 s (IQ1_S) and 1 s (IQ2_XXS) for a 256 x 256 matrix on one core;
+the same bytes for the same inputs on one machine (the products go through its BLAS).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .formats import Format
 from . import formats as _formats
+from .formats import Format
+from .iq_grids import grid
 
 #: formats `refine` improves; the rest are returned unchanged
 REFINABLE = ("IQ1_S", "IQ2_XXS")
@@ -36,8 +41,8 @@ REFINABLE = ("IQ1_S", "IQ2_XXS")
 #: few tokens is singular, and the diagonal keeps every direction weighted a little
 DAMPING = 0.01
 
-_QK = 256  # weights per IQ1_S super-block
-_BLOCK_BYTES = 50  # float16 d, 32 low index bytes, 8 uint16 (3 high index bits x 4, scale, delta sign)
+_QK = 256  # weights per super-block
+_BLOCK_BYTES = 50  # IQ1_S: float16 d, 32 low index bytes, 8 uint16 (3 high index bits x 4, scale, delta sign)
 _DELTA = 0.125  # IQ1S_DELTA: the shift of a sub-block's grid values, + or - by its sign bit
 
 
@@ -333,8 +338,6 @@ _GRIDS: dict[str, np.ndarray] = {}
 
 def _grid(name: str) -> np.ndarray:
     if name not in _GRIDS:
-        from .iq_grids import grid
-
         _GRIDS[name] = grid(name)
     return _GRIDS[name]
 

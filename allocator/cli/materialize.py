@@ -26,6 +26,7 @@ from typing import Any
 
 from moeplan.allocator.plan import Plan
 from moeplan.kernels.checkpoint import Checkpoint, write_safetensors
+from moeplan.kernels.formats import resolve
 from moeplan.kernels.gguf_export import write_gguf
 from moeplan.kernels.gguf_layout import KvBSplit
 from moeplan.kernels.inventory import (
@@ -38,6 +39,7 @@ from moeplan.kernels.inventory import (
     resolve_model,
 )
 from moeplan.kernels.outputs import check_output, output_dir
+from moeplan.kernels.refine import refinable
 from moeplan.sensitivity.importance import importance_vectors
 
 from .args import Command, read_text_arg
@@ -58,7 +60,7 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
                 refine_tokens: int | None = None) -> MaterializeReport:
     """Write the compressed model of `plan` (a Plan or a plan file) for checkpoint `model`.
 
-    `refine`: the routed experts' matrices in a format kernels.refine improves (IQ1_S) are refined for
+    `refine`: the routed experts' matrices in a format kernels.refine improves (IQ1_S, IQ2_XXS) are refined for
     the gram of their inputs, measured on `refine_text` (a text file; default the checkpoint's
     calib.txt), its first `refine_tokens` tokens (default GRAM_TOKENS), with the float model in memory."""
     if gguf_out is None and hf_out is None:
@@ -87,15 +89,20 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
     grams = None
     if refine:
         grams = _refinement_grams(model_dir, plan, refine_text, refine_tokens, progress)
-        report.refined = len(grams)
     if gguf_out is not None:
         top_k = {l.top_k for l in plan.layers}
         report.gguf = write_gguf(
             model_dir, gguf_out, dict(plan.tensors),
             kept_experts={l.layer: list(l.kept) for l in plan.layers},
             top_k=top_k.pop() if top_k else None, importance=importance, progress=progress, grams=grams)
+        report.refined = report.gguf.refined
     if hf_out is not None:
-        report.hf_dir = write_hf(model_dir, plan, hf_out, importance, grams)
+        refined: list[str] = []
+        report.hf_dir = write_hf(model_dir, plan, hf_out, importance, grams, refined)
+        report.refined = len(refined)
+    if grams and report.refined < len(grams):  # a writer that did not find a matrix by its gram's name
+        raise AssertionError(f"--refine: {len(grams) - report.refined} of the {len(grams)} matrices with a gram were "
+                             "written without refinement")
     return report
 
 
@@ -103,8 +110,6 @@ def _refinement_grams(model_dir: Path, plan, text, tokens: int | None, progress:
     """Routed expert tensor name -> its inputs' gram, for the plan's expert matrices in a refinable
     format whose gram was measured on at least as many tokens as the matrix has columns (a gram of
     fewer is singular: those matrices stay as the quantizer writes them)."""
-    from moeplan.kernels.formats import resolve
-    from moeplan.kernels.refine import refinable
     from moeplan.sensitivity.grams import GRAM_TOKENS, expert_input_grams
 
     text_value = None if text is None else read_text_arg(str(text), "--refine-text")
@@ -117,7 +122,8 @@ def _refinement_grams(model_dir: Path, plan, text, tokens: int | None, progress:
             if name in wanted and refinable(resolve(wanted[name], g.gram.shape[0])) and g.tokens >= g.gram.shape[0]}
 
 
-def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None, grams=None) -> Path:
+def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None, grams=None,
+             refined: list | None = None) -> Path:
     """The compressed model as a transformers checkpoint (float32 dequantized weights), streamed: one
     checkpoint tensor is read, pruned, quantized and dequantized, and written at a time, so the
     process holds about one tensor, never the model. The values are those of `apply_decision` on the
@@ -157,7 +163,10 @@ def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None,
         imp = None if importance is None else importance.get(name)
         if gguf_target and KvBSplit.applies(name, config):
             return quantize_dequantize_kv_b(w, fmt, config, imp, name)
-        return quantize_dequantize(w, fmt, imp, name, None if grams is None else grams.get(name))
+        gram = None if grams is None else grams.get(name)
+        if gram is not None and refined is not None and refinable(resolve(fmt, w.shape[-1])):
+            refined.append(name)
+        return quantize_dequantize(w, fmt, imp, name, gram)
 
     ckpt = Checkpoint(Path(model_dir), config)
     specs = []  # (output name, shape, producer)
@@ -268,7 +277,7 @@ def _args(ap) -> None:
                     "or a llama-imatrix file (GGUF or legacy .dat) (default: the model's shipped "
                     "profile.importance.safetensors, if any)")
     ap.add_argument("--refine", action="store_true",
-                    help="refine the routed experts' IQ1_S matrices for their inputs' whole second moment on "
+                    help="refine the routed experts' IQ1_S / IQ2_XXS matrices for their inputs' whole second moment on "
                     "calibration text, not only its diagonal (the importance): lower KL divergence, same types "
                     "and sizes; runs the float model over the text (needs it in memory)")
     ap.add_argument("--refine-text", metavar="FILE", help="calibration text for --refine (default: the model's calib.txt)")
