@@ -50,7 +50,7 @@ def expert_input_grams(model: str | os.PathLike, text: str | None = None, *, tok
         need += ad.n_experts(layer) * (h * h + i * i) * 8
     free = available_ram()
     if free and need > free // 2:
-        raise MemoryError(f"the experts' input grams need {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is "
+        raise ValueError(f"the experts' input grams need {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is "
                           "free: materialize without --refine, or on a machine with more memory")
     windows = chunk_tokens(ids, seq_len, tokens)
     if windows.shape[0] == 0:

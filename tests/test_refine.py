@@ -134,32 +134,38 @@ def test_expert_grams_hold_the_importance_on_their_diagonal():
         assert np.allclose(gate.gram, gate.gram.T)
 
 
-@needs_model
-def test_materialize_refine_lowers_the_kl_of_the_same_bytes(tmp_path):
-    # the routed experts as IQ1_S: --refine changes those tensors only, keeps every size, and the model
-    # computes closer to the original (KL on held-out text)
-    from moeplan.allocator.cli.materialize import load_compressed, materialize
-    from moeplan.kernels.inventory import EXPERT_RE
-    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
-
+@pytest.fixture(scope="module")
+def iq1s_plan():
+    """A gguf plan of the bundled DeepSeek-V3 miniature (30% of BF16) with every routed expert as IQ1_S."""
     from moeplan.allocator import solve
     from moeplan.allocator.plan import make_plan
     from moeplan.allocator.sweep import ProblemFactory
-    from moeplan.kernels.inventory import build_inventory
+    from moeplan.kernels.inventory import EXPERT_RE, build_inventory
     from moeplan.sensitivity.profile import Profile
 
-    path, original, ids = load_model_and_text(MODEL, None, "valid", "evaluation", "--text")
+    path = MODELS_DIR / MODEL
     inv = build_inventory(path)
     p = ProblemFactory(inv, Profile.load(path / "profile.json"), target="gguf", context=0, reserve=0)(
         int(0.3 * inv.bytes_uniform("BF16")))
     sol = solve(p, "lagrangian")
     a = sol.assignment.copy()
     formats = [f.name if hasattr(f, "name") else str(f) for f in p.formats]
-    a.expert_fmt[a.keep] = formats.index("IQ1_S")  # every routed expert as IQ1_S
+    a.expert_fmt[a.keep] = formats.index("IQ1_S")
     plan = make_plan(p, a, sol.report())
     marked = [n for n in plan.tensors if EXPERT_RE.search(n)]
     assert {plan.tensors[n] for n in marked} == {"IQ1_S"}
+    return plan, marked
 
+
+@needs_model
+def test_materialize_refine_lowers_the_kl_of_the_same_bytes(tmp_path, iq1s_plan):
+    # the routed experts as IQ1_S: --refine changes those tensors only, keeps every size, and the model
+    # computes closer to the original (KL on held-out text)
+    from moeplan.allocator.cli.materialize import load_compressed, materialize
+    from moeplan.sensitivity.evaluate import ReferenceLogits, chunk_tokens, evaluate, load_model_and_text
+
+    plan, marked = iq1s_plan
+    path, original, ids = load_model_and_text(MODEL, None, "valid", "evaluation", "--text")
     ref = ReferenceLogits(original, chunk_tokens(ids, 128, 1024))
     kl = {}
     for refined in (False, True):
@@ -180,6 +186,23 @@ def test_materialize_refine_lowers_the_kl_of_the_same_bytes(tmp_path):
             changed.add(a.name)
     layers = [l.layer for l in plan.layers]
     assert changed == {f"blk.{layer}.ffn_{k}_exps.weight" for layer in layers for k in ("gate", "up", "down")}
+
+
+@needs_model
+def test_refine_leaves_experts_with_fewer_tokens_than_columns_as_quantized(tmp_path, iq1s_plan):
+    # one window of 128 tokens: every expert saw fewer than its 256 columns; nothing is refined, and
+    # the report says why
+    import gguf
+
+    from moeplan.allocator.cli.materialize import materialize
+
+    plan, marked = iq1s_plan
+    plain = materialize(MODEL, plan, gguf_out=tmp_path / "plain.gguf", progress=False)
+    rep = materialize(MODEL, plan, gguf_out=tmp_path / "few.gguf", progress=False, refine=True, refine_tokens=128)
+    assert plain.refined == rep.refined == 0
+    assert any(f"{len(marked)} expert matrices saw fewer calibration tokens" in n for n in rep.notes)
+    a, b = (gguf.GGUFReader(str(tmp_path / f)) for f in ("plain.gguf", "few.gguf"))
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors))
 
 
 @needs_model

@@ -88,7 +88,10 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
     report = MaterializeReport(predicted_bytes=plan.totals.weight_bytes)
     grams = None
     if refine:
-        grams = _refinement_grams(model_dir, plan, refine_text, refine_tokens, progress)
+        grams, few = _refinement_grams(model_dir, plan, refine_text, refine_tokens, progress)
+        if few:
+            report.notes.append(f"{few} expert matrices saw fewer calibration tokens than they have columns and were "
+                                "not refined (their gram is singular); more --refine-tokens reach them")
     if gguf_out is not None:
         top_k = {l.top_k for l in plan.layers}
         report.gguf = write_gguf(
@@ -99,27 +102,30 @@ def materialize(model: str | os.PathLike, plan, *, gguf_out: str | os.PathLike |
     if hf_out is not None:
         refined: list[str] = []
         report.hf_dir = write_hf(model_dir, plan, hf_out, importance, grams, refined)
+        if gguf_out is not None and len(refined) != report.refined:
+            raise AssertionError(f"--refine: the GGUF writer refined {report.refined} matrices, the safetensors one "
+                                 f"{len(refined)}")
         report.refined = len(refined)
-    if grams and report.refined < len(grams):  # a writer that did not find a matrix by its gram's name
-        raise AssertionError(f"--refine: {len(grams) - report.refined} of the {len(grams)} matrices with a gram were "
-                             "written without refinement")
+    if grams and report.refined != len(grams):  # a writer that did not find a matrix by its gram's name
+        raise AssertionError(f"--refine: {report.refined} of the {len(grams)} matrices with a gram were refined")
     return report
 
 
-def _refinement_grams(model_dir: Path, plan, text, tokens: int | None, progress: bool) -> dict:
-    """Routed expert tensor name -> its inputs' gram, for the plan's expert matrices in a refinable
-    format whose gram was measured on at least as many tokens as the matrix has columns (a gram of
-    fewer is singular: those matrices stay as the quantizer writes them)."""
+def _refinement_grams(model_dir: Path, plan, text, tokens: int | None, progress: bool) -> tuple[dict, int]:
+    """(routed expert tensor name -> its inputs' gram, for the plan's expert matrices in a refinable
+    format whose gram was measured on at least as many tokens as the matrix has columns; how many
+    were left out for fewer: their gram is singular, and they stay as the quantizer writes them)."""
     from moeplan.sensitivity.grams import GRAM_TOKENS, expert_input_grams
 
     text_value = None if text is None else read_text_arg(str(text), "--refine-text")
     wanted = {name: fmt for name, fmt in plan.tensors.items() if EXPERT_RE.search(name)}
     if not any(refinable(fmt) for fmt in wanted.values()):
-        return {}
+        return {}, 0
     grams = expert_input_grams(model_dir, text_value, tokens=GRAM_TOKENS if tokens is None else tokens,
                                progress=progress)
-    return {name: g.gram for name, g in grams.items()
-            if name in wanted and refinable(resolve(wanted[name], g.gram.shape[0])) and g.tokens >= g.gram.shape[0]}
+    fit = {name: g for name, g in grams.items() if name in wanted and refinable(resolve(wanted[name], g.gram.shape[0]))}
+    kept = {name: g.gram for name, g in fit.items() if g.tokens >= g.gram.shape[0]}
+    return kept, len(fit) - len(kept)
 
 
 def write_hf(model_dir: Path, plan, out_dir: str | os.PathLike, importance=None, grams=None,
@@ -291,6 +297,8 @@ def _run(args) -> int:
                       refine=args.refine, refine_text=args.refine_text, refine_tokens=args.refine_tokens)
     if args.refine:
         print(f"refined   {rep.refined} routed expert matrices for their inputs' grams")
+    for note in rep.notes:
+        print(f"note      {note}")
     if rep.gguf is not None:
         print(f"GGUF      {rep.gguf.path}: {rep.gguf.file_size:,} bytes "
               f"(tensor data {rep.gguf.total_tensor_bytes:,}; the plan predicted {rep.predicted_bytes:,})")
