@@ -201,13 +201,14 @@ def _perplexity(tools: LlamaTools, args: list, log: Path, last: str) -> str:
     """llama-perplexity's output, run again until it holds `last` (a regex of its final statistics).
     This llama.cpp's logger writes from a thread of its own and does not flush it at exit (llama.cpp
     issue 22142), so a run that succeeded now and then loses its last lines (here up to half the runs
-    of some texts, on an idle machine too). Every run computes the same figures; a retry changes none."""
-    for attempt in range(10):
+    of some texts, on an idle machine too; ten in a row were seen once). Every run computes the same
+    figures; a retry changes none."""
+    for attempt in range(30):
         out = _run([tools.perplexity, *args, "-t", "2", *NO_REPACK["llama-perplexity"]], log)
         if re.search(last, out):
             return out
         _say(f"llama-perplexity lost its last lines ({Path(str(args[1])).name}, {Path(str(args[3])).name}); again")
-    raise RuntimeError(f"llama-perplexity: no {last!r} in its output after 10 runs; see {log}")
+    raise RuntimeError(f"llama-perplexity: no {last!r} in its output after 30 runs; see {log}")
 
 
 def kld(tools: LlamaTools, model: Path, base: Path, text: Path, ctx: int, chunks: int, log: Path) -> dict:
