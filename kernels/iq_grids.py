@@ -36,12 +36,22 @@ def grid(name: str) -> np.ndarray:
     return g
 
 
+def _ksigns() -> np.ndarray:
+    """gguf's sign table of IQ2_XXS / IQ2_XS / IQ3_XXS: the 8 sign bits (set: negative) of each 7-bit index."""
+    import gguf.quants as q
+
+    return np.frombuffer(q.IQ2_XXS.ksigns, dtype=np.uint8)
+
+
+def sign_patterns() -> np.ndarray:
+    """(128, 8) float64 +-1: the sign patterns of IQ2_XXS / IQ2_XS / IQ3_XXS by their 7-bit index."""
+    return np.where((_ksigns()[:, None] >> np.arange(8)) & 1, -1.0, 1.0)
+
+
 def check_sign_table() -> None:
     """The 7-bit sign indices of IQ2_XXS / IQ2_XS / IQ3_XXS expand to 8 signs with even parity; the C
     decoder computes that rule, so check it against gguf's table."""
-    import gguf.quants as q
-
-    table = np.frombuffer(q.IQ2_XXS.ksigns, dtype=np.uint8)
+    table = _ksigns()
     i = np.arange(128, dtype=np.uint8)
     parity = np.unpackbits(i[:, None], axis=1).sum(axis=1) & 1
     expected = i | (parity.astype(np.uint8) << 7)

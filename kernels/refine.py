@@ -33,17 +33,15 @@ import numpy as np
 
 from . import formats as _formats
 from .formats import Format
-from .iq_grids import grid
-
-#: formats `refine` improves; the rest are returned unchanged
-REFINABLE = ("IQ1_S", "IQ2_XXS")
+from .iq_grids import grid, sign_patterns
 
 #: added to the gram's diagonal, as a share of its mean diagonal (GPTQ's dampening): a gram measured on
 #: few tokens is singular, and the diagonal keeps every direction weighted a little
 DAMPING = 0.01
 
 _QK = 256  # weights per super-block
-_BLOCK_BYTES = 50  # IQ1_S: float16 d, 32 low index bytes, 8 uint16 (3 high index bits x 4, scale, delta sign)
+_IQ1S_BYTES = 50  # float16 d, 32 low index bytes, 8 uint16 (3 high index bits x 4, scale, delta sign)
+_IQ2XXS_BYTES = 66  # float16 d, 8 x (4 grid index bytes, uint32: 4 x 7 sign bits + 4-bit scale)
 _DELTA = 0.125  # IQ1S_DELTA: the shift of a sub-block's grid values, + or - by its sign bit
 
 
@@ -96,10 +94,6 @@ class _Refiner:
     def _reconstruct(self) -> np.ndarray:
         raise NotImplementedError
 
-    def loss(self) -> float:
-        r = self.q - self.w
-        return float(np.einsum("ij,ij->", r, self.hr))
-
     def _apply(self, rows: np.ndarray, cols: slice, new: np.ndarray) -> None:
         """Set q[rows, cols] = new and keep h (q - w) current."""
         dq = new - self.q[rows, cols]
@@ -140,29 +134,40 @@ class _Refiner:
                 self.d[move, b] = new_d[move]
                 self._apply(move, cols, unit[move] * new_d[move, None])
 
-    def _best_points(self, g: int, cand: np.ndarray, quad: np.ndarray, a: np.ndarray,
-                     now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Group g (8 columns) at row scales `a`: the candidate (rows of `cand`, unit-scale points
-        with `quad` = their c^T Hgg c) that lowers the loss most for each row, and the rows where it
-        beats the current one (`now`)."""
-        cols = slice(8 * g, 8 * g + 8)
-        hgg = self.h[cols, cols]
-        u = self.hr[:, cols] - self.q[:, cols] @ hgg  # the loss's gradient at the group, its own term out
-        rows = np.arange(self.w.shape[0])
-        best = np.empty(len(rows), dtype=np.int64)
-        gain = np.empty(len(rows))
-        table = np.vstack([quad[None], cand.T])  # (9, candidates)
-        feats = np.concatenate([(a * a)[:, None], 2 * a[:, None] * u], axis=1)  # (rows, 9)
-        step = max(1, (1 << 22) // max(1, len(cand)))  # rows per product: a few MB of scores at a time
-        for r0 in range(0, len(rows), step):
+    def _best_points(self, feats: np.ndarray, table: np.ndarray, now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A group's candidate points scored for every row as feats (rows, k) @ table (k, candidates):
+        the loss change of each candidate up to a constant per row. Returns the best candidate of
+        each row and the rows where it beats the current one (`now`)."""
+        rows = self.w.shape[0]
+        best = np.empty(rows, dtype=np.int64)
+        gain = np.empty(rows)
+        step = max(1, (1 << 22) // max(1, table.shape[1]))  # rows per product: a few MB of scores at a time
+        for r0 in range(0, rows, step):
             r = slice(r0, r0 + step)
-            # the loss change of point c, up to a constant per row: a^2 c^T Hgg c + 2 a u.c, one product
             score = feats[r] @ table
             b = np.argmin(score, axis=1)
             cur = score[np.arange(score.shape[0]), now[r]]
             best[r] = b
             gain[r] = (cur - score[np.arange(score.shape[0]), b]) / (1 + np.abs(cur))
         return best, np.nonzero(gain > 1e-12)[0]
+
+    def _gradient(self, cols: slice) -> np.ndarray:
+        """(rows, 8): the loss's gradient at a group's weights, the group's own term taken out."""
+        return self.hr[:, cols] - self.q[:, cols] @ self.h[cols, cols]
+
+    def _best_sub_block(self, j: int, values: np.ndarray, now: np.ndarray) -> np.ndarray:
+        """Sub-block j (32 columns): of the options `values` (rows, options, 32), each row's that
+        lowers the loss most is applied where it is not the current one (`now`) and gains; returns
+        the rows that moved and, for every row, the option chosen."""
+        cols = slice(32 * j, 32 * j + 32)
+        dv = values - self.q[:, None, cols]
+        change = -(2 * (dv @ self.hr[:, cols, None])[:, :, 0] + ((dv @ self.h[cols, cols]) * dv).sum(axis=2))
+        c = np.argmax(change, axis=1)
+        gain = change[np.arange(len(c)), c]
+        moved = np.nonzero((c != now) & (gain > 1e-12 * (1 + np.abs(gain))))[0]
+        if moved.size:
+            self._apply(moved, cols, values[moved, c[moved]])
+        return moved, c
 
 
 class _Iq1s(_Refiner):
@@ -172,7 +177,7 @@ class _Iq1s(_Refiner):
     def __init__(self, blocks: np.ndarray, w: np.ndarray, h: np.ndarray):
         rows, cols = w.shape
         nb = cols // _QK
-        b = np.ascontiguousarray(blocks).reshape(rows, nb, _BLOCK_BYTES)
+        b = np.ascontiguousarray(blocks).reshape(rows, nb, _IQ1S_BYTES)
         self.d = b[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)  # (rows, nb)
         qh = b[:, :, 34:50].copy().view(np.uint16).astype(np.int64).reshape(rows, nb * 8)
         lo = b[:, :, 2:34].astype(np.int64).reshape(rows, nb * 32)
@@ -199,68 +204,44 @@ class _Iq1s(_Refiner):
         """Each group of 8 weights: the codebook point, at the group's scale and shift, that lowers
         the loss most (or the one it has)."""
         g8 = self.grid  # (2048, 8)
-        rows = np.arange(self.w.shape[0])
         for g in range(self.idx.shape[1]):
             cols = slice(8 * g, 8 * g + 8)
             hgg = self.h[cols, cols]
             a = self._sub_scale()[:, g // 4]  # (rows,)
             t = self._shift()[:, g // 4]
-            quad = ((g8 @ hgg) * g8).sum(axis=1)  # G_c^T Hgg G_c
-            lin = g8 @ hgg.sum(axis=1)  # 1^T Hgg G_c
-            u = self.hr[:, cols] - self.q[:, cols] @ hgg  # the loss's gradient at the group, its own term out
-            # loss change of point c, up to a constant per row: c^T Hgg c + 2 c^T u with c = a (G_c + t),
-            # = a^2 quad_c + 2 a^2 t lin_c + 2 a u.G_c: one product (rows, 10) x (10, points)
-            feats = np.concatenate([(a * a)[:, None], (2 * a * a * t)[:, None], 2 * a[:, None] * u], axis=1)
-            score = feats @ np.vstack([quad[None], lin[None], g8.T])
-            best = np.argmin(score, axis=1)
-            now = self.idx[:, g]
-            gain = score[rows, now] - score[rows, best]
-            change = np.nonzero(gain > 1e-12 * (1 + np.abs(score[rows, now])))[0]
+            # the loss change of point c with c = a (G_c + t), up to a constant per row:
+            # a^2 G_c^T Hgg G_c + 2 a^2 t 1^T Hgg G_c + 2 a u.G_c
+            table = np.vstack([((g8 @ hgg) * g8).sum(axis=1)[None], (g8 @ hgg.sum(axis=1))[None], g8.T])
+            feats = np.concatenate([(a * a)[:, None], (2 * a * a * t)[:, None], 2 * a[:, None] * self._gradient(cols)],
+                                   axis=1)
+            best, change = self._best_points(feats, table, self.idx[:, g])
             if change.size:
                 self.idx[change, g] = best[change]
-                new = a[change, None] * (g8[best[change]] + t[change, None])
-                self._apply(change, cols, new)
+                self._apply(change, cols, a[change, None] * (g8[best[change]] + t[change, None]))
 
     def _sub_blocks(self) -> None:
         """Each sub-block of 32: the scale code (0..7) and delta sign that lower the loss most, its
         points kept."""
         rows = self.w.shape[0]
-        codes = np.arange(8)
+        options = np.arange(16)  # delta sign * 8 + scale code
+        mult = (2 * (options % 8) + 1)[None, :, None]
+        shift = np.where(options >= 8, -_DELTA, _DELTA)[None, :, None]
         for j in range(self.sc.shape[1]):
-            cols = slice(32 * j, 32 * j + 32)
             base = self.grid[self.idx[:, 4 * j:4 * j + 4]].reshape(rows, 32)
-            d = self.d[:, j // 8]
-            best_gain = np.zeros(rows)
-            best = np.stack([self.sc[:, j], self.neg[:, j]], axis=1)
-            hcc = self.h[cols, cols]
-            for neg in (0, 1):
-                shift = -_DELTA if neg else _DELTA
-                # (rows, 8 codes, 32)
-                v = (d[:, None, None] * (2 * codes + 1)[None, :, None]) * (base[:, None, :] + shift)
-                dv = v - self.q[:, None, cols]
-                change = -(2 * (dv @ self.hr[:, cols, None])[:, :, 0] + ((dv @ hcc) * dv).sum(axis=2))
-                c = np.argmax(change, axis=1)
-                g = change[np.arange(rows), c]
-                take = g > np.maximum(best_gain, 0) + 1e-12 * (1 + np.abs(g))
-                best_gain = np.where(take, g, best_gain)
-                best[take] = np.stack([c[take], np.full(int(take.sum()), neg)], axis=1)
-            moved = np.nonzero((best[:, 0] != self.sc[:, j]) | (best[:, 1] != self.neg[:, j]))[0]
-            if moved.size:
-                self.sc[moved, j], self.neg[moved, j] = best[moved, 0], best[moved, 1]
-                shift = np.where(self.neg[moved, j] == 1, -_DELTA, _DELTA)
-                new = (d[moved] * (2 * self.sc[moved, j] + 1))[:, None] * (base[moved] + shift[:, None])
-                self._apply(moved, cols, new)
+            values = self.d[:, j // 8, None, None] * mult * (base[:, None, :] + shift)  # (rows, 16, 32)
+            moved, c = self._best_sub_block(j, values, self.neg[:, j] * 8 + self.sc[:, j])
+            self.sc[moved, j], self.neg[moved, j] = c[moved] % 8, c[moved] // 8
 
     # -- the blocks ----------------------------------------------------------------------------
     def encode(self) -> np.ndarray:
         rows, nb = self.d.shape
-        out = np.zeros((rows, nb, _BLOCK_BYTES), dtype=np.uint8)
+        out = np.zeros((rows, nb, _IQ1S_BYTES), dtype=np.uint8)
         out[:, :, :2] = self.d.astype(np.float16)[:, :, None].view(np.uint8)
         out[:, :, 2:34] = (self.idx & 255).astype(np.uint8).reshape(rows, nb, 32)
         hi = (self.idx >> 8).reshape(rows, nb * 8, 4)
         qh = hi[:, :, 0] | (hi[:, :, 1] << 3) | (hi[:, :, 2] << 6) | (hi[:, :, 3] << 9) | (self.sc << 12) | (self.neg << 15)
         out[:, :, 34:50] = qh.astype(np.uint16).reshape(rows, nb, 8).view(np.uint8)
-        return out.reshape(rows, nb * _BLOCK_BYTES)
+        return out.reshape(rows, nb * _IQ1S_BYTES)
 
 
 class _Iq2xxs(_Refiner):
@@ -271,7 +252,7 @@ class _Iq2xxs(_Refiner):
     def __init__(self, blocks: np.ndarray, w: np.ndarray, h: np.ndarray):
         rows, cols = w.shape
         nb = cols // _QK
-        b = np.ascontiguousarray(blocks).reshape(rows, nb, 66)
+        b = np.ascontiguousarray(blocks).reshape(rows, nb, _IQ2XXS_BYTES)
         self.d = b[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)
         aux = b[:, :, 2:].copy().view(np.uint32).astype(np.int64).reshape(rows, nb * 8, 2)  # per sub-block
         self.gi = ((aux[:, :, 0, None] >> (8 * np.arange(4))) & 255).reshape(rows, nb * 32)  # grid index per group
@@ -295,9 +276,11 @@ class _Iq2xxs(_Refiner):
         cand = self.cand
         for g in range(self.gi.shape[1]):
             cols = slice(8 * g, 8 * g + 8)
-            quad = ((cand @ self.h[cols, cols]) * cand).sum(axis=1)
             a = self._sub_scale()[:, g // 4]
-            best, change = self._best_points(g, cand, quad, a, self.gi[:, g] * 128 + self.si[:, g])
+            # the loss change of point c with c = a C_c, up to a constant per row: a^2 C_c^T Hgg C_c + 2 a u.C_c
+            table = np.vstack([((cand @ self.h[cols, cols]) * cand).sum(axis=1)[None], cand.T])
+            feats = np.concatenate([(a * a)[:, None], 2 * a[:, None] * self._gradient(cols)], axis=1)
+            best, change = self._best_points(feats, table, self.gi[:, g] * 128 + self.si[:, g])
             if change.size:
                 c = best[change]
                 self.gi[change, g], self.si[change, g] = c // 128, c % 128
@@ -306,24 +289,16 @@ class _Iq2xxs(_Refiner):
     def _sub_blocks(self) -> None:
         """Each sub-block of 32: the scale code (0..15) that lowers the loss most, its points kept."""
         rows = self.w.shape[0]
-        codes = np.arange(16)
+        mult = ((0.5 + np.arange(16)) * 0.25)[None, :, None]
         for j in range(self.sc.shape[1]):
-            cols = slice(32 * j, 32 * j + 32)
             base = self.cand[self.gi[:, 4 * j:4 * j + 4] * 128 + self.si[:, 4 * j:4 * j + 4]].reshape(rows, 32)
-            d = self.d[:, j // 8]
-            v = (d[:, None, None] * ((0.5 + codes) * 0.25)[None, :, None]) * base[:, None, :]  # (rows, 16, 32)
-            dv = v - self.q[:, None, cols]
-            change = -(2 * (dv @ self.hr[:, cols, None])[:, :, 0] + ((dv @ self.h[cols, cols]) * dv).sum(axis=2))
-            c = np.argmax(change, axis=1)
-            gain = change[np.arange(rows), c]
-            moved = np.nonzero((c != self.sc[:, j]) & (gain > 1e-12 * (1 + np.abs(gain))))[0]
-            if moved.size:
-                self.sc[moved, j] = c[moved]
-                self._apply(moved, cols, v[moved, c[moved]])
+            values = self.d[:, j // 8, None, None] * mult * base[:, None, :]  # (rows, 16, 32)
+            moved, c = self._best_sub_block(j, values, self.sc[:, j])
+            self.sc[moved, j] = c[moved]
 
     def encode(self) -> np.ndarray:
         rows, nb = self.d.shape
-        out = np.zeros((rows, nb, 66), dtype=np.uint8)
+        out = np.zeros((rows, nb, _IQ2XXS_BYTES), dtype=np.uint8)
         out[:, :, :2] = self.d.astype(np.float16)[:, :, None].view(np.uint8)
         gi = self.gi.reshape(rows, nb * 8, 4)
         si = self.si.reshape(rows, nb * 8, 4)
@@ -331,10 +306,13 @@ class _Iq2xxs(_Refiner):
         aux[:, :, 0] = (gi << (8 * np.arange(4))).sum(axis=2).astype(np.uint32)
         aux[:, :, 1] = ((si << (7 * np.arange(4))).sum(axis=2) | (self.sc << 28)).astype(np.uint32)
         out[:, :, 2:] = aux.reshape(rows, nb, 16).view(np.uint8)
-        return out.reshape(rows, nb * 66)
+        return out.reshape(rows, nb * _IQ2XXS_BYTES)
 
 
 _REFINERS = {"IQ1_S": _Iq1s, "IQ2_XXS": _Iq2xxs}
+
+#: formats `refine` improves; the rest are returned unchanged
+REFINABLE = tuple(_REFINERS)
 
 _GRIDS: dict[str, np.ndarray] = {}
 
@@ -346,10 +324,6 @@ def _grid(name: str) -> np.ndarray:
 
 
 def _signs() -> np.ndarray:
-    """(128, 8) +-1: IQ2_XXS's sign patterns by their 7-bit index (gguf-py's ksigns table)."""
     if "signs" not in _GRIDS:
-        import gguf.quants
-
-        k = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8)
-        _GRIDS["signs"] = np.where((k[:, None] >> np.arange(8)) & 1, -1.0, 1.0)
+        _GRIDS["signs"] = sign_patterns()
     return _GRIDS["signs"]
